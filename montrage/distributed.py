@@ -1,0 +1,56 @@
+"""Process-group awareness in one place: who is rank 0, how work is split, how results meet.
+
+Works with or without an ``accelerate.Accelerator``; without one (or with one process) every
+collective is the identity, so single-process code paths are the same code.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+
+class ProcessContext:
+    def __init__(self, accelerator: Optional[Any] = None) -> None:
+        self.accelerator = accelerator
+
+    @property
+    def world_size(self) -> int:
+        return int(self.accelerator.num_processes) if self.accelerator is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index) if self.accelerator is not None else 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> List[int]:
+        """This rank's share of ``range(n)`` (strided, so shares differ by at most one item)."""
+        return list(range(self.rank, n, self.world_size))
+
+    def gather(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj``, in rank order, on every rank. A collective: call it on all ranks."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank. A collective."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.accelerator.wait_for_everyone()
+
+    def unwrap(self, model: Any) -> Any:
+        return self.accelerator.unwrap_model(model) if self.accelerator is not None else model

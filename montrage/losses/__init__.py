@@ -1,0 +1,1 @@
+"""Loss functions (ground floor: torch only, no montrage imports besides errors)."""

@@ -1,0 +1,78 @@
+"""Load a base model: the embedded tiny default, or a local diffusers pipeline folder.
+
+Nothing here downloads: ``from_pretrained`` is always given a local path.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+
+from montrage.config import EmbeddedModelConfig, from_dict
+from montrage.errors import ModelLoadError
+from montrage.models.components import DiffusionComponents, PromptEncoder
+from montrage.models.embedded import build_schedulers, build_text
+
+EMBEDDED = "embedded"
+EMBEDDED_DIR = Path(__file__).parent / "assets" / "embedded_base"
+REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+def load_base(base: str = EMBEDDED, device: str | torch.device = "cpu") -> DiffusionComponents:
+    """``"embedded"`` or a path to a local diffusers folder; every weight frozen (LoRA adds trainables)."""
+    comps = load_embedded() if base == EMBEDDED else load_diffusers_folder(base)
+    for module in (comps.unet, comps.prompt_encoder, comps.vae):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    return comps.to(device)
+
+
+def load_embedded(folder: Optional[Path] = None) -> DiffusionComponents:
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder or EMBEDDED_DIR)
+    meta_file = folder / "montrage_model.json"
+    if not meta_file.exists():
+        raise ModelLoadError(f"embedded base weights missing in {folder}; rebuild them with "
+                             "`python scripts/pretrain_base.py` (about 10 minutes on 2 CPU cores)")
+    cfg = from_dict(EmbeddedModelConfig, json.loads(meta_file.read_text())["model"])
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    tokenizer, text = build_text(cfg)
+    text.load_state_dict(load_file(folder / "text_encoder.safetensors"))
+    ddpm, ddim = build_schedulers()
+    return DiffusionComponents(unet=unet, prompt_encoder=PromptEncoder(tokenizer, text, hf_tokenizer=False),
+                               noise_scheduler=ddpm, sample_scheduler=ddim, resolution=cfg.resolution, base=EMBEDDED)
+
+
+def load_diffusers_folder(path: str | Path, resolution: Optional[int] = None) -> DiffusionComponents:
+    """A Stable-Diffusion-style folder: unet/, text_encoder/, tokenizer/, scheduler/ and optional vae/."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelLoadError(f"--base {path}: not a folder; give 'embedded' or a local diffusers pipeline folder")
+    missing = [c for c in REQUIRED_COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"base model folder {root} is missing component(s) {missing}; a diffusers "
+                             f"pipeline folder needs {list(REQUIRED_COMPONENTS)} (+ vae/ for latent models), "
+                             "as written by `pipeline.save_pretrained(folder)`")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(root / "unet")
+        text = CLIPTextModel.from_pretrained(root / "text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        ddpm = DDPMScheduler.from_pretrained(root / "scheduler")
+        ddim = DDIMScheduler.from_config(ddpm.config)
+        vae = AutoencoderKL.from_pretrained(root / "vae") if (root / "vae").is_dir() else None
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(f"cannot load base model folder {root}: {exc}") from exc
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    sample = unet.config.sample_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return DiffusionComponents(unet=unet, prompt_encoder=PromptEncoder(tokenizer, text, hf_tokenizer=True),
+                               noise_scheduler=ddpm, sample_scheduler=ddim,
+                               resolution=resolution or int(sample) * factor, base=str(root), vae=vae)

@@ -1,0 +1,64 @@
+"""DDIM sampling with classifier-free guidance, deterministic given per-sample seeds."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from montrage.models.components import DiffusionComponents
+
+
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """One fixed Gaussian draw per seed, independent of batch composition and global RNG."""
+    out = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        out.append(torch.randn(tuple(shape), generator=g))
+    return torch.stack(out)
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def uint8_to_pixels(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().permute(0, 3, 1, 2)
+    return x / 127.5 - 1.0
+
+
+@torch.no_grad()
+def generate(components: DiffusionComponents, prompts: Sequence[str], seeds: Sequence[int],
+             num_steps: int = 25, guidance_scale: float = 1.5, batch_size: int = 64) -> np.ndarray:
+    """Sample one image per (prompt, seed); returns uint8 (N, H, W, 3).
+
+    Runs in eval mode and restores the UNet's previous mode; does not touch the global RNG.
+    """
+    unet = components.unet
+    was_training = unet.training
+    unet.eval()
+    sched = components.sample_scheduler
+    device = components.device
+    out = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            p = list(prompts[start:start + batch_size])
+            s = list(seeds[start:start + batch_size])
+            cond = components.encode_prompts(p)
+            uncond = components.encode_prompts([""] * len(p))
+            latents = seeded_noise(s, components.latent_shape).to(device) * sched.init_noise_sigma
+            sched.set_timesteps(num_steps)
+            for t in sched.timesteps:
+                inp = torch.cat([latents, latents])
+                inp = sched.scale_model_input(inp, t)
+                pred = unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                pu, pc = pred.chunk(2)
+                pred = pu + guidance_scale * (pc - pu)
+                latents = sched.step(pred, t, latents).prev_sample
+            out.append(pixels_to_uint8(components.to_pixels(latents)))
+    finally:
+        unet.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, components.resolution, components.resolution, 3), np.uint8)

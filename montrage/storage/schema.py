@@ -1,0 +1,95 @@
+"""The run store's schema: every group, array, attribute and dimension name lives here.
+
+Layout (Zarr v3, ``RUN_DIR/store.zarr``), arrays indexed by checkpoint along axis 0:
+
+    /                                 attrs: layout_version, run_config, fingerprint, package_versions,
+                                             committed_checkpoints (commit marker, written last)
+    checkpoints/step                  (checkpoint,)                                  int64
+    checkpoints/wall_time             (checkpoint,)                                  float64  seconds since run start
+    checkpoints/train_loss            (checkpoint,)                                  float32  running mean since last ckpt
+    train/                            attrs: file_names, captions, concepts, extra, dataset_fingerprint
+    train/features/<module>           (checkpoint, train, condition, timestep, feature)  float32
+    train/loss                        (checkpoint, train, condition, timestep)       float32
+    probes/                           attrs: prompts, seeds, concepts, kinds, meta
+    probes/images                     (checkpoint, probe, height, width, channel)    uint8
+    probes/features/<module>          (checkpoint, probe, condition, timestep, feature)  float32
+    probes/loss                       (checkpoint, probe, condition, timestep)       float32
+    lora/weights                      (checkpoint, parameter)                        float32  attrs: names, shapes
+    attribution/<method>/<step>       (query, train)                                 float32  attrs: query ids
+
+``condition`` indexes ``run_config.capture.conditions`` (e.g. null, caption); ``timestep`` indexes
+``run_config.capture.timesteps``. Module names are stored with '.' (e.g. ``up_blocks.0``) as array
+names, which Zarr allows.
+"""
+from __future__ import annotations
+
+LAYOUT_VERSION = 1
+STORE_DIRNAME = "store.zarr"
+LOCK_FILENAME = ".montrage.lock"
+FINAL_LORA_FILENAME = "lora_final.safetensors"
+RESUME_DIRNAME = "resume"
+
+# root attributes
+ATTR_LAYOUT = "layout_version"
+ATTR_RUN_CONFIG = "run_config"
+ATTR_FINGERPRINT = "fingerprint"
+ATTR_VERSIONS = "package_versions"
+ATTR_COMMITTED = "committed_checkpoints"
+ATTR_NONFINITE = "nonfinite_checkpoints"
+
+# groups
+CHECKPOINTS = "checkpoints"
+TRAIN = "train"
+PROBES = "probes"
+LORA = "lora"
+ATTRIBUTION = "attribution"
+FEATURES = "features"
+
+# arrays
+STEP = "step"
+WALL_TIME = "wall_time"
+TRAIN_LOSS = "train_loss"
+LOSS = "loss"
+IMAGES = "images"
+WEIGHTS = "weights"
+
+# group attributes
+ATTR_FILE_NAMES = "file_names"
+ATTR_CAPTIONS = "captions"
+ATTR_CONCEPTS = "concepts"
+ATTR_EXTRA = "extra"
+ATTR_DATASET_FINGERPRINT = "dataset_fingerprint"
+ATTR_PROMPTS = "prompts"
+ATTR_SEEDS = "seeds"
+ATTR_KINDS = "kinds"
+ATTR_META = "meta"
+ATTR_PARAM_NAMES = "names"
+ATTR_PARAM_SHAPES = "shapes"
+ATTR_QUERY_IDS = "query_ids"
+
+# dimension names (Zarr v3 dimension_names, read by xarray / dask)
+DIM_CHECKPOINT = "checkpoint"
+DIM_TRAIN = "train"
+DIM_PROBE = "probe"
+DIM_CONDITION = "condition"
+DIM_TIMESTEP = "timestep"
+DIM_FEATURE = "feature"
+DIM_HEIGHT, DIM_WIDTH, DIM_CHANNEL = "height", "width", "channel"
+DIM_PARAMETER = "parameter"
+DIM_QUERY = "query"
+
+FEATURE_DIMS = (DIM_CHECKPOINT, None, DIM_CONDITION, DIM_TIMESTEP, DIM_FEATURE)  # None: train or probe
+LOSS_DIMS = (DIM_CHECKPOINT, None, DIM_CONDITION, DIM_TIMESTEP)
+
+# chunking: one checkpoint per chunk (appends touch only new chunks); rows of training images
+# per chunk bounded so that a chunk stays around a few MB at 512 float32 features x 2 x 3.
+TRAIN_ROWS_PER_CHUNK = 1024
+
+
+def feature_path(kind: str, module: str) -> str:
+    """Path of the feature array of ``module`` for ``kind`` in {TRAIN, PROBES}."""
+    return f"{kind}/{FEATURES}/{module}"
+
+
+def attribution_path(method: str, step: int) -> str:
+    return f"{ATTRIBUTION}/{method}/{int(step)}"

@@ -1,0 +1,371 @@
+"""The Zarr v3 run store: appended one checkpoint at a time, read only up to the commit marker.
+
+Crash safety: Zarr's local store writes every file atomically (temp file + rename). A checkpoint
+appends its arrays first and bumps ``committed_checkpoints`` last, so a reader never sees a partial
+checkpoint, and a writer reopening the store trims whatever a killed writer left past the marker.
+One writer at a time is enforced with an advisory file lock (released by the OS if the process dies).
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import zarr
+
+from montrage.errors import (CheckpointNotFoundError, StoreConfigMismatchError, StoreError, StoreLayoutError,
+                             StoreLockedError)
+from montrage.storage import schema as S
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = ("montrage", "torch", "diffusers", "peft", "accelerate", "zarr", "numpy")
+
+
+def package_versions() -> Dict[str, str]:
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclass
+class StoreDims:
+    """Shapes a new store is created with."""
+
+    n_train: int
+    n_probes: int
+    n_conditions: int
+    n_timesteps: int
+    feature_dims: Dict[str, int]
+    image_shape: Sequence[int]  # (H, W, 3)
+    lora_names: List[str] = field(default_factory=list)
+    lora_shapes: List[List[int]] = field(default_factory=list)
+
+    @property
+    def n_lora(self) -> int:
+        return int(sum(int(np.prod(s)) for s in self.lora_shapes))
+
+
+@dataclass
+class CheckpointRecord:
+    """Everything recorded at one checkpoint (arrays without the checkpoint axis)."""
+
+    step: int
+    wall_time: float
+    train_loss: Optional[float]  # running mean since the previous checkpoint; None before any step
+    train_features: Dict[str, np.ndarray]  # module -> (N, C, T, F)
+    train_losses: np.ndarray  # (N, C, T)
+    probe_images: np.ndarray  # (P, H, W, 3) uint8
+    probe_features: Dict[str, np.ndarray]  # module -> (P, C, T, F)
+    probe_losses: np.ndarray  # (P, C, T)
+    lora: Optional[np.ndarray] = None  # (n_params,)
+
+    def has_nonfinite(self) -> bool:
+        arrays = [self.train_losses, self.probe_losses, *self.train_features.values(), *self.probe_features.values()]
+        bad_loss = self.train_loss is not None and not np.isfinite(self.train_loss)
+        return bad_loss or any(not np.isfinite(a).all() for a in arrays if a.size)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix[:-1]}: store has {a!r}, requested {b!r}"]
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x))
+
+
+class RunStore:
+    """A run's Zarr store. Open with :meth:`create_or_resume` (writer) or :meth:`open` (reader)."""
+
+    def __init__(self, run_dir: Path, group: zarr.Group, writable: bool, lock_fd: Optional[int] = None) -> None:
+        self.run_dir = run_dir
+        self.root = group
+        self.writable = writable
+        self._lock_fd = lock_fd
+        self._warned_nonfinite = False
+
+    # ------------------------------------------------------------------ opening
+    @staticmethod
+    def store_path(run_dir: str | Path) -> Path:
+        return Path(run_dir) / S.STORE_DIRNAME
+
+    @staticmethod
+    def exists(run_dir: str | Path) -> bool:
+        return (RunStore.store_path(run_dir) / "zarr.json").exists()
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "RunStore":
+        """Open read-only. Sees only committed checkpoints, also while a writer appends."""
+        run_dir = Path(run_dir)
+        if not cls.exists(run_dir):
+            raise StoreError(f"no montrage run store at {run_dir}: expected {cls.store_path(run_dir)}; "
+                             "create one with `montrage train --output DIR` or the monitor callback")
+        group = zarr.open_group(cls.store_path(run_dir), mode="r")
+        store = cls(run_dir, group, writable=False)
+        store._check_layout()
+        return store
+
+    @classmethod
+    def create_or_resume(cls, run_dir: str | Path, run_config: dict, fingerprint: dict, dims: StoreDims,
+                         train_meta: dict, probe_meta: dict) -> "RunStore":
+        """Create a new store, or reopen an existing one made with the same fingerprint to append to it."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = cls._acquire_lock(run_dir)
+        try:
+            if cls.exists(run_dir):
+                group = zarr.open_group(cls.store_path(run_dir), mode="r+")
+                store = cls(run_dir, group, writable=True, lock_fd=fd)
+                store._check_layout()
+                store._check_fingerprint(_jsonable(fingerprint))
+                store._trim_uncommitted()
+                return store
+            group = zarr.open_group(cls.store_path(run_dir), mode="w")
+            store = cls(run_dir, group, writable=True, lock_fd=fd)
+            store._create(run_config, _jsonable(fingerprint), dims, train_meta, probe_meta)
+            return store
+        except BaseException:
+            cls._release_lock(fd)
+            raise
+
+    @staticmethod
+    def _acquire_lock(run_dir: Path) -> int:
+        fd = os.open(run_dir / S.LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(f"{run_dir} is being written by another process (lock {S.LOCK_FILENAME}); "
+                                   "wait for it to finish or choose another --output") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return fd
+
+    @staticmethod
+    def _release_lock(fd: Optional[int]) -> None:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def close(self) -> None:
+        self._release_lock(self._lock_fd)
+        self._lock_fd = None
+
+    def __enter__(self) -> "RunStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_layout(self) -> None:
+        version = self.root.attrs.get(S.ATTR_LAYOUT)
+        if version != S.LAYOUT_VERSION:
+            raise StoreLayoutError(f"store {self.store_path(self.run_dir)} has layout version {version!r}, this montrage "
+                                   f"reads version {S.LAYOUT_VERSION}; use a matching montrage or record a new run")
+
+    def _check_fingerprint(self, fingerprint: dict) -> None:
+        diffs = _diff_keys(self.root.attrs.get(S.ATTR_FINGERPRINT), fingerprint)
+        if diffs:
+            raise StoreConfigMismatchError(
+                f"{self.run_dir} was recorded with another configuration, so appending would mix runs: "
+                + "; ".join(diffs[:8]) + ". Rerun with the original options, or choose a new --output")
+
+    def _create(self, run_config: dict, fingerprint: dict, dims: StoreDims, train_meta: dict, probe_meta: dict) -> None:
+        root = self.root
+        ck = root.create_group(S.CHECKPOINTS)
+        for name, dtype in ((S.STEP, "int64"), (S.WALL_TIME, "float64"), (S.TRAIN_LOSS, "float32")):
+            ck.create_array(name, shape=(0,), chunks=(4096,), dtype=dtype, dimension_names=(S.DIM_CHECKPOINT,))
+        for kind, n, meta, dim in ((S.TRAIN, dims.n_train, train_meta, S.DIM_TRAIN),
+                                   (S.PROBES, dims.n_probes, probe_meta, S.DIM_PROBE)):
+            g = root.create_group(kind)
+            g.attrs.update(_jsonable(meta))
+            rows = max(1, min(n, S.TRAIN_ROWS_PER_CHUNK))
+            fg = g.create_group(S.FEATURES)
+            for module, width in dims.feature_dims.items():
+                fg.create_array(module, shape=(0, n, dims.n_conditions, dims.n_timesteps, width),
+                                chunks=(1, rows, dims.n_conditions, dims.n_timesteps, width), dtype="float32",
+                                dimension_names=(S.DIM_CHECKPOINT, dim, S.DIM_CONDITION, S.DIM_TIMESTEP, S.DIM_FEATURE))
+            g.create_array(S.LOSS, shape=(0, n, dims.n_conditions, dims.n_timesteps),
+                           chunks=(1, rows, dims.n_conditions, dims.n_timesteps), dtype="float32",
+                           dimension_names=(S.DIM_CHECKPOINT, dim, S.DIM_CONDITION, S.DIM_TIMESTEP))
+        h, w, c = dims.image_shape
+        root[S.PROBES].create_array(S.IMAGES, shape=(0, dims.n_probes, h, w, c),
+                                    chunks=(1, max(dims.n_probes, 1), h, w, c), dtype="uint8",
+                                    dimension_names=(S.DIM_CHECKPOINT, S.DIM_PROBE, S.DIM_HEIGHT, S.DIM_WIDTH, S.DIM_CHANNEL))
+        lg = root.create_group(S.LORA)
+        lg.attrs.update({S.ATTR_PARAM_NAMES: list(dims.lora_names), S.ATTR_PARAM_SHAPES: [list(s) for s in dims.lora_shapes]})
+        lg.create_array(S.WEIGHTS, shape=(0, dims.n_lora), chunks=(1, max(dims.n_lora, 1)), dtype="float32",
+                        dimension_names=(S.DIM_CHECKPOINT, S.DIM_PARAMETER))
+        root.create_group(S.ATTRIBUTION)
+        # root attributes last: a store without them is not a montrage store yet
+        root.attrs.update({S.ATTR_RUN_CONFIG: _jsonable(run_config), S.ATTR_FINGERPRINT: fingerprint,
+                           S.ATTR_VERSIONS: package_versions(), S.ATTR_NONFINITE: [], S.ATTR_COMMITTED: 0,
+                           S.ATTR_LAYOUT: S.LAYOUT_VERSION})
+
+    def _appendable_arrays(self) -> List[zarr.Array]:
+        out = [self.root[f"{S.CHECKPOINTS}/{n}"] for n in (S.STEP, S.WALL_TIME, S.TRAIN_LOSS)]
+        for kind in (S.TRAIN, S.PROBES):
+            out += [self.root[S.feature_path(kind, m)] for m in self.modules]
+            out.append(self.root[f"{kind}/{S.LOSS}"])
+        out += [self.root[f"{S.PROBES}/{S.IMAGES}"], self.root[f"{S.LORA}/{S.WEIGHTS}"]]
+        return out
+
+    def _trim_uncommitted(self) -> None:
+        n = self.n_checkpoints
+        for arr in self._appendable_arrays():
+            if arr.shape[0] > n:
+                log.warning("dropping a partial checkpoint left in %s by an interrupted writer", arr.path)
+                arr.resize((n,) + arr.shape[1:])
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def run_config(self) -> dict:
+        return dict(self.root.attrs[S.ATTR_RUN_CONFIG])
+
+    @property
+    def capture(self) -> dict:
+        return self.run_config["capture"]
+
+    @property
+    def modules(self) -> List[str]:
+        return list(self.capture["modules"])
+
+    @property
+    def conditions(self) -> List[str]:
+        return list(self.capture["conditions"])
+
+    @property
+    def timesteps(self) -> List[int]:
+        return list(self.capture["timesteps"])
+
+    @property
+    def n_checkpoints(self) -> int:
+        return int(self.root.attrs.get(S.ATTR_COMMITTED, 0))
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self.root[f"{S.CHECKPOINTS}/{S.STEP}"][: self.n_checkpoints]
+
+    @property
+    def nonfinite_checkpoints(self) -> List[int]:
+        return list(self.root.attrs.get(S.ATTR_NONFINITE, []))
+
+    def checkpoint_index(self, step: Optional[int]) -> int:
+        """Index of a committed checkpoint by training step (None: the last one)."""
+        steps = self.steps
+        if len(steps) == 0:
+            raise CheckpointNotFoundError(f"{self.run_dir} has no committed checkpoint yet")
+        if step is None:
+            return len(steps) - 1
+        hits = np.flatnonzero(steps == int(step))
+        if len(hits) == 0:
+            raise CheckpointNotFoundError(f"checkpoint at step {step} not in {self.run_dir}; "
+                                          f"committed steps: {steps.tolist()}")
+        return int(hits[0])
+
+    def meta(self, kind: str) -> dict:
+        return dict(self.root[kind].attrs)
+
+    @property
+    def train_meta(self) -> dict:
+        return self.meta(S.TRAIN)
+
+    @property
+    def probe_meta(self) -> dict:
+        return self.meta(S.PROBES)
+
+    @property
+    def concepts(self) -> List[str]:
+        return list(self.train_meta.get(S.ATTR_CONCEPTS, []))
+
+    # ------------------------------------------------------------------ reading
+    def array(self, path: str) -> zarr.Array:
+        """Raw Zarr array (for dask); slice it with ``[: n_checkpoints]`` to see committed data only."""
+        return self.root[path]
+
+    def features(self, kind: str, module: str, checkpoints: Any = slice(None)) -> np.ndarray:
+        """(checkpoint, item, condition, timestep, feature) of committed checkpoints."""
+        arr = self.root[S.feature_path(kind, module)]
+        return arr[: self.n_checkpoints][checkpoints]
+
+    def losses(self, kind: str, checkpoints: Any = slice(None)) -> np.ndarray:
+        return self.root[f"{kind}/{S.LOSS}"][: self.n_checkpoints][checkpoints]
+
+    def probe_images(self, checkpoint: int = -1) -> np.ndarray:
+        return self.root[f"{S.PROBES}/{S.IMAGES}"][: self.n_checkpoints][checkpoint]
+
+    def lora_weights(self, checkpoint: int) -> Dict[str, np.ndarray]:
+        """The LoRA adapter tensors of one checkpoint index, by parameter name."""
+        g = self.root[S.LORA]
+        flat = g[S.WEIGHTS][: self.n_checkpoints][checkpoint]
+        out, offset = {}, 0
+        for name, shape in zip(g.attrs[S.ATTR_PARAM_NAMES], g.attrs[S.ATTR_PARAM_SHAPES]):
+            size = int(np.prod(shape))
+            out[name] = flat[offset: offset + size].reshape(shape)
+            offset += size
+        return out
+
+    def scalar_series(self, name: str) -> np.ndarray:
+        return self.root[f"{S.CHECKPOINTS}/{name}"][: self.n_checkpoints]
+
+    # ------------------------------------------------------------------ writing
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreError(f"{self.run_dir} is open read-only")
+
+    def append(self, rec: CheckpointRecord) -> int:
+        """Append one checkpoint and commit it; returns its index."""
+        self._require_writable()
+        n = self.n_checkpoints
+        if n and int(self.steps[-1]) >= rec.step:
+            raise StoreError(f"checkpoint step {rec.step} is not after the last committed step {int(self.steps[-1])}")
+        nonfinite = rec.has_nonfinite()
+        if nonfinite and not self._warned_nonfinite:
+            log.warning("non-finite loss or activations at step %d: recorded as NaN/inf and flagged in %s",
+                        rec.step, S.ATTR_NONFINITE)
+            self._warned_nonfinite = True
+        r = self.root
+        r[f"{S.CHECKPOINTS}/{S.STEP}"].append(np.array([rec.step], dtype="int64"))
+        r[f"{S.CHECKPOINTS}/{S.WALL_TIME}"].append(np.array([rec.wall_time], dtype="float64"))
+        r[f"{S.CHECKPOINTS}/{S.TRAIN_LOSS}"].append(np.array([np.nan if rec.train_loss is None else rec.train_loss], dtype="float32"))
+        for kind, feats, losses in ((S.TRAIN, rec.train_features, rec.train_losses),
+                                    (S.PROBES, rec.probe_features, rec.probe_losses)):
+            for module in self.modules:
+                r[S.feature_path(kind, module)].append(np.asarray(feats[module], dtype="float32")[None])
+            r[f"{kind}/{S.LOSS}"].append(np.asarray(losses, dtype="float32")[None])
+        r[f"{S.PROBES}/{S.IMAGES}"].append(np.asarray(rec.probe_images, dtype="uint8")[None])
+        lora_arr = r[f"{S.LORA}/{S.WEIGHTS}"]
+        lora = rec.lora if rec.lora is not None else np.full(lora_arr.shape[1:], np.nan, dtype="float32")
+        lora_arr.append(np.asarray(lora, dtype="float32")[None])
+        if nonfinite:
+            r.attrs[S.ATTR_NONFINITE] = self.nonfinite_checkpoints + [n]
+        r.attrs[S.ATTR_COMMITTED] = n + 1  # the commit marker, written last
+        return n
+
+    def write_attribution(self, method: str, step: int, scores: np.ndarray, query_ids: Sequence[str]) -> str:
+        """Store a (query, train) score matrix under attribution/<method>/<step> (replacing an older one)."""
+        g = zarr.open_group(self.store_path(self.run_dir), mode="a")
+        path = S.attribution_path(method, step)
+        arr = g.create_array(path, shape=scores.shape, dtype="float32", overwrite=True,
+                             chunks=(max(1, min(scores.shape[0], 256)), max(1, min(scores.shape[1], 65536))),
+                             dimension_names=(S.DIM_QUERY, S.DIM_TRAIN))
+        arr[...] = np.asarray(scores, dtype="float32")
+        arr.attrs[S.ATTR_QUERY_IDS] = list(query_ids)
+        return path
+
+    def read_attribution(self, method: str, step: int) -> tuple[np.ndarray, List[str]]:
+        arr = zarr.open_group(self.store_path(self.run_dir), mode="r")[S.attribution_path(method, step)]
+        return arr[...], list(arr.attrs[S.ATTR_QUERY_IDS])
