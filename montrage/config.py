@@ -100,6 +100,7 @@ class CaptureConfig:
     projection_dim: int = _f(0, "fixed random projection width per module (0 = store pooled features as is)")
     seed: int = _f(1234, "seed of the fixed per-image noise and of the projection")
     batch_size: int = _f(64, "images per capture forward pass")
+    anchors: int = _f(64, "training images also recorded with a second noise draw (supervise the attribution model)")
     every_n_steps: int = _f(100, "record a checkpoint every N optimizer steps (plus step 0 and the end)")
     probe_steps: int = _f(25, "DDIM steps for probe generations")
     guidance_scale: float = _f(1.5, "classifier-free guidance for probes (>=3 gives LoRA samples a colour cast)")
@@ -119,6 +120,8 @@ class CaptureConfig:
         if bad or not self.conditions:
             raise ConfigError(f"CaptureConfig.conditions must be a non-empty subset of {CONDITIONS}, got {self.conditions}")
         _positive(self, "pooling_grid", "batch_size", "every_n_steps", "probe_steps")
+        if self.anchors < 0:
+            raise ConfigError("CaptureConfig.anchors must be >= 0")
         if self.projection_dim < 0:
             raise ConfigError("CaptureConfig.projection_dim must be >= 0 (0 disables the projection)")
 

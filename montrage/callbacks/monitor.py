@@ -31,7 +31,7 @@ from montrage.data.imagefolder import TrainingSet
 from montrage.data.probes import Probe, default_probes
 from montrage.distributed import ProcessContext
 from montrage.models.components import DiffusionComponents
-from montrage.models.features import TRAIN_SEED_OFFSET, FeatureExtractor, Features
+from montrage.models.features import ANCHOR_SEED_OFFSET, TRAIN_SEED_OFFSET, FeatureExtractor
 from montrage.models.lora import flatten, lora_state
 from montrage.storage import CheckpointRecord, RunStore, StoreDims
 from montrage.storage import schema as S
@@ -77,6 +77,9 @@ class TrainingMonitor(MontrageCallback):
         self.ctx = ProcessContext(accelerator)
         self.extractor = FeatureExtractor(components, self.capture)
         self.state = MonitorState()
+        n = len(training_set)
+        n_anchor = min(n, self.capture.anchors)
+        self.anchor_indices = sorted({int(i) for i in np.linspace(0, n - 1, n_anchor).round()}) if n_anchor else []
         self.run_config = dict(run_config or {})
         self.run_config.setdefault("capture", to_dict(self.capture))
         self.run_config.setdefault("base", components.base)
@@ -97,7 +100,7 @@ class TrainingMonitor(MontrageCallback):
     def _dims(self) -> StoreDims:
         flat, names, shapes = flatten(lora_state(self.components.unet)) if self.capture.record_lora else (None, [], [])
         r = self.components.resolution
-        return StoreDims(n_train=len(self.training_set), n_probes=len(self.probes),
+        return StoreDims(n_train=len(self.training_set), n_probes=len(self.probes), n_anchors=len(self.anchor_indices),
                          n_conditions=len(self.capture.conditions), n_timesteps=len(self.capture.timesteps),
                          feature_dims=self.extractor.feature_dims(), image_shape=(r, r, 3),
                          lora_names=names, lora_shapes=shapes)
@@ -119,7 +122,7 @@ class TrainingMonitor(MontrageCallback):
         if self.ctx.is_main:
             train_meta, probe_meta = self._metadata()
             self.store = RunStore.create_or_resume(self.output_dir, self.run_config, self.fingerprint(),
-                                                   self._dims(), train_meta, probe_meta)
+                                                   self._dims(), train_meta, probe_meta, self.anchor_indices)
         recorded = self.ctx.broadcast(self.store.steps.tolist() if self.store is not None else None)
         self.state.recorded_steps = [int(s) for s in recorded]
         self._opened = True
@@ -169,22 +172,24 @@ class TrainingMonitor(MontrageCallback):
             self._t0 = time.time()
         unet = self.components.unet
         ts = self.training_set
-        mine = self.ctx.shard(len(ts))
-        feats = self.extractor.extract(ts.images[mine], [ts.captions[i] for i in mine],
-                                       [TRAIN_SEED_OFFSET + i for i in mine])
-        my_probes = self.ctx.shard(len(self.probes))
-        p_images, p_feats = run_probes(self.components, self.extractor, self.probes, my_probes, self.capture)
-        local = {"train": {"f": feats.features, "l": feats.losses}, "probe": {"f": p_feats.features, "l": p_feats.losses,
-                                                                              "img": p_images}}
+        local = {}
+        for kind, items, offset in ((S.TRAIN, list(range(len(ts))), TRAIN_SEED_OFFSET),
+                                    (S.ANCHORS, self.anchor_indices, ANCHOR_SEED_OFFSET)):
+            mine = [items[j] for j in self.ctx.shard(len(items))]
+            out = self.extractor.extract(ts.images[mine], [ts.captions[i] for i in mine], [offset + i for i in mine])
+            local[kind] = {"f": out.features, "l": out.losses}
+        p_images, p_feats = run_probes(self.components, self.extractor, self.probes,
+                                       self.ctx.shard(len(self.probes)), self.capture)
+        local[S.PROBES] = {"f": p_feats.features, "l": p_feats.losses, "img": p_images}
         parts = self.ctx.gather(local)
         train_loss = self._running_loss()
         if self.ctx.is_main:
-            train = _concat_shards([p["train"] for p in parts], len(ts))
-            probe = _concat_shards([p["probe"] for p in parts], len(self.probes))
+            sizes = {S.TRAIN: len(ts), S.ANCHORS: len(self.anchor_indices), S.PROBES: len(self.probes)}
+            full = {kind: _concat_shards([p[kind] for p in parts], sizes[kind]) for kind in S.FEATURE_KINDS}
             flat = flatten(lora_state(unet))[0] if self.capture.record_lora else None
             rec = CheckpointRecord(step=step, wall_time=self.state.elapsed_before + time.time() - self._t0,
-                                   train_loss=train_loss, train_features=train["f"], train_losses=train["l"],
-                                   probe_images=probe["img"], probe_features=probe["f"], probe_losses=probe["l"],
+                                   train_loss=train_loss, features={k: v["f"] for k, v in full.items()},
+                                   losses={k: v["l"] for k, v in full.items()}, probe_images=full[S.PROBES]["img"],
                                    lora=flat)
             self.store.append(rec)
             log.info("montrage: recorded checkpoint at step %d", step)

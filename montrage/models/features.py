@@ -25,6 +25,7 @@ from montrage.models.sampling import seeded_noise, uint8_to_pixels
 TRAIN_SEED_OFFSET = 0
 PROBE_SEED_OFFSET = 10_000_000
 QUERY_SEED_OFFSET = 20_000_000
+ANCHOR_SEED_OFFSET = 30_000_000  # training images again, under a second noise draw
 
 
 @dataclass
@@ -133,6 +134,8 @@ class FeatureExtractor:
                 h.remove()
             unet.train(was_training)
         if N == 0:
-            return Features({m: np.zeros((0, C, T, 0), np.float32) for m in self._modules}, np.zeros((0, C, T), np.float32))
+            dims = self._dims or {}
+            return Features({m: np.zeros((0, C, T, dims.get(m, 0)), np.float32) for m in self._modules},
+                            np.zeros((0, C, T), np.float32))
         return Features({m: torch.cat(v).cpu().numpy().astype(np.float32) for m, v in feats.items()},
                         torch.cat(losses).cpu().numpy().astype(np.float32))

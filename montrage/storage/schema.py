@@ -10,6 +10,9 @@ Layout (Zarr v3, ``RUN_DIR/store.zarr``), arrays indexed by checkpoint along axi
     train/                            attrs: file_names, captions, concepts, extra, dataset_fingerprint
     train/features/<module>           (checkpoint, train, condition, timestep, feature)  float32
     train/loss                        (checkpoint, train, condition, timestep)       float32
+    anchors/                          attrs: indices (training images recorded with a second noise draw)
+    anchors/features/<module>         (checkpoint, anchor, condition, timestep, feature)  float32
+    anchors/loss                      (checkpoint, anchor, condition, timestep)      float32
     probes/                           attrs: prompts, seeds, concepts, kinds, meta
     probes/images                     (checkpoint, probe, height, width, channel)    uint8
     probes/features/<module>          (checkpoint, probe, condition, timestep, feature)  float32
@@ -41,6 +44,8 @@ ATTR_NONFINITE = "nonfinite_checkpoints"
 CHECKPOINTS = "checkpoints"
 TRAIN = "train"
 PROBES = "probes"
+ANCHORS = "anchors"
+FEATURE_KINDS = (TRAIN, ANCHORS, PROBES)
 LORA = "lora"
 ATTRIBUTION = "attribution"
 FEATURES = "features"
@@ -66,11 +71,13 @@ ATTR_META = "meta"
 ATTR_PARAM_NAMES = "names"
 ATTR_PARAM_SHAPES = "shapes"
 ATTR_QUERY_IDS = "query_ids"
+ATTR_INDICES = "indices"
 
 # dimension names (Zarr v3 dimension_names, read by xarray / dask)
 DIM_CHECKPOINT = "checkpoint"
 DIM_TRAIN = "train"
 DIM_PROBE = "probe"
+DIM_ANCHOR = "anchor"
 DIM_CONDITION = "condition"
 DIM_TIMESTEP = "timestep"
 DIM_FEATURE = "feature"
@@ -78,8 +85,7 @@ DIM_HEIGHT, DIM_WIDTH, DIM_CHANNEL = "height", "width", "channel"
 DIM_PARAMETER = "parameter"
 DIM_QUERY = "query"
 
-FEATURE_DIMS = (DIM_CHECKPOINT, None, DIM_CONDITION, DIM_TIMESTEP, DIM_FEATURE)  # None: train or probe
-LOSS_DIMS = (DIM_CHECKPOINT, None, DIM_CONDITION, DIM_TIMESTEP)
+ITEM_DIM = {TRAIN: DIM_TRAIN, ANCHORS: DIM_ANCHOR, PROBES: DIM_PROBE}
 
 # chunking: one checkpoint per chunk (appends touch only new chunks); rows of training images
 # per chunk bounded so that a chunk stays around a few MB at 512 float32 features x 2 x 3.
@@ -87,7 +93,7 @@ TRAIN_ROWS_PER_CHUNK = 1024
 
 
 def feature_path(kind: str, module: str) -> str:
-    """Path of the feature array of ``module`` for ``kind`` in {TRAIN, PROBES}."""
+    """Path of the feature array of ``module`` for ``kind`` in FEATURE_KINDS."""
     return f"{kind}/{FEATURES}/{module}"
 
 

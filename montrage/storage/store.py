@@ -44,6 +44,7 @@ class StoreDims:
 
     n_train: int
     n_probes: int
+    n_anchors: int
     n_conditions: int
     n_timesteps: int
     feature_dims: Dict[str, int]
@@ -63,15 +64,13 @@ class CheckpointRecord:
     step: int
     wall_time: float
     train_loss: Optional[float]  # running mean since the previous checkpoint; None before any step
-    train_features: Dict[str, np.ndarray]  # module -> (N, C, T, F)
-    train_losses: np.ndarray  # (N, C, T)
+    features: Dict[str, Dict[str, np.ndarray]]  # kind (train|anchors|probes) -> module -> (n, C, T, F)
+    losses: Dict[str, np.ndarray]  # kind -> (n, C, T)
     probe_images: np.ndarray  # (P, H, W, 3) uint8
-    probe_features: Dict[str, np.ndarray]  # module -> (P, C, T, F)
-    probe_losses: np.ndarray  # (P, C, T)
     lora: Optional[np.ndarray] = None  # (n_params,)
 
     def has_nonfinite(self) -> bool:
-        arrays = [self.train_losses, self.probe_losses, *self.train_features.values(), *self.probe_features.values()]
+        arrays = list(self.losses.values()) + [a for f in self.features.values() for a in f.values()]
         bad_loss = self.train_loss is not None and not np.isfinite(self.train_loss)
         return bad_loss or any(not np.isfinite(a).all() for a in arrays if a.size)
 
@@ -120,7 +119,7 @@ class RunStore:
 
     @classmethod
     def create_or_resume(cls, run_dir: str | Path, run_config: dict, fingerprint: dict, dims: StoreDims,
-                         train_meta: dict, probe_meta: dict) -> "RunStore":
+                         train_meta: dict, probe_meta: dict, anchor_indices: Sequence[int] = ()) -> "RunStore":
         """Create a new store, or reopen an existing one made with the same fingerprint to append to it."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +134,8 @@ class RunStore:
                 return store
             group = zarr.open_group(cls.store_path(run_dir), mode="w")
             store = cls(run_dir, group, writable=True, lock_fd=fd)
-            store._create(run_config, _jsonable(fingerprint), dims, train_meta, probe_meta)
+            store._create(run_config, _jsonable(fingerprint), dims, train_meta, probe_meta,
+                          [int(i) for i in anchor_indices])
             return store
         except BaseException:
             cls._release_lock(fd)
@@ -183,13 +183,16 @@ class RunStore:
                 f"{self.run_dir} was recorded with another configuration, so appending would mix runs: "
                 + "; ".join(diffs[:8]) + ". Rerun with the original options, or choose a new --output")
 
-    def _create(self, run_config: dict, fingerprint: dict, dims: StoreDims, train_meta: dict, probe_meta: dict) -> None:
+    def _create(self, run_config: dict, fingerprint: dict, dims: StoreDims, train_meta: dict, probe_meta: dict,
+                anchor_indices: List[int]) -> None:
         root = self.root
         ck = root.create_group(S.CHECKPOINTS)
         for name, dtype in ((S.STEP, "int64"), (S.WALL_TIME, "float64"), (S.TRAIN_LOSS, "float32")):
             ck.create_array(name, shape=(0,), chunks=(4096,), dtype=dtype, dimension_names=(S.DIM_CHECKPOINT,))
-        for kind, n, meta, dim in ((S.TRAIN, dims.n_train, train_meta, S.DIM_TRAIN),
-                                   (S.PROBES, dims.n_probes, probe_meta, S.DIM_PROBE)):
+        sizes = {S.TRAIN: dims.n_train, S.ANCHORS: dims.n_anchors, S.PROBES: dims.n_probes}
+        metas = {S.TRAIN: train_meta, S.ANCHORS: {S.ATTR_INDICES: anchor_indices}, S.PROBES: probe_meta}
+        for kind in S.FEATURE_KINDS:
+            n, meta, dim = sizes[kind], metas[kind], S.ITEM_DIM[kind]
             g = root.create_group(kind)
             g.attrs.update(_jsonable(meta))
             rows = max(1, min(n, S.TRAIN_ROWS_PER_CHUNK))
@@ -217,7 +220,7 @@ class RunStore:
 
     def _appendable_arrays(self) -> List[zarr.Array]:
         out = [self.root[f"{S.CHECKPOINTS}/{n}"] for n in (S.STEP, S.WALL_TIME, S.TRAIN_LOSS)]
-        for kind in (S.TRAIN, S.PROBES):
+        for kind in S.FEATURE_KINDS:
             out += [self.root[S.feature_path(kind, m)] for m in self.modules]
             out.append(self.root[f"{kind}/{S.LOSS}"])
         out += [self.root[f"{S.PROBES}/{S.IMAGES}"], self.root[f"{S.LORA}/{S.WEIGHTS}"]]
@@ -288,6 +291,10 @@ class RunStore:
         return self.meta(S.PROBES)
 
     @property
+    def anchor_indices(self) -> List[int]:
+        return [int(i) for i in self.meta(S.ANCHORS).get(S.ATTR_INDICES, [])]
+
+    @property
     def concepts(self) -> List[str]:
         return list(self.train_meta.get(S.ATTR_CONCEPTS, []))
 
@@ -341,11 +348,10 @@ class RunStore:
         r[f"{S.CHECKPOINTS}/{S.STEP}"].append(np.array([rec.step], dtype="int64"))
         r[f"{S.CHECKPOINTS}/{S.WALL_TIME}"].append(np.array([rec.wall_time], dtype="float64"))
         r[f"{S.CHECKPOINTS}/{S.TRAIN_LOSS}"].append(np.array([np.nan if rec.train_loss is None else rec.train_loss], dtype="float32"))
-        for kind, feats, losses in ((S.TRAIN, rec.train_features, rec.train_losses),
-                                    (S.PROBES, rec.probe_features, rec.probe_losses)):
+        for kind in S.FEATURE_KINDS:
             for module in self.modules:
-                r[S.feature_path(kind, module)].append(np.asarray(feats[module], dtype="float32")[None])
-            r[f"{kind}/{S.LOSS}"].append(np.asarray(losses, dtype="float32")[None])
+                r[S.feature_path(kind, module)].append(np.asarray(rec.features[kind][module], dtype="float32")[None])
+            r[f"{kind}/{S.LOSS}"].append(np.asarray(rec.losses[kind], dtype="float32")[None])
         r[f"{S.PROBES}/{S.IMAGES}"].append(np.asarray(rec.probe_images, dtype="uint8")[None])
         lora_arr = r[f"{S.LORA}/{S.WEIGHTS}"]
         lora = rec.lora if rec.lora is not None else np.full(lora_arr.shape[1:], np.nan, dtype="float32")

@@ -1,0 +1,134 @@
+"""Run a scorer on a run's queries and produce the stable JSON contract.
+
+JSON contract (``montrage attribute --out FILE.json``)::
+
+    {"run": str, "method": str, "checkpoint": int (training step), "condition": "null"|"caption",
+     "concept": str|null (Concept-TRAK's phrase), "score_path": "attribution/<method>/<step>",
+     "queries": [{"id": str, "prompt": str, "seed": int|null, "image": str|null,
+                  "concept_scores": {concept: score}, "concept_proportions": {concept: share},
+                  "predicted_concept": str|null,
+                  "top": [{"train_index": int, "file_name": str, "concept": str, "score": float}]}]}
+
+``concept_scores`` aggregate a concept's training images (mean of its top-3 scores); proportions are
+those scores shifted by the smallest and normalised to sum to 1 (read as shares for mixed prompts).
+The full (query x train) matrix is written to the store at ``score_path``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from montrage.analysis.base import QuerySet, ScoringContext, get_scorer
+from montrage.analysis.queries import image_queries, probe_queries
+from montrage.storage import RunStore
+from montrage.storage import schema as S
+
+log = logging.getLogger(__name__)
+TOP_PER_CONCEPT = 3
+
+
+def concept_scores(scores: np.ndarray, concepts: List[str], top: int = TOP_PER_CONCEPT) -> Dict[str, np.ndarray]:
+    """Per concept, the mean of each query's ``top`` best scores among that concept's images: {c: (Q,)}."""
+    out = {}
+    arr = np.asarray(concepts)
+    for c in sorted(set(concepts) - {""}):
+        cols = np.flatnonzero(arr == c)
+        sub = np.sort(scores[:, cols], axis=1)[:, ::-1][:, : min(top, len(cols))]
+        out[c] = sub.mean(1)
+    return out
+
+
+def proportions(per_concept: Dict[str, float]) -> Dict[str, float]:
+    if not per_concept:
+        return {}
+    vals = np.array(list(per_concept.values()), dtype=np.float64)
+    shifted = vals - vals.min()
+    total = shifted.sum()
+    shares = shifted / total if total > 0 else np.full(len(vals), 1.0 / len(vals))
+    return {c: float(s) for c, s in zip(per_concept, shares)}
+
+
+@dataclass
+class AttributionResult:
+    method: str
+    step: int
+    scores: np.ndarray
+    queries: QuerySet
+    payload: dict
+
+
+def attribute(run_dir: str | Path, method: str = "montrage", checkpoint_step: Optional[int] = None,
+              top_k: int = 10, images_dir: Optional[str | Path] = None, condition: str = "null",
+              options: Optional[dict] = None, queries: Optional[QuerySet] = None, write_store: bool = True,
+              progress: bool = True, store: Optional[RunStore] = None, ctx_cache: Optional[dict] = None) -> AttributionResult:
+    """Score queries (the run's probes by default, or ``images_dir``) against every training image."""
+    store = store or RunStore.open(run_dir)
+    k = store.checkpoint_index(checkpoint_step)
+    step = int(store.steps[k])
+    options = dict(options or {})
+    if queries is None:
+        if images_dir is not None:
+            queries = image_queries(images_dir, int(store.run_config.get("resolution") or store.probe_images().shape[1]),
+                                    prompt=options.get("prompt", ""))
+        else:
+            queries = probe_queries(store, checkpoint=k)
+    if options.get("prompt"):
+        queries.prompts = [options["prompt"]] * len(queries)
+    scorer = get_scorer(method)
+    ctx = ScoringContext(store=store, queries=queries, checkpoint=k, condition=condition, progress=progress,
+                         options=options)
+    if ctx_cache is not None:
+        ctx._cache = ctx_cache
+    scores = np.asarray(scorer.score(ctx), dtype=np.float32)
+    payload = build_payload(store, method, step, scores, queries, top_k, condition, options)
+    if write_store:
+        payload["score_path"] = _write(store, method, step, scores, queries)
+    return AttributionResult(method, step, scores, queries, payload)
+
+
+def _write(store: RunStore, method: str, step: int, scores: np.ndarray, queries: QuerySet) -> str:
+    return store.write_attribution(method, step, scores, queries.ids)
+
+
+def build_payload(store: RunStore, method: str, step: int, scores: np.ndarray, queries: QuerySet, top_k: int,
+                  condition: str, options: dict) -> dict:
+    meta = store.train_meta
+    files, concepts = meta[S.ATTR_FILE_NAMES], meta[S.ATTR_CONCEPTS]
+    per_concept = concept_scores(scores, concepts)
+    out_queries = []
+    for qi in range(len(queries)):
+        cs = {c: float(v[qi]) for c, v in per_concept.items()}
+        order = np.argsort(-scores[qi], kind="stable")[:top_k]
+        out_queries.append({
+            "id": queries.ids[qi], "prompt": queries.prompts[qi], "seed": queries.seeds[qi],
+            "image": queries.meta[qi].get("file") if queries.meta else None,
+            "expected_concept": queries.concepts[qi] if queries.concepts else "",
+            "concept_scores": cs, "concept_proportions": proportions(cs),
+            "predicted_concept": max(cs, key=cs.get) if cs else None,
+            "top": [{"train_index": int(i), "file_name": files[i], "concept": concepts[i],
+                     "score": float(scores[qi, i])} for i in order],
+        })
+    return {"run": str(store.run_dir), "method": method, "checkpoint": step, "condition": condition,
+            "concept": options.get("concept"), "score_path": None, "queries": out_queries}
+
+
+def between_concept_accuracy(payload: dict) -> Optional[float]:
+    """Share of queries with an expected concept whose predicted concept matches it."""
+    rows = [q for q in payload["queries"] if q.get("expected_concept")]
+    if not rows:
+        return None
+    return float(np.mean([q["predicted_concept"] == q["expected_concept"] for q in rows]))
+
+
+def write_json(payload: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,104 @@
+"""Scorer interface and registry: featurize, then score (as in trak).
+
+A scorer maps a :class:`ScoringContext` (the run store, the queries, the checkpoint to attribute at)
+to a (query x training image) score matrix; higher means "more attributable". Every scorer writes the
+same JSON contract through :mod:`montrage.analysis.attribute`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
+
+import numpy as np
+
+from montrage.errors import ScorerError
+from montrage.models.checkpoints import RunModel
+from montrage.storage import RunStore
+
+
+@dataclass
+class QuerySet:
+    """Images to attribute: probes of the run, or arbitrary images (``--images``)."""
+
+    ids: List[str]
+    images: np.ndarray  # uint8 (Q, H, W, 3)
+    prompts: List[str]  # '' when unknown (arbitrary images): null-prompt features are used then
+    seeds: List[Optional[int]]
+    item_seeds: List[int]  # fix the featurization noise of each query
+    probe_indices: Optional[List[int]] = None  # set when the queries are the run's probes
+    concepts: List[str] = field(default_factory=list)  # expected concept per query, '' if unknown
+    meta: List[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class ScoringContext:
+    store: RunStore
+    queries: QuerySet
+    checkpoint: int  # index of the checkpoint attributed at (uses checkpoints 0..checkpoint)
+    condition: str = "null"
+    device: str = "cpu"
+    progress: bool = True
+    options: Dict[str, object] = field(default_factory=dict)  # scorer-specific (e.g. concept phrase)
+    _model: Optional[RunModel] = None
+    _cache: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def model(self) -> RunModel:
+        """The run's model (loaded once, on first use)."""
+        if self._model is None:
+            self._model = RunModel(self.store.run_config, device=self.device)
+        return self._model
+
+    def components_at(self, k: int):
+        """Model components with the LoRA weights of checkpoint index ``k``."""
+        return self.model.set_weights(self.store.lora_weights(k), tag=k)
+
+    def cached(self, key: str, make: Callable[[], object]) -> object:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+
+class Scorer(Protocol):
+    name: str
+    description: str
+
+    def score(self, ctx: ScoringContext) -> np.ndarray:
+        """(len(queries), n_train) scores."""
+
+
+_REGISTRY: Dict[str, Callable[[], Scorer]] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(factory: Callable[[], Scorer]) -> Callable[[], Scorer]:
+        _REGISTRY[name] = factory
+        return factory
+    return deco
+
+
+def get_scorer(name: str) -> Scorer:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ScorerError(f"unknown attribution method {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]()
+
+
+def available() -> List[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    """Import the modules whose scorers register themselves (kept lazy: they pull in torch.func etc.)."""
+    import importlib
+
+    for mod in ("montrage.analysis.scorers", "montrage.analysis.gradient_scorers", "montrage.analysis.concept_trak"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise

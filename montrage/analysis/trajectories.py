@@ -1,0 +1,256 @@
+"""Trajectories and training-dynamics features, streamed from the run store.
+
+For training image i and query j, at checkpoints k = 0..K, per module m and fixed timestep t:
+
+- ``sim``  (1 + cos(z r_i(k), z q_j(k))) / 2: similarity of z-normalised representations at k;
+- ``move`` (1 + cos(z Δr_i(k), z Δq_j(k))) / 2 with Δx(k) = x(k) - x(k-1): do they move together?
+- ``loss`` (1 + cos(z ΔL_i, z ΔL_j)) / 2 over all (k, t): do their denoising losses fall together?
+
+z-normalisation uses training-set statistics per (module, checkpoint, timestep, feature), so shared
+offsets (every image looks like "an image") do not dominate the cosine. Every channel is a batched
+matrix product over all pairs; training images stream in chunks, so memory stays bounded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from montrage.config import CaptureConfig, from_dict
+from montrage.errors import ScorerError
+from montrage.models.features import QUERY_SEED_OFFSET, FeatureExtractor
+from montrage.storage import RunStore
+from montrage.storage import schema as S
+
+KINDS = ("sim", "move", "loss")
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Channel:
+    kind: str  # sim | move | loss
+    module: str = ""
+    t: int = -1  # timestep index
+    k: int = -1  # checkpoint index
+
+    def label(self) -> str:
+        return self.kind if self.kind == "loss" else f"{self.kind}/{self.module}/t{self.t}/k{self.k}"
+
+
+@dataclass
+class QueryTrajectory:
+    """Query representations under checkpoints 0..K-1 (one condition)."""
+
+    features: Dict[str, np.ndarray]  # module -> (K, Q, T, F)
+    losses: np.ndarray  # (K, Q, T)
+
+    @property
+    def n(self) -> int:
+        return self.losses.shape[1]
+
+
+def probe_trajectory(store: RunStore, condition: str, upto: int, probe_indices: Sequence[int]) -> QueryTrajectory:
+    """Query mode A: the probe generated AT each checkpoint, as recorded."""
+    c = store.conditions.index(condition)
+    idx = list(probe_indices)
+    feats = {m: store.array(S.feature_path(S.PROBES, m))[: upto + 1][:, idx, c] for m in store.modules}
+    losses = store.array(f"{S.PROBES}/{S.LOSS}")[: upto + 1][:, idx, c]
+    return QueryTrajectory(feats, losses)
+
+
+def reencode_trajectory(store: RunStore, components_at, images: np.ndarray, prompts: Sequence[str],
+                        item_seeds: Sequence[int], condition: str, upto: int, progress: bool = False) -> QueryTrajectory:
+    """Query mode B: fixed images re-encoded under each stored checkpoint's LoRA (as in TracIn)."""
+    capture = from_dict(CaptureConfig, store.capture)
+    capture.conditions = (condition,)
+    feats: Dict[str, List[np.ndarray]] = {m: [] for m in store.modules}
+    losses = []
+    captions = [p if condition == "caption" else "" for p in prompts]
+    extractor = None
+    for k in tqdm(range(upto + 1), disable=not progress, desc="re-encode queries", leave=False):
+        comps = components_at(k)
+        extractor = extractor or FeatureExtractor(comps, capture)
+        out = extractor.extract(images, captions, [QUERY_SEED_OFFSET + int(s) for s in item_seeds])
+        for m in store.modules:
+            feats[m].append(out.features[m][:, 0])
+        losses.append(out.losses[:, 0])
+    return QueryTrajectory({m: np.stack(v) for m, v in feats.items()}, np.stack(losses))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + EPS)
+
+
+class Dynamics:
+    """Dynamics channels between training images (from the store) and one set of queries."""
+
+    def __init__(self, store: RunStore, condition: str = "null", upto: Optional[int] = None,
+                 kinds: Sequence[str] = KINDS, chunk: int = 4096, progress: bool = False) -> None:
+        if condition not in store.conditions:
+            raise ScorerError(f"condition {condition!r} was not captured in this run; captured: {store.conditions}")
+        self.store = store
+        self.cidx = store.conditions.index(condition)
+        self.K = (store.n_checkpoints - 1 if upto is None else upto) + 1
+        self.modules = store.modules
+        self.T = len(store.timesteps)
+        self.N = len(store.train_meta[S.ATTR_FILE_NAMES])
+        self.chunk = chunk
+        self.progress = progress
+        self.channels: List[Channel] = []
+        for m in self.modules:  # grouped by (kind, module, k) so each pair product is computed once
+            for k in range(self.K):
+                for kind in ("sim", "move"):
+                    if kind in kinds and (kind == "sim" or k >= 1):
+                        self.channels += [Channel(kind, m, t, k) for t in range(self.T)]
+        if "loss" in kinds and self.K >= 2:
+            self.channels.append(Channel("loss"))
+        if not self.channels:
+            raise ScorerError(f"no dynamics channel of kinds {list(kinds)} with {self.K} checkpoint(s); "
+                              "'move' and 'loss' need at least two checkpoints")
+        self._stats: Optional[dict] = None
+
+    # ------------------------------------------------------------------ streaming reads
+    def chunks(self) -> Iterator[slice]:
+        for start in range(0, self.N, self.chunk):
+            yield slice(start, min(self.N, start + self.chunk))
+
+    def _block(self, m: str, k: int, sl) -> np.ndarray:
+        arr = self.store.array(S.feature_path(S.TRAIN, m))
+        out = arr[k, sl, self.cidx] if isinstance(sl, slice) else arr.oindex[k, sl, self.cidx]
+        return np.asarray(out, dtype=np.float32)
+
+    def _loss_block(self, sl) -> np.ndarray:
+        arr = self.store.array(f"{S.TRAIN}/{S.LOSS}")
+        out = arr[: self.K, sl, self.cidx] if isinstance(sl, slice) else arr.oindex[: self.K, sl, self.cidx]
+        return np.asarray(out, dtype=np.float32)
+
+    def stats(self) -> dict:
+        """Train mean/std per (module, checkpoint, timestep, feature) of features and of their changes."""
+        if self._stats is not None:
+            return self._stats
+        acc: Dict[Tuple[str, str, int], List[np.ndarray]] = {}
+        loss_acc: List[np.ndarray] = []
+        for sl in self.chunks():
+            for m in self.modules:
+                prev = None
+                for k in range(self.K):
+                    x = self._block(m, k, sl).astype(np.float64)
+                    for kind, v in (("sim", x), ("move", None if prev is None else x - prev)):
+                        if v is None:
+                            continue
+                        s = acc.setdefault((kind, m, k), [0.0, 0.0, 0.0])
+                        s[0] = s[0] + v.sum(0)
+                        s[1] = s[1] + (v ** 2).sum(0)
+                        s[2] += v.shape[0]
+                    prev = x
+            if self.K >= 2:
+                dl = np.diff(self._loss_block(sl).astype(np.float64), axis=0)  # (K-1, n, T)
+                loss_acc.append(dl.transpose(1, 0, 2).reshape(dl.shape[1], -1))
+        stats = {}
+        for key, (s1, s2, n) in acc.items():
+            mean = s1 / n
+            std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+            stats[key] = (mean.astype(np.float32), (std + EPS).astype(np.float32))
+        if loss_acc:
+            allv = np.concatenate(loss_acc)
+            stats["loss"] = (allv.mean(0).astype(np.float32), (allv.std(0) + EPS).astype(np.float32))
+        self._stats = stats
+        return stats
+
+    # ------------------------------------------------------------------ normalisation
+    def _z(self, kind: str, m: str, k: int, x: np.ndarray) -> np.ndarray:
+        mean, std = self.stats()[(kind, m, k)]
+        return _unit(np.nan_to_num((x - mean) / std))
+
+    def _train_normalised(self, sl) -> Dict[Tuple[str, str, int], np.ndarray]:
+        n = sl.stop - sl.start if isinstance(sl, slice) else len(sl)
+        out = {}
+        kinds = {c.kind for c in self.channels}
+        for m in self.modules:
+            prev = None
+            for k in range(self.K):
+                x = self._block(m, k, sl)
+                if "sim" in kinds:
+                    out[("sim", m, k)] = self._z("sim", m, k, x)
+                if "move" in kinds and prev is not None:
+                    out[("move", m, k)] = self._z("move", m, k, x - prev)
+                prev = x
+        if "loss" in kinds:
+            dl = np.diff(self._loss_block(sl), axis=0).transpose(1, 0, 2).reshape(n, -1)
+            mean, std = self.stats()["loss"]
+            out[("loss", "", -1)] = _unit(np.nan_to_num((dl - mean) / std))
+        return out
+
+    def query_normalised(self, q: QueryTrajectory) -> Dict[Tuple[str, str, int], np.ndarray]:
+        out = {}
+        kinds = {c.kind for c in self.channels}
+        for m in self.modules:
+            if q.features[m].shape[0] < self.K:
+                raise ScorerError(f"query trajectory has {q.features[m].shape[0]} checkpoints, need {self.K}")
+            for k in range(self.K):
+                x = q.features[m][k]
+                if "sim" in kinds:
+                    out[("sim", m, k)] = self._z("sim", m, k, x)
+                if "move" in kinds and k >= 1:
+                    out[("move", m, k)] = self._z("move", m, k, x - q.features[m][k - 1])
+        if "loss" in kinds:
+            dl = np.diff(q.losses[: self.K], axis=0).transpose(1, 0, 2).reshape(q.n, -1)
+            mean, std = self.stats()["loss"]
+            out[("loss", "", -1)] = _unit(np.nan_to_num((dl - mean) / std))
+        return out
+
+    # ------------------------------------------------------------------ channels and scores
+    @staticmethod
+    def _pair(zq: np.ndarray, zr: np.ndarray) -> np.ndarray:
+        """(1 + cos) / 2 between unit rows: zq (Q, [T,] F), zr (n, [T,] F) -> ([T,] Q, n)."""
+        if zq.ndim == 3:
+            return (1.0 + np.matmul(zq.transpose(1, 0, 2), zr.transpose(1, 2, 0))) / 2.0
+        return (1.0 + zq @ zr.T) / 2.0
+
+    def _chunk_channels(self, qn: dict, sl, weights: Optional[np.ndarray]) -> np.ndarray:
+        tr = self._train_normalised(sl)
+        Q = next(iter(qn.values())).shape[0]
+        n = sl.stop - sl.start if isinstance(sl, slice) else len(sl)
+        full = np.empty((len(self.channels), Q, n), np.float32) if weights is None else None
+        acc = np.zeros((Q, n), np.float64) if weights is not None else None
+        pair_cache: Dict[Tuple[str, str, int], np.ndarray] = {}
+        for ci, ch in enumerate(self.channels):
+            if weights is not None and weights[ci] == 0:
+                continue
+            key = (ch.kind, ch.module, ch.k)
+            if key not in pair_cache:
+                pair_cache = {key: self._pair(qn[key], tr[key])}
+            val = pair_cache[key] if ch.kind == "loss" else pair_cache[key][ch.t]
+            if full is not None:
+                full[ci] = val
+            else:
+                acc += weights[ci] * val
+        return full if full is not None else acc.astype(np.float32)
+
+    def channel_tensor(self, q: QueryTrajectory, train_index: Optional[np.ndarray] = None) -> np.ndarray:
+        """All channels, (n_channels, Q, N or len(train_index)): for fitting the attribution model."""
+        qn = self.query_normalised(q)
+        if train_index is not None:
+            return self._chunk_channels(qn, np.asarray(train_index), None)
+        return np.concatenate([self._chunk_channels(qn, sl, None) for sl in self.chunks()], axis=2)
+
+    def score(self, q: QueryTrajectory, weights: np.ndarray) -> np.ndarray:
+        """Weighted sum of channels, (Q, N), streamed over training-image chunks."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (len(self.channels),):
+            raise ScorerError(f"{weights.shape[0]} channel weights for {len(self.channels)} channels")
+        qn = self.query_normalised(q)
+        parts = [self._chunk_channels(qn, sl, weights)
+                 for sl in tqdm(list(self.chunks()), disable=not self.progress, desc="score", leave=False)]
+        return np.concatenate(parts, axis=1)
+
+
+def anchor_trajectory(store: RunStore, condition: str, upto: int) -> QueryTrajectory:
+    """Training images recorded under a second noise draw at every checkpoint (fixed image, moving model)."""
+    c = store.conditions.index(condition)
+    feats = {m: np.asarray(store.array(S.feature_path(S.ANCHORS, m))[: upto + 1][:, :, c]) for m in store.modules}
+    losses = np.asarray(store.array(f"{S.ANCHORS}/{S.LOSS}")[: upto + 1][:, :, c])
+    return QueryTrajectory(feats, losses)

@@ -1,0 +1,206 @@
+"""The ``montrage`` command line: train, demo, inspect, attribute, compare, report, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from montrage.errors import MontrageError
+
+log = logging.getLogger("montrage")
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from montrage.config import CaptureConfig, TrainConfig
+
+    t, c = TrainConfig(), CaptureConfig()
+    p.add_argument("--base", default="embedded", help="'embedded' (default) or a local diffusers pipeline folder")
+    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the base model's)")
+    p.add_argument("--steps", type=int, default=t.steps, help=f"optimizer steps (default {t.steps})")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help=f"images per step (default {t.batch_size})")
+    p.add_argument("--lr", type=float, default=t.lr, help=f"AdamW learning rate (default {t.lr})")
+    p.add_argument("--rank", type=int, default=t.lora.rank, help=f"LoRA rank (default {t.lora.rank})")
+    p.add_argument("--checkpoint-every", type=int, default=c.every_n_steps,
+                   help=f"record a montrage checkpoint every N steps, plus step 0 and the end (default {c.every_n_steps})")
+    p.add_argument("--probes", default=None, help="probe file (jsonl with prompt, seed); default: derived from concepts")
+    p.add_argument("--prior-data", default=None, help="imagefolder of prior-preservation images (base captions)")
+    p.add_argument("--seed", type=int, default=t.seed, help=f"seed (default {t.seed})")
+    p.add_argument("--modules", default=",".join(c.modules), help=f"UNet modules to capture (default {','.join(c.modules)})")
+    p.add_argument("--pooling-grid", type=int, default=c.pooling_grid, help=f"spatial pooling grid side (default {c.pooling_grid})")
+    p.add_argument("--no-monitor", action="store_true", help="the same fine-tuning without the callback (overhead comparisons)")
+
+
+def _configs(args: argparse.Namespace):
+    from montrage.config import CaptureConfig, LoraSettings, TrainConfig
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      resolution=args.resolution, lora=LoraSettings(rank=args.rank),
+                      prior_fraction=TrainConfig().prior_fraction if args.prior_data else 0.0)
+    capture = CaptureConfig(every_n_steps=args.checkpoint_every, modules=tuple(args.modules.split(",")),
+                            pooling_grid=args.pooling_grid)
+    return cfg, capture
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from montrage.training import train
+
+    cfg, capture = _configs(args)
+    res = train(args.data, args.output, base=args.base, cfg=cfg, capture=capture, probes_file=args.probes,
+                prior_dir=args.prior_data, monitor=not args.no_monitor, progress=not args.quiet)
+    print(f"trained steps {res.start_step}->{res.steps} in {res.wall_time_s:.1f} s; LoRA: {res.final_lora}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from montrage.storage.inspect import summary
+
+    text, data = summary(args.run)
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from montrage.analysis.attribute import attribute, between_concept_accuracy, write_json
+
+    options = {"query_mode": args.query_mode}
+    if args.concept:
+        options["concept"] = args.concept
+    if args.prompt:
+        options["prompt"] = args.prompt
+    res = attribute(args.run, args.method, args.checkpoint, args.top_k, args.images, condition=args.condition,
+                    options=options, progress=not args.quiet)
+    out = Path(args.out) if args.out else Path(args.run) / f"attribution_{args.method}_{res.step}.json"
+    write_json(res.payload, out)
+    acc = between_concept_accuracy(res.payload)
+    for q in res.payload["queries"][: args.show]:
+        top = q["top"][0] if q["top"] else {}
+        print(f"{q['id']:>10}  {q['prompt'][:40]:<40} -> {q['predicted_concept']}  top: {top.get('file_name')} "
+              f"({top.get('score', float('nan')):.3f})")
+    if acc is not None:
+        print(f"between-concept top-1 accuracy ({args.method}, step {res.step}): {acc:.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from montrage.analysis.attribute import write_json
+    from montrage.analysis.compare import compare
+
+    plot = Path(args.plot) if args.plot else Path(args.run) / f"compare_{args.method}.png"
+    res = compare(args.run, args.method, args.from_step, args.to_step, plot=plot, progress=not args.quiet)
+    out = Path(args.out) if args.out else Path(args.run) / f"compare_{args.method}.json"
+    write_json(res, out)
+    for c, s in res["learned_at"].items():
+        acc = res["curves"][c]["accuracy"]
+        print(f"{c:>12}: learned at step {s}; own-concept top-1 share per checkpoint {[round(a, 2) for a in acc if a is not None]}")
+    for r in res["most_changed"][:3]:
+        print(f"moved most: {r['prompt']!r} share change {r['share_change']:.2f} ({r['top_from']} -> {r['top_to']})")
+    print(f"wrote {out} and {plot}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from montrage.report import build_report
+
+    path = build_report(args.run, method=args.method, out=args.out, progress=not args.quiet)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from montrage.demo import run_demo
+
+    run_demo(args.out, steps=args.steps, quick=args.quick, progress=not args.quiet)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from montrage.bench.cli import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="montrage", description="Attributable LoRA fine-tuning: record training "
+                                 "dynamics into a Zarr run store, then attribute generations to training images and concepts.")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="LoRA fine-tuning with the montrage monitor (re-run to resume)",
+                       description="Fine-tune a LoRA on an imagefolder (metadata.jsonl with file_name, text, "
+                       "optional concept) and record training dynamics into OUTPUT/store.zarr.")
+    p.add_argument("--data", required=True, help="imagefolder with metadata.jsonl")
+    p.add_argument("--output", required=True, help="run folder (store.zarr, LoRA weights); an existing run resumes")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="dataset -> monitored training -> attribute -> compare -> report, on the embedded default")
+    p.add_argument("--out", default="montrage-demo", help="demo folder (default ./montrage-demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 400; 120 with --quick)")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (for smoke tests)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("inspect", help="summary of a run store: checkpoints, sizes, concepts, probes")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("attribute", help="attribute probes (or --images) to training images and concepts")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--method", default="montrage", help="scorer: montrage, final-sim, tracin, dtrak, concept-trak, ... "
+                   "(see `montrage bench list`)")
+    p.add_argument("--checkpoint", type=int, default=None, help="training step to attribute at (default: last)")
+    p.add_argument("--top-k", type=int, default=10, help="training images listed per query (default 10)")
+    p.add_argument("--images", default=None, help="folder of query images instead of the run's probes")
+    p.add_argument("--prompt", default=None, help="prompt of the query images (default: none, null-prompt features)")
+    p.add_argument("--concept", default=None, help="Concept-TRAK: the phrase removed from the prompt, e.g. 'by artist-3'")
+    p.add_argument("--condition", default="null", choices=["null", "caption"],
+                   help="representations captured with the empty prompt (default) or the caption (leaks captions)")
+    p.add_argument("--query-mode", default="B", choices=["A", "B"],
+                   help="B: final images re-encoded under each checkpoint (default); A: probes as generated at each checkpoint")
+    p.add_argument("--out", default=None, help="JSON output (default RUN/attribution_<method>_<step>.json)")
+    p.add_argument("--show", type=int, default=12, help="queries printed to the terminal (default 12)")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("compare", help="how attribution changed between checkpoints (JSON + PNG)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--method", default="montrage", help="scorer (default montrage)")
+    p.add_argument("--from", dest="from_step", type=int, default=None, help="first training step (default: first)")
+    p.add_argument("--to", dest="to_step", type=int, default=None, help="last training step (default: last)")
+    p.add_argument("--out", default=None, help="JSON output (default RUN/compare_<method>.json)")
+    p.add_argument("--plot", default=None, help="PNG output (default RUN/compare_<method>.png)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="self-contained HTML attribution report")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--method", default="montrage", help="scorer (default montrage)")
+    p.add_argument("--out", default=None, help="HTML output (default RUN/report.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="benchmarks: attribution quality, cost, overhead, faults")
+    p.add_argument("kind", choices=["attribution", "cost", "overhead", "faults", "quality", "list"],
+                   help="which benchmark (list: the registered scorers)")
+    p.add_argument("--quick", action="store_true", help="smaller settings that fit a test budget")
+    p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
+    p.add_argument("--write-md", action="store_true", help="(re)write BENCHMARKS.md's section for this benchmark")
+    p.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except MontrageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
