@@ -5,12 +5,22 @@ collective is the identity, so single-process code paths are the same code.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, List, Optional
+
+from montrage.errors import ConfigError
 
 
 class ProcessContext:
     def __init__(self, accelerator: Optional[Any] = None) -> None:
         self.accelerator = accelerator
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if accelerator is not None and launched > 1 and self.world_size == 1:
+            # e.g. torchrun on a machine without CUDA and a plain Accelerator(): accelerate then runs
+            # every process on its own, and they would all train alone and fight over one run store.
+            raise ConfigError(f"launched as {launched} processes (WORLD_SIZE={launched}) but the Accelerator "
+                              "runs a single process; without GPUs create it as Accelerator(cpu=True) so the "
+                              "processes join one gloo process group")
 
     @property
     def world_size(self) -> int:

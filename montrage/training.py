@@ -116,50 +116,54 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
     start = 0
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-    if mon is not None:
-        mon.open_store()  # refuses a store of another config, and locks it, before any work
-    resume = _latest_resume(output_dir)
-    if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
-        load_lora_state(components.unet, state["lora"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["step"])
-        if mon is not None and state.get("monitor"):
-            recorded = mon.state.recorded_steps
-            mon.load_state_dict(state["monitor"])
-            mon.state.recorded_steps = recorded
-        log.info("resuming %s from step %d", output_dir, start)
-    model, opt = accelerator.prepare(components.unet, opt)
-    t0 = time.time()
-    if mon is not None:
-        mon.on_train_begin(start)
-    every = capture.every_n_steps
-    bar = tqdm(range(start + 1, cfg.steps + 1), disable=not (progress and ctx.is_main), desc="train LoRA",
-               initial=start, total=cfg.steps)
-    for step in bar:
-        pixels, captions, noise, t = step_batch(step, ctx.rank, cfg, train_set, prior, components)
-        dev = accelerator.device
-        latents = components.to_latents(pixels.to(dev))
-        hidden = components.encode_prompts(captions)
-        weights = min_snr_weights(components.noise_scheduler, t.to(dev), cfg.snr_gamma)
-        loss = denoising_loss(model, components.noise_scheduler, latents, noise.to(dev), t.to(dev), hidden, weights).mean()
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
+    try:
         if mon is not None:
-            mon.on_step_end(step, loss_value)
-        if step % every == 0 and step < cfg.steps and ctx.is_main:
-            _save_resume(output_dir, step, components.unet, opt, sched, mon)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-    if mon is not None:
-        mon.on_train_end(cfg.steps)
-    final = output_dir / S.FINAL_LORA_FILENAME
-    if ctx.is_main:
-        save_file({k: v.contiguous() for k, v in lora_state(components.unet).items()}, final)
-        _save_resume(output_dir, cfg.steps, components.unet, opt, sched, mon)
+            mon.open_store()  # refuses a store of another config, and locks it, before any work
+        resume = _latest_resume(output_dir)
+        if resume is not None:
+            state = torch.load(resume, map_location="cpu", weights_only=False)
+            load_lora_state(components.unet, state["lora"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start = int(state["step"])
+            if mon is not None and state.get("monitor"):
+                recorded = mon.state.recorded_steps
+                mon.load_state_dict(state["monitor"])
+                mon.state.recorded_steps = recorded
+            log.info("resuming %s from step %d", output_dir, start)
+        model, opt = accelerator.prepare(components.unet, opt)
+        t0 = time.time()
+        if mon is not None:
+            mon.on_train_begin(start)
+        every = capture.every_n_steps
+        bar = tqdm(range(start + 1, cfg.steps + 1), disable=not (progress and ctx.is_main), desc="train LoRA",
+                   initial=start, total=cfg.steps)
+        for step in bar:
+            pixels, captions, noise, t = step_batch(step, ctx.rank, cfg, train_set, prior, components)
+            dev = accelerator.device
+            latents = components.to_latents(pixels.to(dev))
+            hidden = components.encode_prompts(captions)
+            weights = min_snr_weights(components.noise_scheduler, t.to(dev), cfg.snr_gamma)
+            loss = denoising_loss(model, components.noise_scheduler, latents, noise.to(dev), t.to(dev), hidden, weights).mean()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            loss_value = float(loss.detach())
+            if mon is not None:
+                mon.on_step_end(step, loss_value)
+            if step % every == 0 and step < cfg.steps and ctx.is_main:
+                _save_resume(output_dir, step, components.unet, opt, sched, mon)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if mon is not None:
+            mon.on_train_end(cfg.steps)
+        final = output_dir / S.FINAL_LORA_FILENAME
+        if ctx.is_main:
+            save_file({k: v.contiguous() for k, v in lora_state(components.unet).items()}, final)
+            _save_resume(output_dir, cfg.steps, components.unet, opt, sched, mon)
+    finally:
+        if mon is not None:
+            mon.close()  # releases the store lock also when training dies
     ctx.barrier()
     return TrainResult(output_dir, cfg.steps, start, time.time() - t0, final)

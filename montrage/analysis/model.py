@@ -78,7 +78,7 @@ def fit_attribution_model(dyn: Dynamics, anchors: QueryTrajectory, anchor_indice
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(loss.item())
     full = np.zeros(mask.shape[0])
     full[mask] = torch.softmax(theta, 0).detach().numpy()
     return AttributionModel(weights=full, scale=float(log_scale.exp()), bias=float(bias), history=history)

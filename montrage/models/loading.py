@@ -70,6 +70,12 @@ def load_diffusers_folder(path: str | Path, resolution: Optional[int] = None) ->
         vae = AutoencoderKL.from_pretrained(root / "vae") if (root / "vae").is_dir() else None
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelLoadError(f"cannot load base model folder {root}: {exc}") from exc
+    # A tokenizer/ without tokenizer_config.json (only vocab.json + merges.txt) gets transformers'
+    # "unlimited" model_max_length (~1e30), and PromptEncoder pads to model_max_length: cap it at the
+    # text encoder's position embeddings (77 for CLIP), which is what the config would have said.
+    max_positions = int(getattr(text.config, "max_position_embeddings", 0) or 0)
+    if max_positions and not 0 < int(tokenizer.model_max_length) <= max_positions:
+        tokenizer.model_max_length = max_positions
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     sample = unet.config.sample_size
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample

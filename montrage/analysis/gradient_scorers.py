@@ -1,0 +1,166 @@
+"""Gradient-based attribution baselines: TracIn-CP and D-TRAK, on the LoRA parameters only.
+
+Both re-read the training images from the run's recorded ``data_dir`` and rebuild the model at
+stored checkpoints from the LoRA weights in the store. Options (``ctx.options``):
+
+- ``grad_timesteps``: diffusion timesteps of the gradients (default: the run's capture timesteps)
+- ``proj_dim`` (1024), ``proj_seed`` (0): the random projection
+- ``grad_batch_size`` (32): items per vmap call
+- ``dtrak_lambda`` (0.1): D-TRAK damping, relative to the mean diagonal of G^T G
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from montrage.analysis.base import ScoringContext, register
+from montrage.analysis.gradients import (DEFAULT_PROJ_DIM, Projector, normalize_rows, projected_gradients,
+                                         trak_scores, training_images)
+from montrage.errors import ScorerError
+from montrage.models.components import DiffusionComponents
+from montrage.models.features import QUERY_SEED_OFFSET, TRAIN_SEED_OFFSET
+
+
+@dataclass
+class GradientSettings:
+    timesteps: Tuple[int, ...]
+    noise_seed: int
+    proj_dim: int
+    proj_seed: int
+    batch_size: int
+
+    @classmethod
+    def from_ctx(cls, ctx: ScoringContext) -> "GradientSettings":
+        capture = ctx.store.run_config.get("capture") or {}
+        ts = ctx.options.get("grad_timesteps") or capture.get("timesteps")
+        if not ts:
+            raise ScorerError("no timesteps for the gradients: the run recorded none; pass grad_timesteps")
+        try:
+            settings = cls(timesteps=tuple(int(t) for t in ts), noise_seed=int(capture.get("seed", 0)),
+                           proj_dim=int(ctx.options.get("proj_dim", DEFAULT_PROJ_DIM)),
+                           proj_seed=int(ctx.options.get("proj_seed", 0)),
+                           batch_size=int(ctx.options.get("grad_batch_size", 32)))
+        except (TypeError, ValueError) as exc:
+            raise ScorerError(f"bad gradient option: {exc}") from exc
+        if settings.proj_dim <= 0 or settings.batch_size <= 0:
+            raise ScorerError("proj_dim and grad_batch_size must be > 0")
+        return settings
+
+    def key(self) -> str:
+        return f"{','.join(map(str, self.timesteps))}/{self.noise_seed}/{self.proj_dim}/{self.proj_seed}"
+
+
+def checkpoint_components(ctx: ScoringContext, k: int) -> DiffusionComponents:
+    """The model at checkpoint index ``k``, refusing checkpoints whose LoRA weights were not recorded."""
+    n = ctx.store.n_checkpoints
+    if not 0 <= k < n:
+        raise ScorerError(f"checkpoint index {k} is out of range: the store has {n} committed checkpoints")
+    weights = ctx.store.lora_weights(k)
+    if any(not np.isfinite(np.asarray(w)).all() for w in weights.values()):
+        raise ScorerError(f"checkpoint {k} has no recorded LoRA weights (CaptureConfig.record_lora=False, or "
+                          "non-finite weights); gradient methods need them")
+    return ctx.components_at(k)
+
+
+def projector(ctx: ScoringContext, comps: DiffusionComponents, s: GradientSettings) -> Projector:
+    return ctx.cached(f"grad/projector/{s.proj_dim}/{s.proj_seed}",
+                      lambda: Projector.for_unet(comps.unet, s.proj_dim, s.proj_seed))
+
+
+def train_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> np.ndarray:
+    """(N, T, D) projected gradients of the training images (their captions) at checkpoint k (cached)."""
+    def make() -> np.ndarray:
+        ts = ctx.cached("grad/training_images", lambda: training_images(ctx.store))
+        comps = checkpoint_components(ctx, k)
+        return projected_gradients(comps, ts.images, ts.captions, [TRAIN_SEED_OFFSET + i for i in range(len(ts))],
+                                   output=output, timesteps=s.timesteps, noise_seed=s.noise_seed,
+                                   projector=projector(ctx, comps, s), batch_size=s.batch_size, progress=ctx.progress)
+    return ctx.cached(f"grad/train/{output}/{k}/{s.key()}", make)
+
+
+def query_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> np.ndarray:
+    """(Q, T, D) projected gradients of the queries (their prompts; '' = null prompt) at checkpoint k."""
+    def make() -> np.ndarray:
+        q = ctx.queries
+        comps = checkpoint_components(ctx, k)
+        return projected_gradients(comps, q.images, list(q.prompts), [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds],
+                                   output=output, timesteps=s.timesteps, noise_seed=s.noise_seed,
+                                   projector=projector(ctx, comps, s), batch_size=s.batch_size, progress=ctx.progress)
+    return ctx.cached(f"grad/query/{output}/{k}/{s.key()}", make)
+
+
+# ----------------------------------------------------------------------------- TracIn-CP
+def tracin_checkpoints(upto: int) -> List[int]:
+    """Checkpoints 1..upto (index 0 is before training); [0] when only the initial one exists."""
+    return list(range(1, upto + 1)) if upto >= 1 else [0]
+
+
+def learning_rate(run_config: dict, step: int) -> float:
+    """The learning rate the run used at ``step`` (linear warm-up, then constant, as in training)."""
+    train = run_config.get("train") or {}
+    if "lr" not in train:
+        raise ScorerError("the run config records no learning rate (train.lr); TracIn weights checkpoints by it")
+    lr = float(train["lr"])
+    warmup = int(train.get("warmup_steps", 0) or 0)
+    return lr * min(1.0, max(int(step), 1) / warmup) if warmup > 0 else lr
+
+
+def tracin_combine(pairs: Sequence[Tuple[float, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """sum_k lr_k sum_t <g^_q,t(k), g^_i,t(k)> with per-sample, per-timestep unit-normalised gradients.
+
+    ``pairs``: (lr_k, query grads (Q, T, D), train grads (N, T, D)) per checkpoint.
+    """
+    total = None
+    for lr, gq, gt in pairs:
+        s = lr * np.einsum("qtd,ntd->qn", normalize_rows(gq).astype(np.float64), normalize_rows(gt).astype(np.float64))
+        total = s if total is None else total + s
+    if total is None:
+        raise ScorerError("TracIn needs at least one checkpoint")
+    return total.astype(np.float32)
+
+
+class TracInScorer:
+    name = "tracin"
+    description = ("TracIn-CP over the stored checkpoints: lr-weighted sum of per-timestep unit-normalised "
+                   "LoRA gradient dot products of the denoising loss (random projection)")
+
+    def score(self, ctx: ScoringContext) -> np.ndarray:
+        s = GradientSettings.from_ctx(ctx)
+        steps = np.asarray(ctx.store.steps)
+        pairs = []
+        for k in tracin_checkpoints(ctx.checkpoint):
+            gt = train_gradients(ctx, k, "denoise", s)
+            gq = query_gradients(ctx, k, "denoise", s)
+            pairs.append((learning_rate(ctx.store.run_config, int(steps[k])), gq, gt))
+        return tracin_combine(pairs)
+
+
+# ----------------------------------------------------------------------------- D-TRAK
+def dtrak_combine(train: np.ndarray, queries: np.ndarray, lam_rel: float = 0.1) -> np.ndarray:
+    """D-TRAK scores from (N, T, D) / (Q, T, D) projected gradients: sum over timesteps, then the kernel solve."""
+    return trak_scores(np.asarray(train).sum(1), np.asarray(queries).sum(1), lam_rel)
+
+
+class DTrakScorer:
+    name = "dtrak"
+    description = ("D-TRAK (Zheng et al., ICLR 2024): projected LoRA gradients of the squared-norm output "
+                   "function at the attributed checkpoint, scored with (G^T G + lambda I)^-1")
+
+    def score(self, ctx: ScoringContext) -> np.ndarray:
+        s = GradientSettings.from_ctx(ctx)
+        k = ctx.checkpoint
+        gt = train_gradients(ctx, k, "sqnorm", s)
+        gq = query_gradients(ctx, k, "sqnorm", s)
+        return dtrak_combine(gt, gq, float(ctx.options.get("dtrak_lambda", 0.1)))
+
+
+@register("tracin")
+def _tracin() -> TracInScorer:
+    return TracInScorer()
+
+
+@register("dtrak")
+def _dtrak() -> DTrakScorer:
+    return DTrakScorer()

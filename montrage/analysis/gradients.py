@@ -1,0 +1,370 @@
+"""Per-sample gradients of the LoRA parameters, randomly projected: the features of TracIn / D-TRAK.
+
+Only the LoRA adapter tensors (parameters named with ``lora_``) are differentiated; the base UNet is
+frozen. Gradients are taken one *item* at a time, where an item is one (image, timestep) pair with
+its noised input ``x_t``, timestep ``t``, prompt states ``hidden`` and whatever the output function
+needs (e.g. the training target). Items are batched with ``torch.func`` (``vmap(grad(...))`` over a
+``functional_call`` that swaps in the LoRA tensors); if that fails for a model, a per-item autograd
+loop computes the same numbers.
+
+Determinism: the noise of item ``(image, timestep index k)`` is a pure function of
+``(noise_seed, item_seed, k)`` (the formula of :meth:`FeatureExtractor.noise_for`), so the same image
+gets the same noise at every checkpoint. The random projection is generated block-wise from seeded
+``torch.Generator`` s keyed by parameter name and row block, so it is the same on every call for the
+same seed and never exists as one (n_params x proj_dim) tensor.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+import zlib
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from montrage.data.imagefolder import TrainingSet, load_imagefolder
+from montrage.errors import ConfigError, ScorerError
+from montrage.losses.diffusion import noised, training_target
+from montrage.models.components import DiffusionComponents
+from montrage.models.sampling import seeded_noise, uint8_to_pixels
+
+log = logging.getLogger(__name__)
+
+Items = Dict[str, torch.Tensor]  # 'x_t' (M, C, H, W), 't' (M,), 'hidden' (M, L, E), plus extras; M rows
+OutputFn = Callable[[torch.Tensor, Items], torch.Tensor]  # (pred (1, C, H, W), one item with batch dim 1) -> scalar
+ItemBuilder = Callable[[DiffusionComponents, np.ndarray, Sequence[str], Sequence[int]], Items]
+
+DEFAULT_PROJ_DIM = 1024
+_BLOCK_ELEMS = 1 << 22  # elements of one generated projection block (16 MiB float32)
+_VMAP_FAILED = "_montrage_vmap_failed"  # set on a UNet for which torch.func failed once
+
+
+# ----------------------------------------------------------------------------- LoRA parameters
+def lora_parameters(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The LoRA adapter tensors of ``unet`` by parameter name (detached views), in a fixed order."""
+    params = {n: p.detach() for n, p in unet.named_parameters() if "lora_" in n}
+    if not params:
+        raise ScorerError("the UNet has no LoRA parameters (names with 'lora_'); gradient methods attribute "
+                          "through the LoRA adapter only")
+    return dict(sorted(params.items()))
+
+
+# ----------------------------------------------------------------------------- per-sample gradients
+def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, batch_size: int = 32,
+                     method: str = "auto") -> Dict[str, torch.Tensor]:
+    """d output_fn / d LoRA params for each item: name -> (M, *param shape), float32.
+
+    ``method``: 'vmap' (torch.func), 'loop' (one autograd call per item) or 'auto' (vmap, falling
+    back to the loop once if vmap fails for this model). The UNet is run in eval mode.
+    """
+    if method not in ("auto", "vmap", "loop"):
+        raise ConfigError(f"per_sample_grads method must be auto, vmap or loop, got {method!r}")
+    params = lora_parameters(unet)
+    M = int(items["x_t"].shape[0])
+    was_training = unet.training
+    unet.eval()
+    try:
+        chunks: List[Dict[str, torch.Tensor]] = []
+        for start in range(0, M, max(1, batch_size)):
+            part = {k: v[start:start + batch_size] for k, v in items.items()}
+            use_vmap = method == "vmap" or (method == "auto" and not getattr(unet, _VMAP_FAILED, False))
+            if use_vmap:
+                try:
+                    chunks.append(_grads_vmap(unet, params, part, output_fn))
+                    continue
+                except Exception as exc:  # torch.func cannot trace some modules; the loop is exact too
+                    if method == "vmap":
+                        raise
+                    setattr(unet, _VMAP_FAILED, True)
+                    log.warning("per-sample gradients: torch.func vmap failed (%s: %s); using a per-item loop",
+                                type(exc).__name__, exc)
+            chunks.append(_grads_loop(unet, params, part, output_fn))
+    finally:
+        unet.train(was_training)
+    if not chunks:
+        return {n: torch.zeros((0, *p.shape)) for n, p in params.items()}
+    return {n: torch.cat([c[n] for c in chunks]) for n in params}
+
+
+def _forward(unet, item: Items) -> torch.Tensor:
+    return unet(item["x_t"], item["t"], encoder_hidden_states=item["hidden"]).sample
+
+
+def _grads_vmap(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn) -> Dict[str, torch.Tensor]:
+    from torch.func import functional_call, grad, vmap
+
+    def loss(p: Dict[str, torch.Tensor], item: Items) -> torch.Tensor:
+        one = {k: v.unsqueeze(0) for k, v in item.items()}
+        pred = functional_call(unet, p, (one["x_t"], one["t"]), {"encoder_hidden_states": one["hidden"]}).sample
+        return output_fn(pred, one)
+
+    with warnings.catch_warnings():  # "no batching rule for aten::_scaled_dot_product...": a slower fallback only
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        out = vmap(grad(loss), in_dims=(None, 0))(params, items)
+    return {n: g.detach().float() for n, g in out.items()}
+
+
+def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn) -> Dict[str, torch.Tensor]:
+    named = dict(unet.named_parameters())
+    tensors = [named[n] for n in params]
+    flags = [t.requires_grad for t in tensors]
+    out: Dict[str, List[torch.Tensor]] = {n: [] for n in params}
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        M = int(items["x_t"].shape[0])
+        for i in range(M):
+            one = {k: v[i:i + 1] for k, v in items.items()}
+            with torch.enable_grad():
+                value = output_fn(_forward(unet, one), one)
+                grads = torch.autograd.grad(value, tensors, allow_unused=True)
+            for n, t, g in zip(params, tensors, grads):
+                out[n].append((torch.zeros_like(t) if g is None else g).detach().float())
+    finally:
+        for t, f in zip(tensors, flags):
+            t.requires_grad_(f)
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- random projection
+class Projector:
+    """A fixed Gaussian random projection R (n_params x proj_dim), entries N(0, 1/proj_dim).
+
+    R is never built as one tensor: the rows of each LoRA parameter are generated in blocks of at
+    most ~4M entries from a ``torch.Generator`` seeded by (seed, parameter name, block index), and
+    ``project`` accumulates ``g_block @ R_block``. The same seed and parameter names give the same R
+    on every call and in every process. Blocks are kept in memory up to ``cache_mb`` (later calls
+    reuse them); beyond that they are regenerated per call. E[<Rx, Ry>] = <x, y> (Johnson-Lindenstrauss).
+    """
+
+    def __init__(self, shapes: Dict[str, Sequence[int]], proj_dim: int = DEFAULT_PROJ_DIM, seed: int = 0,
+                 cache_mb: float = 256.0) -> None:
+        if int(proj_dim) <= 0:
+            raise ConfigError(f"proj_dim must be > 0, got {proj_dim!r}")
+        self.shapes = {n: tuple(int(d) for d in s) for n, s in sorted(shapes.items())}
+        self.proj_dim = int(proj_dim)
+        self.seed = int(seed)
+        self.rows_per_block = max(1, _BLOCK_ELEMS // self.proj_dim)
+        self._cache: Dict[Tuple[str, int], torch.Tensor] = {}
+        self._cache_left = int(cache_mb * 2 ** 20)
+
+    @classmethod
+    def for_unet(cls, unet: torch.nn.Module, proj_dim: int = DEFAULT_PROJ_DIM, seed: int = 0,
+                 cache_mb: float = 256.0) -> "Projector":
+        return cls({n: p.shape for n, p in lora_parameters(unet).items()}, proj_dim, seed, cache_mb)
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(math.prod(s) for s in self.shapes.values()))
+
+    def _block_seed(self, name: str, block: int) -> int:
+        return (self.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + block) % (2 ** 63 - 1)
+
+    def block(self, name: str, block: int) -> torch.Tensor:
+        """Rows [block * rows_per_block, ...) of the projection of parameter ``name`` (CPU float32)."""
+        key = (name, block)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        size = math.prod(self.shapes[name])
+        rows = min(self.rows_per_block, size - block * self.rows_per_block)
+        gen = torch.Generator().manual_seed(self._block_seed(name, block))
+        mat = torch.randn(rows, self.proj_dim, generator=gen).mul_(1.0 / math.sqrt(self.proj_dim))
+        nbytes = mat.numel() * 4
+        if nbytes <= self._cache_left:
+            self._cache[key] = mat
+            self._cache_left -= nbytes
+        return mat
+
+    def project(self, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """name -> (M, *shape) gradients to (M, proj_dim) float32 (on the gradients' device)."""
+        missing = [n for n in self.shapes if n not in grads]
+        if missing:
+            raise ScorerError(f"gradients lack LoRA parameter(s) {missing[:3]}; the projection was built for "
+                              "another adapter layout")
+        first = grads[next(iter(self.shapes))]
+        M, device = int(first.shape[0]), first.device
+        out = torch.zeros(M, self.proj_dim, dtype=torch.float32, device=device)
+        for name, shape in self.shapes.items():
+            g = grads[name].reshape(M, -1).float()
+            if g.shape[1] != math.prod(shape):
+                raise ScorerError(f"LoRA parameter {name} has {g.shape[1]} entries, the projection expects "
+                                  f"{math.prod(shape)}")
+            for b, r0 in enumerate(range(0, g.shape[1], self.rows_per_block)):
+                mat = self.block(name, b).to(device)
+                out += g[:, r0:r0 + mat.shape[0]] @ mat
+        return out
+
+
+# ----------------------------------------------------------------------------- noise and items
+def item_noise(item_seeds: Sequence[int], n_timesteps: int, shape: Sequence[int], noise_seed: int) -> torch.Tensor:
+    """(N, T, *shape) fixed Gaussian noise, one draw per (item, timestep index): same formula as capture."""
+    seeds = [int(noise_seed) * 1_000_003 + int(s) * 131 + k for s in item_seeds for k in range(n_timesteps)]
+    if not seeds:
+        return torch.zeros((len(item_seeds), n_timesteps, *shape))
+    return seeded_noise(seeds, shape).view(len(item_seeds), n_timesteps, *shape)
+
+
+def encode_prompts(components: DiffusionComponents, prompts: Sequence[str]) -> torch.Tensor:
+    """(N, L, E) prompt states; '' gives the null prompt. Each distinct prompt is encoded once."""
+    unique = sorted(set(prompts))
+    states = components.encode_prompts(unique)
+    index = {p: i for i, p in enumerate(unique)}
+    return states[[index[p] for p in prompts]]
+
+
+def noised_items(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
+                 item_seeds: Sequence[int], timesteps: Sequence[int], noise_seed: int) -> Items:
+    """Rows (image i, timestep k) in image-major order: x_t, t, hidden, x0 (latents), noise, ab (alpha-bar)."""
+    device = components.device
+    T = len(timesteps)
+    with torch.no_grad():
+        x0 = components.to_latents(uint8_to_pixels(images).to(device)).float()
+    n = x0.shape[0]
+    noise = item_noise(item_seeds, T, x0.shape[1:], noise_seed).to(device).flatten(0, 1)
+    lat = x0.repeat_interleave(T, 0)
+    t = torch.tensor([int(s) for s in timesteps], dtype=torch.long, device=device).repeat(n)
+    sched = components.noise_scheduler
+    hidden = encode_prompts(components, list(prompts)).repeat_interleave(T, 0)
+    ab = sched.alphas_cumprod.to(device)[t].float()
+    return {"x_t": noised(sched, lat, noise, t), "t": t, "hidden": hidden, "x0": lat, "noise": noise, "ab": ab}
+
+
+def _denoise_items(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
+                   item_seeds: Sequence[int], timesteps: Sequence[int], noise_seed: int) -> Items:
+    it = noised_items(components, images, prompts, item_seeds, timesteps, noise_seed)
+    target = training_target(components.noise_scheduler, it["x0"], it["noise"], it["t"])
+    return {"x_t": it["x_t"], "t": it["t"], "hidden": it["hidden"], "target": target}
+
+
+def _sqnorm_items(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
+                  item_seeds: Sequence[int], timesteps: Sequence[int], noise_seed: int) -> Items:
+    it = noised_items(components, images, prompts, item_seeds, timesteps, noise_seed)
+    return {"x_t": it["x_t"], "t": it["t"], "hidden": it["hidden"]}
+
+
+def denoise_output(pred: torch.Tensor, item: Items) -> torch.Tensor:
+    """The training objective: mean squared error to the training target (epsilon / v / sample)."""
+    return (pred.float() - item["target"].float()).pow(2).mean()
+
+
+def sqnorm_output(pred: torch.Tensor, item: Items) -> torch.Tensor:
+    """D-TRAK's best output function: squared L2 norm of the UNet output, mean over dims."""
+    return pred.float().pow(2).mean()
+
+
+OUTPUTS: Dict[str, Tuple[Callable[..., Items], OutputFn]] = {
+    "denoise": (_denoise_items, denoise_output),
+    "sqnorm": (_sqnorm_items, sqnorm_output),
+}
+
+
+# ----------------------------------------------------------------------------- the main entry
+def projected_gradients(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
+                        item_seeds: Sequence[int], output: str = "denoise", timesteps: Sequence[int] = (100, 400, 700),
+                        noise_seed: int = 0, projector: Optional[Projector] = None,
+                        proj_dim: int = DEFAULT_PROJ_DIM, proj_seed: int = 0, batch_size: int = 32,
+                        method: str = "auto", items_fn: Optional[Callable[..., Items]] = None,
+                        output_fn: Optional[OutputFn] = None, memory_mb: float = 256.0,
+                        progress: bool = False) -> np.ndarray:
+    """(N, T, proj_dim) float32 projected per-sample, per-timestep gradients of the LoRA parameters.
+
+    images uint8 (N, H, W, 3); prompts ('' = null prompt) and item_seeds (fix the noise) per image.
+    ``output`` names a built-in output function ('denoise' or 'sqnorm'); or give ``items_fn``
+    (components, images, prompts, item_seeds, timesteps, noise_seed) -> image-major items and
+    ``output_fn`` for a custom loss (e.g. Concept-TRAK's). Raw gradients are held for at most
+    ``memory_mb`` worth of items at a time before they are projected.
+    """
+    if output_fn is None:
+        if output not in OUTPUTS:
+            raise ScorerError(f"unknown gradient output function {output!r}; available: {sorted(OUTPUTS)}")
+        items_fn, output_fn = OUTPUTS[output]
+    elif items_fn is None:
+        raise ConfigError("projected_gradients: a custom output_fn needs its items_fn")
+    N, T = len(images), len(timesteps)
+    if len(prompts) != N or len(item_seeds) != N:
+        raise ScorerError(f"projected_gradients: {N} images but {len(prompts)} prompts and {len(item_seeds)} seeds")
+    if T == 0:
+        raise ScorerError("projected_gradients needs at least one timestep")
+    unet = components.unet
+    projector = projector or Projector.for_unet(unet, proj_dim, proj_seed)
+    per_item_bytes = 4 * projector.n_params
+    images_per_pass = max(1, int(memory_mb * 2 ** 20) // max(1, per_item_bytes * T))
+    out = np.zeros((N, T, projector.proj_dim), np.float32)
+    from tqdm.auto import tqdm
+
+    with torch.random.fork_rng(devices=[]):
+        for start in tqdm(range(0, N, images_per_pass), disable=not progress, desc=f"gradients ({output})"):
+            sl = slice(start, min(N, start + images_per_pass))
+            items = items_fn(components, images[sl], list(prompts[sl]), list(item_seeds[sl]), timesteps, noise_seed)
+            grads = per_sample_grads(unet, items, output_fn, batch_size=batch_size, method=method)
+            proj = projector.project(grads)
+            out[sl] = proj.view(sl.stop - sl.start, T, -1).cpu().numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring helpers
+def normalize_rows(g: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Unit-normalise along the last axis (per sample, per timestep for (N, T, D)); zero rows stay zero."""
+    g = np.asarray(g, dtype=np.float64)
+    norm = np.linalg.norm(g, axis=-1, keepdims=True)
+    return (g / np.maximum(norm, eps)).astype(np.float32)
+
+
+def trak_scores(train: np.ndarray, queries: np.ndarray, lam_rel: float = 0.1) -> np.ndarray:
+    """(Q, N) scores g_q^T (G^T G + lam I)^{-1} g_i with lam = lam_rel * mean(diag(G^T G)).
+
+    ``train`` G is (N, D), ``queries`` (Q, D). Solved (never inverted) in float64, in whichever of
+    the two equivalent forms is smaller: D x D directly, or N x N via the push-through identity
+    (G^T G + lam I)^{-1} G^T = G^T (G G^T + lam I)^{-1}.
+    """
+    if not lam_rel > 0:
+        raise ScorerError(f"the TRAK damping (lambda) must be > 0, got {lam_rel!r}")
+    G = np.asarray(train, dtype=np.float64)
+    q = np.asarray(queries, dtype=np.float64)
+    N, D = G.shape
+    if q.shape[1] != D:
+        raise ScorerError(f"train features have {D} dims, query features {q.shape[1]}")
+    mean_diag = float((G * G).sum() / max(D, 1))
+    if N == 0 or mean_diag == 0.0:
+        return np.zeros((q.shape[0], N), np.float32)
+    lam = lam_rel * mean_diag
+    if N < D:
+        K = G @ G.T + lam * np.eye(N)
+        scores = np.linalg.solve(K, G @ q.T).T  # K symmetric: (q G^T K^{-1})^T = K^{-1} G q^T
+    else:
+        K = G.T @ G + lam * np.eye(D)
+        scores = np.linalg.solve(K, q.T).T @ G.T
+    return scores.astype(np.float32)
+
+
+def training_images(store) -> TrainingSet:
+    """The run's training images, re-read from the folder the run recorded (the store keeps no pixels).
+
+    Checks that the folder still holds the data the run was trained on (dataset fingerprint).
+    """
+    cfg = store.run_config
+    data_dir = cfg.get("data_dir")
+    if not data_dir:
+        raise ScorerError("gradient methods need the training images, but this run recorded no data_dir")
+    from pathlib import Path
+
+    if not Path(data_dir).is_dir():
+        raise ScorerError(f"gradient methods need the training images at their recorded path {data_dir}, which "
+                          "does not exist; restore the folder there (the store holds no training pixels)")
+    resolution = int(cfg.get("resolution") or 0)
+    if resolution <= 0:
+        raise ScorerError("the run config records no training resolution; cannot re-read the training images")
+    ts = load_imagefolder(data_dir, resolution)
+    meta = store.train_meta
+    names = meta.get("file_names")
+    if names is not None and list(names) != ts.file_names:
+        raise ScorerError(f"the training folder {data_dir} no longer lists the images the run was trained on "
+                          f"({len(ts)} rows now, {len(names)} recorded); restore the original folder")
+    fp = meta.get("dataset_fingerprint")
+    if fp and fp != ts.fingerprint():
+        raise ScorerError(f"the images in {data_dir} changed since the run was recorded (dataset fingerprint "
+                          "differs); gradient attribution needs the exact training images")
+    return ts

@@ -1,0 +1,75 @@
+"""Helper of tests/test_distributed.py: monitored training with an ``Accelerator``, run in a subprocess.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_train_script.py dist DATA RUN INFO
+    python tests/dist_train_script.py reference DATA RUN INFO
+
+``dist``: ``montrage.training.train`` in each process; each rank writes ``INFO/rank{r}.json`` with the
+world size it saw. ``reference`` (one process): the same config into ``RUN/single``, and into
+``RUN/concat`` a run whose batch at step s is the rank-0 batch followed by the rank-1 batch of the
+2-process run, i.e. the batch that data-parallel training with gradient averaging effectively uses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+WORLD = 2
+
+
+def configs():
+    from montrage.config import CaptureConfig, TrainConfig
+
+    # 6 training images, 3 anchors and 15 default probes: odd counts, so the strided shards are uneven.
+    return (TrainConfig(steps=4, batch_size=2, lr=2e-3, prior_fraction=0.0, warmup_steps=0),
+            CaptureConfig(every_n_steps=2, probe_steps=2, timesteps=(100, 500), anchors=3))
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    # cpu=True on a CPU machine: a plain Accelerator() there leaves every torchrun process on its own
+    # (distributed_type NO, world size 1) instead of joining a gloo group.
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _info(folder: str, accelerator, name: str) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(folder, name).write_text(json.dumps({
+        "world_size": accelerator.num_processes, "rank": accelerator.process_index,
+        "distributed_type": str(accelerator.distributed_type), "env_world_size": os.environ.get("WORLD_SIZE")}))
+
+
+def main(argv) -> None:
+    torch.set_num_threads(1)
+    mode, data, run, info = argv
+    import montrage.training as T
+
+    cfg, capture = configs()
+    accelerator = _accelerator()
+    if mode == "dist":
+        T.train(data, run, cfg=cfg, capture=capture, accelerator=accelerator, progress=False)
+        _info(info, accelerator, f"rank{accelerator.process_index}.json")
+        return
+    assert mode == "reference", mode
+    T.train(data, Path(run, "single"), cfg=cfg, capture=capture, accelerator=accelerator, progress=False)
+    real = T.step_batch
+
+    def both_ranks(step, rank, *args, **kwargs):
+        parts = [real(step, r, *args, **kwargs) for r in range(WORLD)]
+        return (torch.cat([p[0] for p in parts]), sum((p[1] for p in parts), []),
+                torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]))
+
+    T.step_batch = both_ranks
+    try:
+        T.train(data, Path(run, "concat"), cfg=cfg, capture=capture, accelerator=accelerator, progress=False)
+    finally:
+        T.step_batch = real
+    _info(info, accelerator, "reference.json")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,111 @@
+"""End-to-end: monitored LoRA training on the embedded base into a run store."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from montrage.models.checkpoints import RunModel
+from montrage.models.sampling import generate
+from montrage.storage import RunStore
+from montrage.storage import schema as S
+from montrage.training import train
+from tests.conftest import tiny_configs
+
+
+def test_store_shapes(tiny_run):
+    st = RunStore.open(tiny_run)
+    assert st.steps.tolist() == [0, 3, 6]
+    n_probes = len(st.probe_meta[S.ATTR_PROMPTS])
+    for m in st.modules:
+        f = st.features(S.TRAIN, m)
+        assert f.shape[:4] == (3, 8, 2, 2)  # checkpoints, images, conditions, timesteps
+        assert st.features(S.PROBES, m).shape[:4] == (3, n_probes, 2, 2)
+        assert st.features(S.ANCHORS, m).shape[:4] == (3, 4, 2, 2)
+    assert st.losses(S.TRAIN).shape == (3, 8, 2, 2)
+    assert st.probe_images().shape == (n_probes, 16, 16, 3)
+    assert st.train_meta[S.ATTR_CONCEPTS] == ["artist-0"] * 4 + ["artist-1"] * 4
+    assert np.isnan(st.scalar_series(S.TRAIN_LOSS)[0]) and np.isfinite(st.scalar_series(S.TRAIN_LOSS)[1:]).all()
+    assert (tiny_run / S.FINAL_LORA_FILENAME).exists()
+
+
+def test_representations_change_across_checkpoints(tiny_run):
+    st = RunStore.open(tiny_run)
+    f = st.features(S.TRAIN, st.modules[0])
+    assert not np.allclose(f[0], f[2], atol=1e-5)
+    lora = st.root[f"{S.LORA}/{S.WEIGHTS}"][:]
+    assert not np.allclose(lora[0], lora[2])
+
+
+def test_null_and_caption_conditions_differ(tiny_run):
+    st = RunStore.open(tiny_run)
+    f = st.features(S.TRAIN, st.modules[0])
+    assert not np.allclose(f[:, :, 0], f[:, :, 1])
+
+
+def test_probes_are_deterministic_given_lora_weights(tiny_run):
+    st = RunStore.open(tiny_run)
+    model = RunModel(st.run_config)
+    comps = model.set_weights(st.lora_weights(1), tag=1)
+    cap = st.capture
+    meta = st.probe_meta
+    again = generate(comps, meta[S.ATTR_PROMPTS], meta[S.ATTR_SEEDS], num_steps=cap["probe_steps"],
+                     guidance_scale=cap["guidance_scale"])
+    stored = st.probe_images(1)
+    assert np.abs(again.astype(int) - stored.astype(int)).max() <= 1
+
+
+def test_monitor_does_not_change_training(tmp_path, tiny_data, tiny_run):
+    cfg, capture = tiny_configs()
+    train(tiny_data, tmp_path / "plain", cfg=cfg, capture=capture, monitor=False, progress=False)
+    with_cb = load_file(tiny_run / S.FINAL_LORA_FILENAME)
+    without = load_file(tmp_path / "plain" / S.FINAL_LORA_FILENAME)
+    assert with_cb.keys() == without.keys()
+    for k in with_cb:
+        assert torch.equal(with_cb[k], without[k]), k
+    assert not (tmp_path / "plain" / S.STORE_DIRNAME).exists()
+
+
+def test_resume_after_interruption(tmp_path, tiny_data, tiny_run, monkeypatch):
+    import montrage.training as T
+
+    cfg, capture = tiny_configs()
+    real = T.step_batch
+
+    def dying(step, *a, **kw):
+        if step == 5:
+            raise KeyboardInterrupt("simulated preemption")
+        return real(step, *a, **kw)
+
+    monkeypatch.setattr(T, "step_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_data, tmp_path / "run", cfg=cfg, capture=capture, progress=False)
+    assert RunStore.open(tmp_path / "run").steps.tolist() == [0, 3]
+    monkeypatch.setattr(T, "step_batch", real)
+    res = train(tiny_data, tmp_path / "run", cfg=cfg, capture=capture, progress=False)
+    assert res.start_step == 3
+    resumed, ref = RunStore.open(tmp_path / "run"), RunStore.open(tiny_run)
+    assert resumed.steps.tolist() == [0, 3, 6]  # nothing lost, nothing duplicated
+    for m in ref.modules:
+        np.testing.assert_allclose(resumed.features(S.TRAIN, m), ref.features(S.TRAIN, m), rtol=1e-5, atol=1e-5)
+    a = load_file(tmp_path / "run" / S.FINAL_LORA_FILENAME)
+    b = load_file(tiny_run / S.FINAL_LORA_FILENAME)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_of_finished_run_adds_nothing(tmp_path, tiny_data):
+    cfg, capture = tiny_configs(steps=3)
+    train(tiny_data, tmp_path / "r", cfg=cfg, capture=capture, progress=False)
+    train(tiny_data, tmp_path / "r", cfg=cfg, capture=capture, progress=False)
+    assert RunStore.open(tmp_path / "r").steps.tolist() == [0, 3]
+
+
+def test_other_config_on_existing_output_is_refused(tmp_path, tiny_data):
+    from montrage.config import CaptureConfig
+    from montrage.errors import StoreConfigMismatchError
+
+    cfg, capture = tiny_configs(steps=3)
+    train(tiny_data, tmp_path / "r", cfg=cfg, capture=capture, progress=False)
+    other = CaptureConfig(**{**capture.__dict__, "pooling_grid": 4})
+    with pytest.raises(StoreConfigMismatchError, match="pooling_grid"):
+        train(tiny_data, tmp_path / "r", cfg=cfg, capture=other, progress=False)
