@@ -81,4 +81,4 @@ def fit_attribution_model(dyn: Dynamics, anchors: QueryTrajectory, anchor_indice
         history.append(loss.item())
     full = np.zeros(mask.shape[0])
     full[mask] = torch.softmax(theta, 0).detach().numpy()
-    return AttributionModel(weights=full, scale=float(log_scale.exp()), bias=float(bias), history=history)
+    return AttributionModel(weights=full, scale=log_scale.exp().item(), bias=bias.item(), history=history)

@@ -138,11 +138,12 @@ def _phrase_pattern(phrase: str) -> str:
     words = phrase.split()
     if not words:
         raise ConfigError("the concept phrase is empty; give the phrase that names the concept, e.g. 'by artist-3'")
-    return r"\s+".join(re.escape(w) for w in words)
+    # whole words only: "by artist-3" is not in "by artist-30"
+    return r"(?<![\w-])" + r"\s+".join(re.escape(w) for w in words) + r"(?![\w-])"
 
 
 def remove_concept(prompt: str, phrase: str) -> str:
-    """The prompt without the concept phrase (case-insensitive string removal), whitespace normalised."""
+    """The prompt without the concept phrase (case-insensitive, whole words), whitespace normalised."""
     out = re.sub(_phrase_pattern(phrase), " ", prompt, flags=re.IGNORECASE)
     out = " ".join(out.split())
     out = re.sub(r"\s+([,.;:])", r"\1", out)  # no space left before punctuation

@@ -15,7 +15,7 @@ from montrage.storage import schema as S
 MODULES = ["mid_block"]
 
 
-def make_planted_store(path, n_concepts=3, per_concept=6, K=5, F=32, T=2, static=6.0, seed=0):
+def make_planted_store(path, n_concepts=3, per_concept=6, K=5, F=32, T=2, static=15.0, seed=0):
     rng = np.random.default_rng(seed)
     N = n_concepts * per_concept
     concepts = [f"c{c}" for c in range(n_concepts) for _ in range(per_concept)]
