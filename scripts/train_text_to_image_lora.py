@@ -93,6 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     loader = DataLoader(ImageCaptions(training_set), batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
     unet, optimizer, loader = accelerator.prepare(components.unet, optimizer, loader)
+    if len(loader) == 0:
+        raise SystemExit(f"{len(training_set)} training images make no full batch of --train_batch_size "
+                         f"{args.train_batch_size} on each of {accelerator.num_processes} process(es); lower it")
     scheduler = components.noise_scheduler
 
     capture = CaptureConfig(every_n_steps=args.checkpointing_steps, probe_steps=args.probe_steps)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("MONTRAGE_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 TINY_STEPS = 6
 TINY_EVERY = 3

@@ -136,10 +136,6 @@ def test_all_checkpoints_match_single_process_on_concatenated_batches(runs):
     np.testing.assert_allclose(dist.scalar_series(S.TRAIN_LOSS)[1:], concat.scalar_series(S.TRAIN_LOSS)[1:], rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="montrage bug: a rank with no items of a kind (n < world size, e.g. anchors=1 on 2 "
-                          "processes) returns (0, C, T, 0) features because only rank 0 ever ran "
-                          "FeatureExtractor.feature_dims(); _concat_shards then cannot place them")
 def test_rank_without_items_merges(tmp_path):
     """What record_checkpoint does on 2 ranks for a kind with a single item, without launching processes."""
     from montrage.callbacks.monitor import _concat_shards

@@ -16,7 +16,7 @@ from montrage.storage import RunStore
 from montrage.storage import schema as S
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_text_to_image_lora.py"
-STEPS, EVERY = 4, 2
+STEPS, EVERY, LR = 4, 2, 2e-3
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,7 +48,7 @@ def script_runs(tmp_path_factory):
         runs[mode] = script.main([
             "--pretrained_model_name_or_path", "embedded", "--train_data_dir", str(data),
             "--output_dir", str(tmp / mode), "--train_batch_size", "2", "--max_train_steps", str(STEPS),
-            "--learning_rate", "2e-3", "--rank", "4", "--checkpointing_steps", str(EVERY), "--seed", "0",
+            "--learning_rate", str(LR), "--rank", "4", "--checkpointing_steps", str(EVERY), "--seed", "0",
             "--probe_steps", "2", *extra])
     return runs
 
@@ -83,15 +83,26 @@ def test_save_state_hook_records_at_save_state(script_runs):
 
 
 def test_both_styles_record_the_same_training(script_runs):
-    """Same seed, same loop: the monitor must not perturb training, whichever way it is attached."""
+    """Same seed, same loop: the monitor must not perturb training, whichever way it is attached.
+
+    Bit-identical on CPU. On CUDA, nondeterministic backward kernels make two identical runs drift apart,
+    and Adam (update ~ lr * sign(grad) in its first steps) turns tiny gradient noise into up to 2 * lr
+    per step (seen on an H200: LoRA weights 4.4e-3 apart after 4 steps, features 1.1e-3, probes 1 level).
+    """
+    exact = not torch.cuda.is_available()
     a, b = RunStore.open(script_runs["calls"]), RunStore.open(script_runs["hook"])
     for c in range(3):
         wa, wb = a.lora_weights(c), b.lora_weights(c)
         for k in wa:
-            np.testing.assert_array_equal(np.asarray(wa[k]), np.asarray(wb[k]), err_msg=f"checkpoint {c}: {k}")
+            if exact or c == 0:
+                np.testing.assert_array_equal(np.asarray(wa[k]), np.asarray(wb[k]), err_msg=f"checkpoint {c}: {k}")
+            else:
+                np.testing.assert_allclose(np.asarray(wa[k]), np.asarray(wb[k]), atol=2 * LR * STEPS, err_msg=f"ckpt {c}: {k}")
     for m in a.modules:
-        np.testing.assert_allclose(a.features(S.TRAIN, m), b.features(S.TRAIN, m), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(a.probe_images(2), b.probe_images(2))
+        np.testing.assert_allclose(a.features(S.TRAIN, m), b.features(S.TRAIN, m), rtol=1e-5 if exact else 1e-2,
+                                   atol=1e-6 if exact else 1e-2)
+    px = np.abs(a.probe_images(2).astype(int) - b.probe_images(2).astype(int)).max()
+    assert px <= (0 if exact else 8), px
     fa = a.features(S.TRAIN, a.modules[0])
     assert not np.allclose(fa[0], fa[2], atol=1e-6)
 

@@ -4,8 +4,9 @@ score(q, i) = g_concept(q)^T (G^T G + lambda I)^{-1} g_train(i) at checkpoint ``
 
 * g_train(i) is the sum over timesteps of unit-normalised projected LoRA gradients of the DPS
   training loss (:func:`montrage.losses.concept.dps_target`) of training image i with its caption;
-  x_t is the image noised with its fixed per-item noise (default) or its DDIM inversion
-  (option ``inversion=True``, conditioned on the caption);
+  x_t is the image noised with its fixed per-item noise (default) or its deterministic DDIM
+  inversion (option ``inversion=True``: conditioned on the caption, no guidance, ``inversion_steps``
+  model calls up to the largest timestep);
 * g_concept(q) is the mean over timesteps of unit-normalised projected gradients of the concept
   utility loss for query q: prompt c = the query's prompt, c- = c without the concept phrase
   (a prompt without the phrase gets it appended for c). Its x_t are the query image noised at the
@@ -13,27 +14,35 @@ score(q, i) = g_concept(q)^T (G^T G + lambda I)^{-1} g_train(i) at checkpoint ``
   arbitrary images whose trajectory is unknown);
 * lambda = ``trak_lambda`` (0.1) x mean(diag(G^T G)).
 
-Options: ``concept`` (required, e.g. "by artist-3"), ``inversion`` (False), ``inversion_steps`` (20),
+Both losses have the form ||eps_theta - stop_grad[eps_theta + r]||^2 with the model's own eps in the
+target, so they are computed exactly as :func:`~montrage.losses.concept.self_target_loss` (gradient
+-2/d J^T r without rounding noise from two separate model evaluations).
+
+Options: ``concept`` (required, e.g. "by artist-3"), ``inversion`` (True: DDIM inversion, as the authors' code; False: plain noising), ``inversion_steps`` (20),
 ``guidance`` (lambda_c, 1.0), ``dps_scale`` (lambda_t = dps_scale * sqrt(1 - alpha_bar_t), 1.0),
 ``trak_lambda`` (0.1), plus the gradient options of :mod:`montrage.analysis.gradient_scorers`.
-lambda_c and lambda_t only scale each per-timestep gradient (the losses' gradients at the current
-weights are -2 lambda / d * J^T direction), so after the per-timestep normalisation they do not
-change the scores; they are kept for fidelity to the method.
+lambda_c and lambda_t only scale each per-timestep gradient, so after the per-timestep
+normalisation they do not change the scores; they are kept for fidelity to the method.
+
+Measured on the 8-image, 2-artist synthetic run (80 steps, 22 queries): the concept's training
+images outscored the others for 91-95% of queries with ``inversion=True`` at the 3 capture
+timesteps, but for only 23% (concept artist-1) with plain noising; with 10 timesteps both modes
+scored 68-100%. The authors' code also inverts by default: prefer ``inversion=True``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from montrage.analysis.base import ScoringContext, register
 from montrage.analysis.gradient_scorers import GradientSettings, checkpoint_components, projector
-from montrage.analysis.gradients import (Items, encode_prompts, noised_items, normalize_rows, projected_gradients,
+from montrage.analysis.gradients import (Items, Projector, encode_prompts, noised_items, normalize_rows, projected_gradients,
                                          trak_scores, training_images)
 from montrage.errors import ScorerError
-from montrage.losses.concept import (concept_prompts, concept_target, concept_utility_loss, ddim_invert,
-                                     dps_target, dps_training_loss, eps_from_prediction)
+from montrage.losses.concept import (concept_guidance, concept_prompts, ddim_invert, dps_guidance,
+                                     eps_from_prediction, self_target_loss)
 from montrage.models.components import DiffusionComponents
 from montrage.models.features import QUERY_SEED_OFFSET, TRAIN_SEED_OFFSET
 from montrage.models.sampling import uint8_to_pixels
@@ -46,7 +55,10 @@ def _unet_fn(unet, t: torch.Tensor, hidden: torch.Tensor):
 def training_items(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
                    item_seeds: Sequence[int], timesteps: Sequence[int], noise_seed: int, inversion: bool = False,
                    inversion_steps: int = 20, dps_scale: float = 1.0, batch_size: int = 32) -> Items:
-    """Image-major (image, timestep) items with the DPS target of Concept-TRAK's training loss."""
+    """Image-major (image, timestep) items of Concept-TRAK's training loss.
+
+    'residual' = lambda_t grad_{x_t} ||x0_hat - x0||^2: the DPS target minus the model's own eps.
+    """
     unet, sched = components.unet, components.noise_scheduler
     pt = components.prediction_type
     if inversion:
@@ -68,68 +80,89 @@ def training_items(components: DiffusionComponents, images: np.ndarray, prompts:
                  "x0": x0.repeat_interleave(T, 0), "ab": ac[t].float()}
     else:
         items = noised_items(components, images, prompts, item_seeds, timesteps, noise_seed)
-    targets = []
+    residuals = []
     for s in range(0, items["x_t"].shape[0], batch_size):
         sl = slice(s, s + batch_size)
         ab = items["ab"][sl]
-        targets.append(dps_target(_unet_fn(unet, items["t"][sl], items["hidden"][sl]), items["x_t"][sl],
-                                  items["x0"][sl], ab, pt, lam=dps_scale * (1 - ab).sqrt()))
-    return {"x_t": items["x_t"], "t": items["t"], "hidden": items["hidden"], "target": torch.cat(targets),
+        _, residual = dps_guidance(_unet_fn(unet, items["t"][sl], items["hidden"][sl]), items["x_t"][sl],
+                                   items["x0"][sl], ab, pt, lam=dps_scale * (1 - ab).sqrt())
+        residuals.append(residual)
+    return {"x_t": items["x_t"], "t": items["t"], "hidden": items["hidden"], "residual": torch.cat(residuals),
             "ab": items["ab"]}
 
 
 def query_items(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str], item_seeds: Sequence[int],
                 timesteps: Sequence[int], noise_seed: int, concept: str, guidance: float = 1.0,
                 batch_size: int = 32) -> Items:
-    """Image-major items of the concept utility loss: x_t (fixed noise), hidden = c, target from eps(c), eps(c-)."""
+    """Image-major items of the concept utility loss: x_t (fixed noise), hidden = c, and
+    'residual' = guidance * (eps(c) - eps(c-)): the concept target minus eps(c)."""
     pairs = [concept_prompts(p, concept) for p in prompts]
     with_c = [c for c, _ in pairs]
     items = noised_items(components, images, with_c, item_seeds, timesteps, noise_seed)
     T = len(timesteps)
     hidden_minus = encode_prompts(components, [m for _, m in pairs]).repeat_interleave(T, 0)
     unet, pt = components.unet, components.prediction_type
-    targets = []
+    residuals = []
     with torch.no_grad():
         for s in range(0, items["x_t"].shape[0], batch_size):
             sl = slice(s, s + batch_size)
             x, t, ab = items["x_t"][sl], items["t"][sl], items["ab"][sl]
             eps_c = eps_from_prediction(_unet_fn(unet, t, items["hidden"][sl])(x).float(), x, ab, pt)
             eps_m = eps_from_prediction(_unet_fn(unet, t, hidden_minus[sl])(x).float(), x, ab, pt)
-            targets.append(concept_target(eps_c, eps_m, guidance))
-    return {"x_t": items["x_t"], "t": items["t"], "hidden": items["hidden"], "target": torch.cat(targets),
+            residuals.append(concept_guidance(eps_c, eps_m, guidance))
+    return {"x_t": items["x_t"], "t": items["t"], "hidden": items["hidden"], "residual": torch.cat(residuals),
             "ab": items["ab"]}
 
 
-def _loss_output(loss, prediction_type: str):
-    return lambda pred, item: loss(pred, item["x_t"], item["target"], item["ab"], prediction_type).sum()
+def _loss_output(prediction_type: str):
+    """Both Concept-TRAK losses: target = stop_grad[eps_theta + residual] (see :func:`self_target_loss`)."""
+    return lambda pred, item: self_target_loss(pred, item["x_t"], item["residual"], item["ab"], prediction_type).sum()
+
+
+def train_concept_gradients(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
+                            item_seeds: Sequence[int], timesteps: Sequence[int], noise_seed: int, projector_: Projector,
+                            inversion: bool = False, inversion_steps: int = 20, dps_scale: float = 1.0,
+                            batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """(N, T, D) projected LoRA gradients of the DPS training loss of each training image (its caption)."""
+    pt = components.prediction_type
+    return projected_gradients(
+        components, images, list(prompts), list(item_seeds), output="concept-train", timesteps=timesteps,
+        noise_seed=noise_seed, projector=projector_, batch_size=batch_size, progress=progress,
+        items_fn=lambda c, im, pr, se, ts, ns: training_items(c, im, pr, se, ts, ns, inversion, inversion_steps,
+                                                              dps_scale, batch_size),
+        output_fn=_loss_output(pt))
+
+
+def query_concept_gradients(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
+                            item_seeds: Sequence[int], concept: str, timesteps: Sequence[int], noise_seed: int,
+                            projector_: Projector, guidance: float = 1.0, batch_size: int = 32,
+                            progress: bool = False) -> np.ndarray:
+    """(Q, T, D) projected LoRA gradients of the concept utility loss of each query."""
+    pt = components.prediction_type
+    return projected_gradients(
+        components, images, list(prompts), list(item_seeds), output="concept-utility", timesteps=timesteps,
+        noise_seed=noise_seed, projector=projector_, batch_size=batch_size, progress=progress,
+        items_fn=lambda c, im, pr, se, ts, ns: query_items(c, im, pr, se, ts, ns, concept, guidance, batch_size),
+        output_fn=_loss_output(pt))
 
 
 def concept_gradients(components: DiffusionComponents, train_images: np.ndarray, train_prompts: Sequence[str],
                       train_seeds: Sequence[int], query_images: np.ndarray, query_prompts: Sequence[str],
                       query_seeds: Sequence[int], concept: str, timesteps: Sequence[int], noise_seed: int,
-                      projector_=None, proj_dim: int = 1024, proj_seed: int = 0, inversion: bool = False,
-                      inversion_steps: int = 20, guidance: float = 1.0, dps_scale: float = 1.0,
-                      batch_size: int = 32, progress: bool = False):
-    """(G (N, D), g_concept (Q, D)): timestep-combined, per-timestep-normalised projected gradients."""
-    from montrage.analysis.gradients import Projector
-
+                      projector_: Optional[Projector] = None, proj_dim: int = 1024, proj_seed: int = 0,
+                      inversion: bool = False, inversion_steps: int = 20, guidance: float = 1.0,
+                      dps_scale: float = 1.0, batch_size: int = 32, progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """(G (N, D), g_concept (Q, D)): per-timestep unit-normalised projected gradients, summed over timesteps
+    for G and averaged for g_concept. Runs the UNet in eval mode (restored afterwards)."""
     proj = projector_ or Projector.for_unet(components.unet, proj_dim, proj_seed)
-    pt = components.prediction_type
     unet = components.unet
     was_training = unet.training
     unet.eval()
     try:
-        gt = projected_gradients(
-            components, train_images, list(train_prompts), list(train_seeds), output="concept-train",
-            timesteps=timesteps, noise_seed=noise_seed, projector=proj, batch_size=batch_size, progress=progress,
-            items_fn=lambda c, im, pr, se, ts, ns: training_items(c, im, pr, se, ts, ns, inversion, inversion_steps,
-                                                                  dps_scale, batch_size),
-            output_fn=_loss_output(dps_training_loss, pt))
-        gq = projected_gradients(
-            components, query_images, list(query_prompts), list(query_seeds), output="concept-utility",
-            timesteps=timesteps, noise_seed=noise_seed, projector=proj, batch_size=batch_size, progress=progress,
-            items_fn=lambda c, im, pr, se, ts, ns: query_items(c, im, pr, se, ts, ns, concept, guidance, batch_size),
-            output_fn=_loss_output(concept_utility_loss, pt))
+        gt = train_concept_gradients(components, train_images, train_prompts, train_seeds, timesteps, noise_seed, proj,
+                                     inversion, inversion_steps, dps_scale, batch_size, progress)
+        gq = query_concept_gradients(components, query_images, query_prompts, query_seeds, concept, timesteps,
+                                     noise_seed, proj, guidance, batch_size, progress)
     finally:
         unet.train(was_training)
     return normalize_rows(gt).sum(1), normalize_rows(gq).mean(1)
@@ -147,7 +180,7 @@ class ConceptTrakScorer:
                               "in prompts, e.g. --concept 'by artist-3')")
         s = GradientSettings.from_ctx(ctx)
         try:
-            inversion = bool(ctx.options.get("inversion", False))
+            inversion = bool(ctx.options.get("inversion", True))  # measured better; the authors' default
             inv_steps = int(ctx.options.get("inversion_steps", 20))
             guidance = float(ctx.options.get("guidance", 1.0))
             dps_scale = float(ctx.options.get("dps_scale", 1.0))

@@ -4,7 +4,9 @@ Both re-read the training images from the run's recorded ``data_dir`` and rebuil
 stored checkpoints from the LoRA weights in the store. Options (``ctx.options``):
 
 - ``grad_timesteps``: diffusion timesteps of the gradients (default: the run's capture timesteps)
-- ``proj_dim`` (1024), ``proj_seed`` (0): the random projection
+- ``proj_dim`` (1024), ``proj_seed`` (0): the random projection; ``proj_cache_mb`` (256): memory for
+  keeping generated projection blocks between calls (the embedded model's full 1024-wide projection
+  is ~450 MB; what does not fit is regenerated on every call, ~1 s per 100M entries on one core)
 - ``grad_batch_size`` (32): items per vmap call
 - ``dtrak_lambda`` (0.1): D-TRAK damping, relative to the mean diagonal of G^T G
 """
@@ -30,6 +32,7 @@ class GradientSettings:
     proj_dim: int
     proj_seed: int
     batch_size: int
+    cache_mb: float = 256.0
 
     @classmethod
     def from_ctx(cls, ctx: ScoringContext) -> "GradientSettings":
@@ -41,11 +44,12 @@ class GradientSettings:
             settings = cls(timesteps=tuple(int(t) for t in ts), noise_seed=int(capture.get("seed", 0)),
                            proj_dim=int(ctx.options.get("proj_dim", DEFAULT_PROJ_DIM)),
                            proj_seed=int(ctx.options.get("proj_seed", 0)),
-                           batch_size=int(ctx.options.get("grad_batch_size", 32)))
+                           batch_size=int(ctx.options.get("grad_batch_size", 32)),
+                           cache_mb=float(ctx.options.get("proj_cache_mb", 256.0)))
         except (TypeError, ValueError) as exc:
             raise ScorerError(f"bad gradient option: {exc}") from exc
-        if settings.proj_dim <= 0 or settings.batch_size <= 0:
-            raise ScorerError("proj_dim and grad_batch_size must be > 0")
+        if settings.proj_dim <= 0 or settings.batch_size <= 0 or settings.cache_mb < 0:
+            raise ScorerError("proj_dim and grad_batch_size must be > 0, proj_cache_mb >= 0")
         return settings
 
     def key(self) -> str:
@@ -66,7 +70,7 @@ def checkpoint_components(ctx: ScoringContext, k: int) -> DiffusionComponents:
 
 def projector(ctx: ScoringContext, comps: DiffusionComponents, s: GradientSettings) -> Projector:
     return ctx.cached(f"grad/projector/{s.proj_dim}/{s.proj_seed}",
-                      lambda: Projector.for_unet(comps.unet, s.proj_dim, s.proj_seed))
+                      lambda: Projector.for_unet(comps.unet, s.proj_dim, s.proj_seed, cache_mb=s.cache_mb))
 
 
 def train_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> np.ndarray:

@@ -30,6 +30,7 @@ from montrage.config import CaptureConfig, to_dict
 from montrage.data.imagefolder import TrainingSet
 from montrage.data.probes import Probe, default_probes
 from montrage.distributed import ProcessContext
+from montrage.errors import MontrageError
 from montrage.models.components import DiffusionComponents
 from montrage.models.features import ANCHOR_SEED_OFFSET, TRAIN_SEED_OFFSET, FeatureExtractor
 from montrage.models.lora import flatten, lora_state
@@ -119,11 +120,18 @@ class TrainingMonitor(MontrageCallback):
         """Create or reopen the store (rank 0), and learn what was already recorded. A collective."""
         if self._opened:
             return
+        result: object = None
         if self.ctx.is_main:
-            train_meta, probe_meta = self._metadata()
-            self.store = RunStore.create_or_resume(self.output_dir, self.run_config, self.fingerprint(),
-                                                   self._dims(), train_meta, probe_meta, self.anchor_indices)
-        recorded = self.ctx.broadcast(self.store.steps.tolist() if self.store is not None else None)
+            try:
+                train_meta, probe_meta = self._metadata()
+                self.store = RunStore.create_or_resume(self.output_dir, self.run_config, self.fingerprint(),
+                                                       self._dims(), train_meta, probe_meta, self.anchor_indices)
+                result = self.store.steps.tolist()
+            except MontrageError as exc:  # tell the other ranks instead of leaving them in the broadcast
+                result = exc
+        recorded = self.ctx.broadcast(result)
+        if isinstance(recorded, BaseException):
+            raise recorded
         self.state.recorded_steps = [int(s) for s in recorded]
         self._opened = True
 

@@ -77,9 +77,9 @@ def eps_regression_loss(pred: torch.Tensor, x_t: torch.Tensor, target: torch.Ten
 
 
 # ----------------------------------------------------------------------------- training loss (DPS)
-def dps_target(model: Callable[[torch.Tensor], torch.Tensor], x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: Scalar,
-               prediction_type: str, lam: Scalar = 1.0) -> torch.Tensor:
-    """stop_grad[eps_theta(x_t) + lam * grad_{x_t} ||x0_hat(x_t) - x0||^2], shape of x_t.
+def dps_guidance(model: Callable[[torch.Tensor], torch.Tensor], x_t: torch.Tensor, x0: torch.Tensor,
+                 alpha_bar: Scalar, prediction_type: str, lam: Scalar = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(eps_theta(x_t), lam * grad_{x_t} ||x0_hat(x_t) - x0||^2), both detached.
 
     ``model`` maps x_t (B, ...) to the raw model output (conditioning and timesteps bound inside);
     samples must be independent in it (no batch statistics), so one backward gives every sample's
@@ -92,7 +92,14 @@ def dps_target(model: Callable[[torch.Tensor], torch.Tensor], x_t: torch.Tensor,
         reward = (x0_hat - x0.float()).pow(2).flatten(1).sum(1)
         (g,) = torch.autograd.grad(reward.sum(), x)
         eps = eps_from_prediction(pred, x, alpha_bar, prediction_type)
-    return (eps + _per_sample(lam, x) * g).detach()
+    return eps.detach(), (_per_sample(lam, x) * g).detach()
+
+
+def dps_target(model: Callable[[torch.Tensor], torch.Tensor], x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: Scalar,
+               prediction_type: str, lam: Scalar = 1.0) -> torch.Tensor:
+    """stop_grad[eps_theta(x_t) + lam * grad_{x_t} ||x0_hat(x_t) - x0||^2], shape of x_t (see :func:`dps_guidance`)."""
+    eps, residual = dps_guidance(model, x_t, x0, alpha_bar, prediction_type, lam)
+    return eps + residual
 
 
 def dps_training_loss(pred: torch.Tensor, x_t: torch.Tensor, target: torch.Tensor, alpha_bar: Scalar,
@@ -162,13 +169,31 @@ def concept_prompts(prompt: str, phrase: str) -> Tuple[str, str]:
     return prompt, remove_concept(prompt, phrase)
 
 
+def concept_guidance(eps_c: torch.Tensor, eps_minus: torch.Tensor, lam: Scalar = 1.0) -> torch.Tensor:
+    """lam * (eps(c) - eps(c-)), detached: how far the concept target lies from eps(c)."""
+    eps_c = eps_c.detach().float()
+    return (_per_sample(lam, eps_c) * (eps_c - eps_minus.detach().float())).detach()
+
+
 def concept_target(eps_c: torch.Tensor, eps_minus: torch.Tensor, lam: Scalar = 1.0) -> torch.Tensor:
     """stop_grad[eps(c) + lam * (eps(c) - eps(c-))]: the concept-amplified (CFG-style) noise prediction."""
-    eps_c = eps_c.detach().float()
-    return (eps_c + _per_sample(lam, eps_c) * (eps_c - eps_minus.detach().float())).detach()
+    return eps_c.detach().float() + concept_guidance(eps_c, eps_minus, lam)
 
 
 def concept_utility_loss(pred: torch.Tensor, x_t: torch.Tensor, target: torch.Tensor, alpha_bar: Scalar,
                          prediction_type: str) -> torch.Tensor:
     """Concept-TRAK's utility loss given :func:`concept_target`: (B,) squared error to eps_theta(x_t, c)."""
     return eps_regression_loss(pred, x_t, target, alpha_bar, prediction_type)
+
+
+def self_target_loss(pred: torch.Tensor, x_t: torch.Tensor, residual: torch.Tensor, alpha_bar: Scalar,
+                     prediction_type: str) -> torch.Tensor:
+    """Both losses when the target is ``stop_grad[eps_theta + residual]`` with eps_theta the model's own output.
+
+    Computes mean((eps - stop_grad[eps] - residual)^2): the same value (mean residual^2) and the same
+    gradient (-2/d J^T residual) as :func:`dps_training_loss` / :func:`concept_utility_loss` with
+    that target at the current weights, but exactly, without subtracting two separately computed
+    model outputs (whose rounding differences would otherwise dominate a tiny residual). (B,)
+    """
+    eps = eps_from_prediction(pred.float(), x_t.float(), alpha_bar, prediction_type)
+    return (eps - eps.detach() - residual.float()).pow(2).flatten(1).mean(1)

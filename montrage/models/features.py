@@ -134,7 +134,7 @@ class FeatureExtractor:
                 h.remove()
             unet.train(was_training)
         if N == 0:
-            dims = self._dims or {}
+            dims = self.feature_dims()  # a rank with no items still returns correctly shaped arrays
             return Features({m: np.zeros((0, C, T, dims.get(m, 0)), np.float32) for m in self._modules},
                             np.zeros((0, C, T), np.float32))
         return Features({m: torch.cat(v).cpu().numpy().astype(np.float32) for m, v in feats.items()},

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from montrage.errors import ConfigError
-from montrage.losses.concept import (concept_prompts, concept_target, concept_utility_loss, ddim_invert,
-                                     dps_target, dps_training_loss, eps_from_prediction, remove_concept,
-                                     x0_from_prediction)
+from montrage.losses.concept import (concept_guidance, concept_prompts, concept_target, concept_utility_loss,
+                                     ddim_invert, dps_guidance, dps_target, dps_training_loss, eps_from_prediction,
+                                     remove_concept, self_target_loss, x0_from_prediction)
 
 AB = torch.tensor([0.64])
 XT = torch.tensor([[1.0, 2.0]])
@@ -97,6 +97,34 @@ def test_concept_target_and_utility_gradient_by_hand():
     # no concept difference: the target is the model's eps, zero loss and zero gradient
     same = concept_target(eps_c, eps_c, lam=5.0)
     torch.testing.assert_close(same, eps_c)
+
+
+def test_guidance_residuals_by_hand():
+    eps, residual = dps_guidance(stub(0.5), XT, torch.tensor([[0.5, 1.0]]), AB, "epsilon", lam=0.1)
+    torch.testing.assert_close(eps, torch.tensor([[0.5, 1.0]]))
+    torch.testing.assert_close(residual, torch.tensor([[0.065625, 0.13125]]))
+    torch.testing.assert_close(concept_guidance(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 2.5]]), 2.0),
+                               torch.tensor([[1.0, -1.0]]))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_self_target_loss_equals_the_target_losses(kind):
+    """Value and gradient of mean((eps - sg[eps] - r)^2) equal those of the loss to sg[eps + r] at theta."""
+    x0 = torch.tensor([[0.3, -0.2]])
+    target = dps_target(stub(0.5), XT, x0, AB, kind, lam=0.1)
+    _, residual = dps_guidance(stub(0.5), XT, x0, AB, kind, lam=0.1)
+    a = torch.tensor(0.5, requires_grad=True)
+    ref = dps_training_loss(a * XT, XT, target, AB, kind)
+    (g_ref,) = torch.autograd.grad(ref.sum(), a)
+    a2 = torch.tensor(0.5, requires_grad=True)
+    got = self_target_loss(a2 * XT, XT, residual, AB, kind)
+    (g_got,) = torch.autograd.grad(got.sum(), a2)
+    torch.testing.assert_close(got.detach(), ref.detach())
+    torch.testing.assert_close(g_got, g_ref)
+    # a zero residual gives exactly zero gradient (no rounding noise from two model evaluations)
+    a3 = torch.tensor(0.5, requires_grad=True)
+    (g0,) = torch.autograd.grad(self_target_loss(a3 * XT, XT, torch.zeros(1, 2), AB, kind).sum(), a3)
+    assert float(g0) == 0.0
 
 
 def test_ddim_inversion_by_hand():
