@@ -138,7 +138,10 @@ class TrainConfig:
     resolution: Optional[int] = _f(None, "training resolution (default: the base model's)")
     prior_fraction: float = _f(0.25, "share of each batch drawn from the prior-preservation folder, if any")
     grad_clip: float = _f(1.0, "gradient-norm clip")
-    snr_gamma: Optional[float] = _f(5.0, "min-SNR loss weighting gamma (None: plain MSE)")
+    snr_gamma: Optional[float] = _f(
+        None, "min-SNR loss weighting gamma (None: plain MSE). Measured on the embedded model: min-SNR-5 with "
+        "v-prediction down-weights the high-noise steps where a style's background is decided, and LoRA then "
+        "learns strokes but not backgrounds")
     caption_dropout: float = _f(0.0, "probability of training on the empty prompt")
     lora: LoraSettings = _f(None, "LoRA adapter settings")
 

@@ -1,0 +1,158 @@
+"""``montrage bench KIND``: dispatch to the benchmarks, and (re)write their BENCHMARKS.md sections.
+
+To add a benchmark: write ``run_<kind>(args) -> int`` here (or in its own module) and register it in
+:data:`BENCHES`; with ``--write-md`` call :func:`write_md_section` with its ``<!-- bench:KIND -->`` body.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
+MD_TITLE = "# montrage benchmarks\n\nEach section is (re)written by `montrage bench KIND --write-md`; do not edit between the markers.\n"
+
+
+# ----------------------------------------------------------------------------- provenance
+def git_commit(root: Path = REPO_ROOT) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> Dict[str, object]:
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cuda": torch.cuda.is_available()}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["montrage", "bench", args.kind]
+    if getattr(args, "quick", False):
+        parts.append("--quick")
+    if getattr(args, "out", None):
+        parts += ["--out", str(args.out)]
+    if getattr(args, "write_md", False):
+        parts.append("--write-md")
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return (f"OMP_NUM_THREADS={threads} " if threads else "") + " ".join(parts)
+
+
+def provenance_lines(args: argparse.Namespace, seeds: str) -> str:
+    m = machine_info()
+    return "\n".join([
+        f"- command: `{command_line(args)}`",
+        f"- git commit: `{git_commit()}`; date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- seeds: {seeds}",
+        f"- machine: {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}, torch {m['torch']} "
+        f"({m['torch_threads']} intra-op threads, OMP_NUM_THREADS={m['OMP_NUM_THREADS']}, CUDA {m['cuda']})",
+    ])
+
+
+def write_md_section(kind: str, body: str, path: Path = BENCHMARKS_MD) -> Path:
+    """Replace (or append) the text between ``<!-- bench:KIND -->`` and ``<!-- /bench:KIND -->``."""
+    start, end = f"<!-- bench:{kind} -->", f"<!-- /bench:{kind} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.is_file() else MD_TITLE
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: block, text, count=1)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def run_attribution(args: argparse.Namespace) -> int:
+    from montrage.bench.attribution import FULL, QUICK, SIGN_CONVENTION, run_attribution_bench
+
+    out = Path(args.out) / "attribution"
+    res = run_attribution_bench(out, quick=args.quick)
+    print()
+    print(res["markdown"])
+    if args.write_md:
+        s = QUICK if args.quick else FULL
+        d = res["data"]
+        seeds = (f"data {s.data.seed}, training {s.seed}, LDS subsets {res['lds']['subset_seeds']}, "
+                 f"LDS noise {res['lds']['noise_seed']}, bootstrap {s.bootstrap_seed} ({s.n_bootstrap} resamples)")
+        skipped = "".join(f"\n- skipped `{m}`: {why}" for m, why in res["skipped"].items())
+        t = res["timings_s"]
+        body = "\n".join([
+            "## Attribution quality" + (" (--quick)" if args.quick else ""),
+            "",
+            provenance_lines(args, seeds),
+            f"- setup: {d['n_artists']} artists (hard pairs: same palette and background, different stroke) x "
+            f"{d['per_artist']} images, each a unique (colour, object); one monitored LoRA run of {s.steps} steps "
+            f"(lr {s.lr}, batch {s.batch_size}, prior fraction {s.prior_fraction}), checkpoints at steps "
+            f"{d['checkpoint_steps']}; probes {d['probes']}; {d['n_mixed']} mixed generations "
+            f"(prompt-embedding blends, alpha in {d['alphas']})",
+            f"- LDS: {res['lds']['subsets']} retrained random halves ({res['lds']['steps']} steps each, no monitor); "
+            f"{SIGN_CONVENTION}",
+            f"- timings (s): data {t.get('data')}, monitored training {t.get('train_monitored')}, queries "
+            f"{t.get('queries')}, scoring {t.get('scoring')}, LDS retraining + losses "
+            f"{t.get('lds_retrain_and_losses')}, metrics {t.get('metrics')}, total {t.get('total')}" + skipped,
+            "- anchors from the literature (not comparable tasks, for scale): D-TRAK reports LDS .28-.33 for "
+            "Stable-Diffusion LoRA on ArtBench; CLIP-similarity baselines about .07.",
+            "",
+            res["markdown"],
+        ])
+        print(f"wrote section 'attribution' of {write_md_section('attribution', body)}")
+    return 0
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from montrage.bench.quality import run_quality_bench
+
+    res = run_quality_bench(Path(args.out) / "quality", quick=args.quick)
+    print()
+    print(res["markdown"])
+    if args.write_md:
+        body = "\n".join(["## Embedded model quality gate" + (" (--quick)" if args.quick else ""), "",
+                          provenance_lines(args, res["seeds"]), "", res["markdown"]])
+        print(f"wrote section 'quality' of {write_md_section('quality', body)}")
+    return 0 if res.get("passed", False) or args.quick else 1
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from montrage.analysis.base import available, get_scorer
+
+    for name in available():
+        print(f"{name:<24} {getattr(get_scorer(name), 'description', '')}")
+    return 0
+
+
+def not_implemented(args: argparse.Namespace) -> int:
+    print(f"montrage bench {args.kind}: not implemented yet")
+    return 2
+
+
+BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "attribution": run_attribution,
+    "quality": run_quality,
+    "list": run_list,
+    "cost": not_implemented,
+    "overhead": not_implemented,
+    "faults": not_implemented,
+}
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    fn: Optional[Callable[[argparse.Namespace], int]] = BENCHES.get(args.kind)
+    if fn is None:
+        print(f"unknown benchmark {args.kind!r}; known: {sorted(BENCHES)}")
+        return 2
+    return int(fn(args) or 0)
