@@ -128,107 +128,123 @@ class Dynamics:
         return np.asarray(out, dtype=np.float32)
 
     def stats(self) -> dict:
-        """Train mean/std per (module, checkpoint, timestep, feature) of features and of their changes."""
+        """Training-set statistics, two streaming passes: mean/std per (kind, module, checkpoint, timestep,
+        feature), then the norm of every training row's z-vector, so scoring can work on raw blocks."""
         if self._stats is not None:
             return self._stats
-        acc: Dict[Tuple[str, str, int], List[np.ndarray]] = {}
+        acc: Dict[Tuple[str, str, int], List] = {}
         loss_acc: List[np.ndarray] = []
         for sl in self.chunks():
-            for m in self.modules:
-                prev = None
-                for k in range(self.K):
-                    x = self._block(m, k, sl).astype(np.float64)
-                    for kind, v in (("sim", x), ("move", None if prev is None else x - prev)):
-                        if v is None:
-                            continue
-                        s = acc.setdefault((kind, m, k), [0.0, 0.0, 0.0])
-                        s[0] = s[0] + v.sum(0)
-                        s[1] = s[1] + (v ** 2).sum(0)
-                        s[2] += v.shape[0]
-                    prev = x
+            for m, k, kind, v in self._walk(sl):
+                v = v.astype(np.float64)
+                s = acc.setdefault((kind, m, k), [0.0, 0.0, 0])
+                s[0] = s[0] + np.nansum(v, 0)
+                s[1] = s[1] + np.nansum(v ** 2, 0)
+                s[2] += v.shape[0]
             if self.K >= 2:
                 dl = np.diff(self._loss_block(sl).astype(np.float64), axis=0)  # (K-1, n, T)
                 loss_acc.append(dl.transpose(1, 0, 2).reshape(dl.shape[1], -1))
-        stats = {}
+        stats: dict = {}
         for key, (s1, s2, n) in acc.items():
             mean = s1 / n
             std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
             stats[key] = (mean.astype(np.float32), (std + EPS).astype(np.float32))
         if loss_acc:
-            allv = np.concatenate(loss_acc)
+            allv = np.nan_to_num(np.concatenate(loss_acc))
             stats["loss"] = (allv.mean(0).astype(np.float32), (allv.std(0) + EPS).astype(np.float32))
+        norms = {key: np.empty((self.N, self.T), np.float32) for key in acc}
+        for sl in self.chunks():
+            for m, k, kind, v in self._walk(sl):
+                mean, std = stats[(kind, m, k)]
+                norms[(kind, m, k)][sl] = np.linalg.norm((v - mean) / std, axis=-1) + EPS
+        stats["norms"] = norms
         self._stats = stats
         return stats
 
-    # ------------------------------------------------------------------ normalisation
-    def _z(self, kind: str, m: str, k: int, x: np.ndarray) -> np.ndarray:
-        mean, std = self.stats()[(kind, m, k)]
-        return _unit(np.nan_to_num((x - mean) / std))
-
-    def _train_normalised(self, sl) -> Dict[Tuple[str, str, int], np.ndarray]:
-        n = sl.stop - sl.start if isinstance(sl, slice) else len(sl)
-        out = {}
+    def _walk(self, sl) -> Iterator[Tuple[str, int, str, np.ndarray]]:
+        """(module, k, kind, block) for the kinds in use: raw blocks and their changes."""
         kinds = {c.kind for c in self.channels}
         for m in self.modules:
             prev = None
             for k in range(self.K):
                 x = self._block(m, k, sl)
                 if "sim" in kinds:
-                    out[("sim", m, k)] = self._z("sim", m, k, x)
+                    yield m, k, "sim", x
                 if "move" in kinds and prev is not None:
-                    out[("move", m, k)] = self._z("move", m, k, x - prev)
+                    yield m, k, "move", x - prev
                 prev = x
-        if "loss" in kinds:
-            dl = np.diff(self._loss_block(sl), axis=0).transpose(1, 0, 2).reshape(n, -1)
-            mean, std = self.stats()["loss"]
-            out[("loss", "", -1)] = _unit(np.nan_to_num((dl - mean) / std))
-        return out
 
-    def query_normalised(self, q: QueryTrajectory) -> Dict[Tuple[str, str, int], np.ndarray]:
+    # ------------------------------------------------------------------ queries
+    def query_normalised(self, q: QueryTrajectory) -> Dict[Tuple[str, str, int], Tuple[np.ndarray, np.ndarray]]:
+        """Per (kind, module, k): A = unit(z_q) / std (Q, T, F) and c = A . mean (Q, T).
+
+        With them cos(z_q, z_r) = (A . r - c) / ||z_r|| for a raw training row r: the normalisation is
+        folded into the queries, and training blocks go straight into the matrix product.
+        """
+        stats = self.stats()
         out = {}
         kinds = {c.kind for c in self.channels}
         for m in self.modules:
             if q.features[m].shape[0] < self.K:
                 raise ScorerError(f"query trajectory has {q.features[m].shape[0]} checkpoints, need {self.K}")
             for k in range(self.K):
-                x = q.features[m][k]
-                if "sim" in kinds:
-                    out[("sim", m, k)] = self._z("sim", m, k, x)
-                if "move" in kinds and k >= 1:
-                    out[("move", m, k)] = self._z("move", m, k, x - q.features[m][k - 1])
+                for kind in ("sim", "move"):
+                    if kind not in kinds or (kind == "move" and k == 0):
+                        continue
+                    x = q.features[m][k] if kind == "sim" else q.features[m][k] - q.features[m][k - 1]
+                    mean, std = stats[(kind, m, k)]
+                    a = _unit(np.nan_to_num((x - mean) / std)) / std
+                    out[(kind, m, k)] = (a.astype(np.float32), np.einsum("qtf,tf->qt", a, mean))
         if "loss" in kinds:
             dl = np.diff(q.losses[: self.K], axis=0).transpose(1, 0, 2).reshape(q.n, -1)
-            mean, std = self.stats()["loss"]
-            out[("loss", "", -1)] = _unit(np.nan_to_num((dl - mean) / std))
+            mean, std = stats["loss"]
+            out[("loss", "", -1)] = (_unit(np.nan_to_num((dl - mean) / std)), None)
         return out
 
     # ------------------------------------------------------------------ channels and scores
-    @staticmethod
-    def _pair(zq: np.ndarray, zr: np.ndarray) -> np.ndarray:
-        """(1 + cos) / 2 between unit rows: zq (Q, [T,] F), zr (n, [T,] F) -> ([T,] Q, n)."""
-        if zq.ndim == 3:
-            return (1.0 + np.matmul(zq.transpose(1, 0, 2), zr.transpose(1, 2, 0))) / 2.0
-        return (1.0 + zq @ zr.T) / 2.0
-
     def _chunk_channels(self, qn: dict, sl, weights: Optional[np.ndarray]) -> np.ndarray:
-        tr = self._train_normalised(sl)
-        Q = next(iter(qn.values())).shape[0]
+        """Channel values for training rows ``sl``: all of them (C, Q, n) or their weighted sum (Q, n)."""
+        stats = self.stats()
+        Q = next(iter(qn.values()))[0].shape[0]
         n = sl.stop - sl.start if isinstance(sl, slice) else len(sl)
         full = np.empty((len(self.channels), Q, n), np.float32) if weights is None else None
-        acc = np.zeros((Q, n), np.float64) if weights is not None else None
-        pair_cache: Dict[Tuple[str, str, int], np.ndarray] = {}
-        for ci, ch in enumerate(self.channels):
-            if weights is not None and weights[ci] == 0:
-                continue
-            key = (ch.kind, ch.module, ch.k)
-            if key not in pair_cache:
-                pair_cache = {key: self._pair(qn[key], tr[key])}
-            val = pair_cache[key] if ch.kind == "loss" else pair_cache[key][ch.t]
+        acc = np.zeros((Q, n), np.float32) if weights is not None else None
+        index = {c: i for i, c in enumerate(self.channels)}
+        wanted = lambda c: c in index and (weights is None or weights[index[c]] != 0)  # noqa: E731
+
+        def emit(ch: Channel, cos: np.ndarray) -> None:
+            nonlocal acc
+            val = (1.0 + np.nan_to_num(cos)) / 2.0
             if full is not None:
-                full[ci] = val
+                full[index[ch]] = val
             else:
-                acc += weights[ci] * val
-        return full if full is not None else acc.astype(np.float32)
+                acc += np.float32(weights[index[ch]]) * val
+
+        for m in self.modules:
+            prev = None
+            for k in range(self.K):
+                need_sim = any(wanted(Channel("sim", m, t, k)) for t in range(self.T))
+                need_move = k >= 1 and any(wanted(Channel("move", m, t, k)) for t in range(self.T))
+                need_next = k + 1 < self.K and any(wanted(Channel("move", m, t, k + 1)) for t in range(self.T))
+                if not (need_sim or need_move or need_next):
+                    prev = None
+                    continue
+                x = self._block(m, k, sl)
+                for kind, block, ok in (("sim", x, need_sim), ("move", None if prev is None else x - prev, need_move)):
+                    if not ok or block is None:
+                        continue
+                    a, c = qn[(kind, m, k)]
+                    norms = stats["norms"][(kind, m, k)][sl]  # (n, T)
+                    for t in range(self.T):
+                        ch = Channel(kind, m, t, k)
+                        if wanted(ch):
+                            emit(ch, (a[:, t] @ block[:, t].T - c[:, t, None]) / norms[None, :, t])
+                prev = x
+        if Channel("loss") in index and wanted(Channel("loss")):
+            dl = np.diff(self._loss_block(sl), axis=0).transpose(1, 0, 2).reshape(n, -1)
+            mean, std = stats["loss"]
+            emit(Channel("loss"), qn[("loss", "", -1)][0] @ _unit(np.nan_to_num((dl - mean) / std)).T)
+        return full if full is not None else acc
 
     def channel_tensor(self, q: QueryTrajectory, train_index: Optional[np.ndarray] = None) -> np.ndarray:
         """All channels, (n_channels, Q, N or len(train_index)): for fitting the attribution model."""

@@ -360,8 +360,10 @@ def differences(values: Dict[str, np.ndarray], ref: Dict[str, np.ndarray], alpha
 
 # ----------------------------------------------------------------------------- reporting
 def _cell(fig: Optional[dict], key: str = "value") -> str:
-    if not fig or fig.get(key) is None:
+    if not fig:
         return "n/a"
+    if fig.get(key) is None:
+        return "undef"  # e.g. a Spearman of constant values
     lo, hi = fig.get("ci") or (float("nan"), float("nan"))
     return f"{fig[key]:.2f} [{lo:.2f}, {hi:.2f}]"
 
@@ -375,7 +377,8 @@ def markdown_table(results: dict) -> str:
             rows.append(f"| {label} | error: {r['error'][:80]} |" + " |" * (len(METRICS) - 1))
             continue
         rows.append(f"| {label} | " + " | ".join(_cell(r["metrics"].get(k)) for k, _ in METRICS) + " |")
-    lines = ["Value [bootstrap 95% interval]; n/a = not applicable to that variant.", "", *rows]
+    lines = ["Value [bootstrap 95% interval]; n/a = not applicable to that variant; undef = undefined (constant "
+             "scores, e.g. a Spearman of ties).", "", *rows]
     if any(r.get("diff_vs_reference") for r in results["methods"].values()):
         lines += ["", f"Paired bootstrap difference to `{REFERENCE}` (same resampled items):", "", head, sep]
         for label, r in results["methods"].items():

@@ -463,7 +463,7 @@ def _dynamics_section(store: RunStore, payload: dict, n_probes: int, colors: Dic
     return "".join(parts)
 
 
-def _compare_section(result: Optional[dict], source: str, colors: Dict[str, str]) -> str:
+def _compare_section(result: Optional[dict], source: str) -> str:
     parts = ['<section id="learning"><h2>When each concept was learned</h2>']
     if result is None:
         parts.append(f'<div class="note">{e(source)}</div></section>')
@@ -474,8 +474,12 @@ def _compare_section(result: Optional[dict], source: str, colors: Dict[str, str]
     intro = (f'<p class="sub">{e(result.get("method"))} at each checkpoint on the probes generated there ({e(source)}); '
              f'a concept counts as learned from the first checkpoint after which at least half of its probes '
              f'stay attributed to it.</p>')
+    if not result.get("curves") or not result.get("steps"):
+        fig = '<div class="note">no concept curves in this comparison (the run has no concepts)</div>'
+    else:
+        fig = None
     try:
-        fig = _img(P.learning_curves(result), "learning curves per concept", cls="fig")
+        fig = fig or _img(P.learning_curves(result), "learning curves per concept", cls="fig")
     except Exception as exc:  # a malformed precomputed dict should not sink the whole report
         log.warning("report: could not plot the learning curves: %s", exc)
         fig = f'<div class="note">could not plot the learning curves: {e(exc)}</div>'
@@ -547,7 +551,7 @@ def build_report(run_dir: str | Path, method: str = "montrage", out: Optional[st
         _summary_section(store, info, colors, train_note, train_images is not None),
         _probe_section(store, payload, att_source, method, top_k, max_probes, thumbs, colors, progress),
         _dynamics_section(store, payload, dynamics_probes, colors, probe_thumbs),
-        _compare_section(cmp, cmp_source, colors),
+        _compare_section(cmp, cmp_source),
         _grid_section(store, grid_columns),
     ]
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")

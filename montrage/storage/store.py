@@ -51,6 +51,7 @@ class StoreDims:
     image_shape: Sequence[int]  # (H, W, 3)
     lora_names: List[str] = field(default_factory=list)
     lora_shapes: List[List[int]] = field(default_factory=list)
+    feature_dtype: str = "float32"  # of the */features/<module> arrays: 'float32' or 'float16' (halves the store)
 
     @property
     def n_lora(self) -> int:
@@ -112,6 +113,9 @@ class RunStore:
         if not cls.exists(run_dir):
             raise StoreError(f"no montrage run store at {run_dir}: expected {cls.store_path(run_dir)}; "
                              "create one with `montrage train --output DIR` or the monitor callback")
+        if cls._half_created(run_dir):
+            raise StoreError(f"the run store at {cls.store_path(run_dir)} is not initialised yet: it is being created, "
+                             "or its creation was interrupted (rerun the same `montrage train` command to recreate it)")
         group = zarr.open_group(cls.store_path(run_dir), mode="r")
         store = cls(run_dir, group, writable=False)
         store._check_layout()
@@ -125,7 +129,10 @@ class RunStore:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = cls._acquire_lock(run_dir)
         try:
-            if cls.exists(run_dir):
+            if cls.exists(run_dir) and cls._half_created(run_dir):
+                log.warning("recreating %s: its creation was interrupted before any checkpoint",
+                            cls.store_path(run_dir))
+            elif cls.exists(run_dir):
                 group = zarr.open_group(cls.store_path(run_dir), mode="r+")
                 store = cls(run_dir, group, writable=True, lock_fd=fd)
                 store._check_layout()
@@ -140,6 +147,15 @@ class RunStore:
         except BaseException:
             cls._release_lock(fd)
             raise
+
+    @classmethod
+    def _half_created(cls, run_dir: Path) -> bool:
+        """A store whose creation was interrupted: root attributes (written last by _create) not there yet."""
+        try:
+            meta = json.loads((cls.store_path(run_dir) / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return meta.get("node_type") == "group" and not meta.get("attributes")
 
     @staticmethod
     def _acquire_lock(run_dir: Path) -> int:
@@ -199,7 +215,7 @@ class RunStore:
             fg = g.create_group(S.FEATURES)
             for module, width in dims.feature_dims.items():
                 fg.create_array(module, shape=(0, n, dims.n_conditions, dims.n_timesteps, width),
-                                chunks=(1, rows, dims.n_conditions, dims.n_timesteps, width), dtype="float32",
+                                chunks=(1, rows, dims.n_conditions, dims.n_timesteps, width), dtype=dims.feature_dtype,
                                 dimension_names=(S.DIM_CHECKPOINT, dim, S.DIM_CONDITION, S.DIM_TIMESTEP, S.DIM_FEATURE))
             g.create_array(S.LOSS, shape=(0, n, dims.n_conditions, dims.n_timesteps),
                            chunks=(1, rows, dims.n_conditions, dims.n_timesteps), dtype="float32",
@@ -350,7 +366,8 @@ class RunStore:
         r[f"{S.CHECKPOINTS}/{S.TRAIN_LOSS}"].append(np.array([np.nan if rec.train_loss is None else rec.train_loss], dtype="float32"))
         for kind in S.FEATURE_KINDS:
             for module in self.modules:
-                r[S.feature_path(kind, module)].append(np.asarray(rec.features[kind][module], dtype="float32")[None])
+                arr = r[S.feature_path(kind, module)]
+                arr.append(np.asarray(rec.features[kind][module], dtype=arr.dtype)[None])
             r[f"{kind}/{S.LOSS}"].append(np.asarray(rec.losses[kind], dtype="float32")[None])
         r[f"{S.PROBES}/{S.IMAGES}"].append(np.asarray(rec.probe_images, dtype="uint8")[None])
         lora_arr = r[f"{S.LORA}/{S.WEIGHTS}"]

@@ -1,0 +1,226 @@
+"""Cost benchmarks: callback overhead, post-hoc and total attribution cost per scorer, scoring throughput.
+
+Every figure is a ratio measured side by side in one run on the same machine, never an absolute target.
+Scorers run in fresh subprocesses so that each one's peak memory (ru_maxrss) is its own.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+COST_METHODS = ("montrage", "montrage-unsupervised", "final-sim", "pixel", "tracin", "dtrak")
+
+
+def _dataset(root: Path, n_artists: int, per_artist: int) -> Path:
+    from montrage.data.synthetic import write_concept_dataset
+
+    return write_concept_dataset(root, n_artists=n_artists, images_per_artist=per_artist, seed=0)
+
+
+def timed_training(data: Path, out: Path, steps: int, monitor: bool, every: int, prior: Optional[Path] = None) -> float:
+    """Wall time of one fine-tuning run (a fresh output folder)."""
+    import shutil
+
+    from montrage.config import CaptureConfig, TrainConfig
+    from montrage.training import train
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    train(data, out, cfg=TrainConfig(steps=steps, prior_fraction=0.25 if prior else 0.0),
+          capture=CaptureConfig(every_n_steps=every), prior_dir=prior, monitor=monitor, progress=False)
+    return time.perf_counter() - t0
+
+
+def measure_overhead(root: Path, steps: int = 400, every: Optional[int] = None, repeats: int = 1) -> Dict[str, object]:
+    """Training wall time with vs without the monitor, same data, steps and seed; alternated runs."""
+    from montrage.config import CaptureConfig
+    from montrage.data.synthetic import write_prior_dataset
+
+    every = every or CaptureConfig().every_n_steps
+    data = _dataset(root / "data", 3, 8)
+    prior = write_prior_dataset(root / "prior", 32, seed=1)
+    with_cb, without = [], []
+    for r in range(repeats):
+        without.append(timed_training(data, root / f"plain{r}", steps, False, every, prior))
+        with_cb.append(timed_training(data, root / f"monitored{r}", steps, True, every, prior))
+    a, b = float(np.median(with_cb)), float(np.median(without))
+    return {"steps": steps, "every_n_steps": every, "checkpoints": steps // every + 1, "with_s": a, "without_s": b,
+            "ratio": a / b, "overhead_pct": 100 * (a / b - 1), "runs_with": with_cb, "runs_without": without}
+
+
+_SCORE_SNIPPET = r"""
+import json, resource, sys, time, numpy as np
+from montrage.analysis.attribute import attribute
+from montrage.analysis.queries import probe_queries
+from montrage.storage import RunStore
+run, method, n_queries = sys.argv[1], sys.argv[2], int(sys.argv[3])
+st = RunStore.open(run)
+q = probe_queries(st, indices=list(range(min(n_queries, len(st.probe_meta['prompts'])))))
+t0 = time.perf_counter()
+res = attribute(run, method, queries=q, write_store=False, progress=False, store=st)
+dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "queries": len(q), "shape": list(res.scores.shape)}))
+"""
+
+
+def posthoc_cost(run: Path, method: str, n_queries: int = 10_000) -> Dict[str, float]:
+    """Wall time and peak RSS of attributing ``n_queries`` probes with ``method``, in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", _SCORE_SNIPPET, str(run), method, str(n_queries)],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{method} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def capture_seconds(run: Path) -> float:
+    """Seconds the monitor added to training, from the store: recorded as the monitored minus plain time."""
+    meta = json.loads((run / "bench_timing.json").read_text())
+    return float(meta["with_s"] - meta["without_s"])
+
+
+def measure_cost(root: Path, sizes=((3, 8), (10, 24)), steps: int = 200, methods=COST_METHODS) -> Dict[str, object]:
+    """Post-hoc and total cost per scorer at two training-set sizes, as ratios to dtrak in the same run."""
+    from montrage.analysis.base import available
+
+    results: Dict[str, object] = {"steps": steps, "sizes": {}}
+    every = max(1, steps // 4)
+    for n_artists, per in sizes:
+        n = n_artists * per
+        sroot = root / f"n{n}"
+        data = _dataset(sroot / "data", n_artists, per)
+        plain = timed_training(data, sroot / "plain", steps, False, every)
+        monitored = timed_training(data, sroot / "run", steps, True, every)
+        run = sroot / "run"
+        capture = max(0.0, monitored - plain)
+        per_method: Dict[str, Dict[str, float]] = {}
+        for m in methods:
+            if m not in available():
+                continue
+            full = posthoc_cost(run, m)
+            one = posthoc_cost(run, m, n_queries=1)
+            total = full["seconds"] + (capture if m.startswith(("montrage", "final-sim", "dynamics", "loss")) else 0.0)
+            per_method[m] = {"posthoc_s": full["seconds"], "peak_rss_mb": full["peak_rss_mb"], "total_s": total,
+                             "one_query_s": one["seconds"], "queries": full["queries"]}
+        ref = per_method.get("dtrak")
+        for m, v in per_method.items():
+            if ref:
+                v["posthoc_vs_dtrak"] = v["posthoc_s"] / ref["posthoc_s"]
+                v["total_vs_dtrak"] = v["total_s"] / ref["total_s"]
+        results["sizes"][str(n)] = {"train_images": n, "plain_training_s": plain, "monitored_training_s": monitored,
+                                    "capture_s": capture, "methods": per_method}
+    return results
+
+
+def measure_throughput(n_train: int = 20_000, n_queries: int = 64, feature: int = 256, timesteps: int = 3,
+                       checkpoints: int = 5, root: Optional[Path] = None) -> Dict[str, float]:
+    """The dynamics scorer's arithmetic rate vs a plain matrix product of the same shapes, same process."""
+    import tempfile
+
+    from montrage.analysis.trajectories import Dynamics, QueryTrajectory
+    from montrage.storage import CheckpointRecord, RunStore, StoreDims
+    from montrage.storage import schema as S
+
+    rng = np.random.default_rng(0)
+    root = Path(root or tempfile.mkdtemp())
+    m = "mid_block"
+    dims = StoreDims(n_train=n_train, n_probes=1, n_anchors=0, n_conditions=1, n_timesteps=timesteps,
+                     feature_dims={m: feature}, image_shape=(2, 2, 3), lora_names=["w"], lora_shapes=[[1]])
+    cfg = {"capture": {"modules": [m], "conditions": ["null"], "timesteps": list(range(timesteps))}, "base": "none"}
+    st = RunStore.create_or_resume(root / "tp", cfg, {"tp": 1}, dims, {S.ATTR_FILE_NAMES: [""] * n_train,
+                                   S.ATTR_CONCEPTS: [""] * n_train}, {S.ATTR_PROMPTS: ["p"]}, [])
+    for k in range(checkpoints):
+        st.append(CheckpointRecord(
+            step=k, wall_time=0.0, train_loss=None,
+            features={S.TRAIN: {m: rng.standard_normal((n_train, 1, timesteps, feature), dtype=np.float32)},
+                      S.PROBES: {m: np.zeros((1, 1, timesteps, feature), np.float32)},
+                      S.ANCHORS: {m: np.zeros((0, 1, timesteps, feature), np.float32)}},
+            losses={S.TRAIN: rng.random((n_train, 1, timesteps)), S.PROBES: np.zeros((1, 1, timesteps)),
+                    S.ANCHORS: np.zeros((0, 1, timesteps))},
+            probe_images=np.zeros((1, 2, 2, 3), np.uint8), lora=np.zeros(1, np.float32)))
+    st.close()
+    st = RunStore.open(root / "tp")
+    dyn = Dynamics(st, "null", kinds=("sim", "move"), chunk=8192)
+    dyn.stats()
+    q = QueryTrajectory({m: rng.standard_normal((checkpoints, n_queries, timesteps, feature), dtype=np.float32)},
+                        np.zeros((checkpoints, n_queries, timesteps), np.float32))
+    weights = np.full(len(dyn.channels), 1.0 / len(dyn.channels))
+    t0 = time.perf_counter()
+    dyn.score(q, weights)
+    t_scorer = time.perf_counter() - t0
+    groups = checkpoints + (checkpoints - 1)  # sim at each k, move at each k >= 1
+    flops = 2.0 * n_queries * n_train * feature * timesteps * groups
+    a = rng.standard_normal((n_queries, feature), dtype=np.float32)
+    b = rng.standard_normal((feature, n_train), dtype=np.float32)
+    t0 = time.perf_counter()
+    for _ in range(groups * timesteps):
+        a @ b
+    t_plain = time.perf_counter() - t0
+    return {"n_train": n_train, "queries": n_queries, "feature": feature, "timesteps": timesteps,
+            "checkpoints": checkpoints, "scorer_s": t_scorer, "plain_matmul_s": t_plain,
+            "scorer_gflops": flops / t_scorer / 1e9, "plain_gflops": flops / t_plain / 1e9,
+            "rate_vs_plain": t_plain / t_scorer}
+
+
+def cost_markdown(cost: Dict[str, object], tp: Dict[str, float]) -> str:
+    lines = ["| train images | method | post-hoc s | peak RSS MB | +1 query s | total s | post-hoc / dtrak | total / dtrak |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n, size in cost["sizes"].items():
+        for m, v in size["methods"].items():
+            lines.append(f"| {n} | {m} | {v['posthoc_s']:.2f} | {v['peak_rss_mb']:.0f} | {v['one_query_s']:.2f} | "
+                         f"{v['total_s']:.2f} | {v.get('posthoc_vs_dtrak', float('nan')):.3f} | "
+                         f"{v.get('total_vs_dtrak', float('nan')):.3f} |")
+    caps = "; ".join(f"{n} images: training {s['plain_training_s']:.1f} s plain, {s['monitored_training_s']:.1f} s "
+                     f"monitored (capture {s['capture_s']:.1f} s)" for n, s in cost["sizes"].items())
+    lines += ["", f"Capture cost ({cost['steps']} steps, 5 checkpoints): {caps}. Total = post-hoc + capture for "
+              "the store-reading methods; gradient methods need no capture.", "",
+              f"Scoring throughput: dynamics scorer {tp['scorer_gflops']:.1f} GFLOP/s vs plain matmul of the same "
+              f"shapes {tp['plain_gflops']:.1f} GFLOP/s: **{100 * tp['rate_vs_plain']:.0f}%** "
+              f"({tp['n_train']} training images, {tp['queries']} queries, {tp['feature']} features x "
+              f"{tp['timesteps']} timesteps x {tp['checkpoints']} checkpoints, reading from the Zarr store included)."]
+    return "\n".join(lines)
+
+
+def run_cost(args) -> int:
+    from montrage.bench.cli import provenance_lines, write_md_section
+
+    root = Path(args.out) / "cost"
+    sizes = ((2, 6), (4, 15)) if args.quick else ((3, 8), (10, 24))
+    cost = measure_cost(root, sizes=sizes, steps=60 if args.quick else 200)
+    tp = measure_throughput(n_train=4000 if args.quick else 20_000, root=root)
+    md = cost_markdown(cost, tp)
+    (root / "results.json").write_text(json.dumps({"cost": cost, "throughput": tp}, indent=2))
+    print(md)
+    if args.write_md:
+        body = "\n".join(["## Cost" + (" (--quick)" if args.quick else ""), "",
+                          provenance_lines(args, "training 0, throughput data 0"), "", md])
+        write_md_section("cost", body)
+    return 0
+
+
+def run_overhead(args) -> int:
+    from montrage.bench.cli import provenance_lines, write_md_section
+
+    root = Path(args.out) / "overhead"
+    res = measure_overhead(root, steps=100 if args.quick else 400, every=25 if args.quick else None,
+                           repeats=1 if args.quick else 2)
+    (root / "results.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "results.json").write_text(json.dumps(res, indent=2))
+    md = (f"| steps | checkpoint every | checkpoints | without callback s | with callback s | ratio | overhead |\n"
+          f"|---|---|---|---|---|---|---|\n| {res['steps']} | {res['every_n_steps']} | {res['checkpoints']} | "
+          f"{res['without_s']:.1f} | {res['with_s']:.1f} | {res['ratio']:.3f} | {res['overhead_pct']:.1f}% |")
+    print(md)
+    if args.write_md:
+        body = "\n".join(["## Callback overhead" + (" (--quick)" if args.quick else ""), "",
+                          provenance_lines(args, "training 0"), "", md])
+        write_md_section("overhead", body)
+    return 0
