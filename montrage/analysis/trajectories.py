@@ -202,6 +202,54 @@ class Dynamics:
         return out
 
     # ------------------------------------------------------------------ channels and scores
+    def _chunk_weighted(self, qn: dict, sl, weights: np.ndarray) -> np.ndarray:
+        """Weighted sum of channels for training rows ``sl``.
+
+        For channel (kind, module, k, t) with weight w: w (1 + (A . r - c) / ||z_r||) / 2, where the raw
+        training rows r go straight into one GEMM (bias c fused) and the per-row scale w / 2 / ||z_r|| is one
+        fused multiply-add on the (queries x rows) result, cheaper than touching the rows' features again.
+        """
+        stats = self.stats()
+        Q = next(iter(qn.values()))[0].shape[0]
+        n = sl.stop - sl.start if isinstance(sl, slice) else len(sl)
+        acc_t = torch.zeros((Q, n), dtype=torch.float32)
+        acc = acc_t.numpy()  # shares memory with acc_t
+        const = 0.0
+        index = {c: i for i, c in enumerate(self.channels)}
+        w_of = lambda kind, m, k: np.array([weights[index[Channel(kind, m, t, k)]]  # noqa: E731
+                                            if Channel(kind, m, t, k) in index else 0.0 for t in range(self.T)],
+                                           np.float32)
+        for m in self.modules:
+            prev = None
+            for k in range(self.K):
+                ws, wm = w_of("sim", m, k), w_of("move", m, k)
+                w_next = w_of("move", m, k + 1) if k + 1 < self.K else np.zeros(self.T, np.float32)
+                if not (ws.any() or wm.any() or w_next.any()):
+                    prev = None
+                    continue
+                x = self._block(m, k, sl)
+                for kind, w in (("sim", ws), ("move", wm)):
+                    if not w.any() or (kind == "move" and prev is None):
+                        continue
+                    block = torch.from_numpy(x if kind == "sim" else x - prev)  # (n, T, F), no copy for sim
+                    a, c = qn[(kind, m, k)]
+                    inv = torch.from_numpy(1.0 / stats["norms"][(kind, m, k)][sl])  # (n, T)
+                    for t in np.flatnonzero(w):
+                        # (A_t r_t - c_t), then scaled per training row by w_t / 2 / ||z||: one GEMM, one fused pass
+                        dots = torch.addmm(torch.from_numpy(-c[:, t, None].astype(np.float32)),
+                                           torch.from_numpy(a[:, t]), block[:, t].T)
+                        acc_t.addcmul_(dots, inv[:, t][None, :], value=float(w[t]) / 2.0)
+                        const += float(w[t]) / 2.0
+                prev = x
+        if Channel("loss") in index and weights[index[Channel("loss")]] != 0:
+            w = float(weights[index[Channel("loss")]])
+            dl = np.diff(self._loss_block(sl), axis=0).transpose(1, 0, 2).reshape(n, -1)
+            mean, std = stats["loss"]
+            acc += (w / 2.0) * (qn[("loss", "", -1)][0] @ _unit(np.nan_to_num((dl - mean) / std)).T)
+            const += w / 2.0
+        acc += np.float32(const)
+        return np.nan_to_num(acc, copy=False)
+
     def _chunk_channels(self, qn: dict, sl, weights: Optional[np.ndarray]) -> np.ndarray:
         """Channel values for training rows ``sl``: all of them (C, Q, n) or their weighted sum (Q, n)."""
         stats = self.stats()
@@ -259,7 +307,7 @@ class Dynamics:
         if weights.shape != (len(self.channels),):
             raise ScorerError(f"{weights.shape[0]} channel weights for {len(self.channels)} channels")
         qn = self.query_normalised(q)
-        parts = [self._chunk_channels(qn, sl, weights)
+        parts = [self._chunk_weighted(qn, sl, weights)
                  for sl in tqdm(list(self.chunks()), disable=not self.progress, desc="score", leave=False)]
         return np.concatenate(parts, axis=1)
 

@@ -70,6 +70,7 @@ figure{margin:0;text-align:center;font-size:11px}
 figure.train{width:104px}
 figure.train figcaption{overflow-wrap:anywhere;line-height:1.25}
 figure img{display:block;margin:0 auto}
+img.fig{max-width:100%;height:auto}
 img.px{image-rendering:pixelated;image-rendering:crisp-edges}
 .missing{width:96px;height:96px;display:flex;align-items:center;justify-content:center;background:#eceff3;color:#6b7682;font-size:10px;text-align:center;overflow-wrap:anywhere}
 .ok{color:#1a7f37;font-weight:600}.bad{color:#c62828;font-weight:600}
@@ -558,7 +559,8 @@ def build_report(run_dir: str | Path, method: str = "montrage", out: Optional[st
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (("summary", "summary"), ("probes", "attribution"),
                                                           ("dynamics", "dynamics"), ("learning", "learning curves"),
                                                           ("grid", "checkpoint grid")))
-    title = f"montrage report: {Path(run_dir).name} ({method})"
+    where = Path(run_dir).resolve()
+    title = f"montrage report: {'/'.join(where.parts[-2:]) if len(where.parts) > 2 else where} ({method})"
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{e(_CSP)}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -123,14 +123,15 @@ def dynamics_figure(steps: Sequence[int], title: str, sim_lines: List[dict], los
     Each line is a dict: label, values (K,), and optional color, style (matplotlib ls), marker, lw.
     """
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(8.8, 2.8))
+    fig, axes = plt.subplots(1, 2, figsize=(8.8, 3.3))
     x = np.asarray(steps)
     for ax, lines in zip(axes, (sim_lines, loss_lines)):
         for ln in lines:
             ax.plot(x, ln["values"], marker=ln.get("marker", "o"), ms=3, lw=ln.get("lw", 1.4),
                     color=ln.get("color"), ls=ln.get("style", "-"), label=ln["label"])
         _style(ax)
-        ax.legend(fontsize=5.5, loc="best", framealpha=0.7)
+        # below the axes, so the legend never hides a trajectory
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     axes[0].set(title="similarity to the probe (z-normalised features)", xlabel="training step", ylabel="(1 + cos) / 2")
     axes[1].set(title="denoising loss (null prompt, mean over timesteps)", xlabel="training step", ylabel="loss")
     for ax in axes:

@@ -216,6 +216,7 @@ class RunStore:
             for module, width in dims.feature_dims.items():
                 fg.create_array(module, shape=(0, n, dims.n_conditions, dims.n_timesteps, width),
                                 chunks=(1, rows, dims.n_conditions, dims.n_timesteps, width), dtype=dims.feature_dtype,
+                                compressors=S.FEATURE_COMPRESSORS,
                                 dimension_names=(S.DIM_CHECKPOINT, dim, S.DIM_CONDITION, S.DIM_TIMESTEP, S.DIM_FEATURE))
             g.create_array(S.LOSS, shape=(0, n, dims.n_conditions, dims.n_timesteps),
                            chunks=(1, rows, dims.n_conditions, dims.n_timesteps), dtype="float32",
