@@ -72,7 +72,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if args.prompt:
         options["prompt"] = args.prompt
     res = attribute(args.run, args.method, args.checkpoint, args.top_k, args.images, condition=args.condition,
-                    options=options, progress=not args.quiet)
+                    options=options, progress=not args.quiet, scheduler=args.scheduler)
     out = Path(args.out) if args.out else Path(args.run) / f"attribution_{args.method}_{res.step}.json"
     write_json(res.payload, out)
     acc = between_concept_accuracy(res.payload)
@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="B: final images re-encoded under each checkpoint (default); A: probes as generated at each checkpoint")
     p.add_argument("--out", default=None, help="JSON output (default RUN/attribution_<method>_<step>.json)")
     p.add_argument("--show", type=int, default=12, help="queries printed to the terminal (default 12)")
+    p.add_argument("--scheduler", default=None, metavar="ADDR",
+                   help="score the training dynamics with dask: a scheduler address (tcp://host:8786), 'local' "
+                   "(in-process LocalCluster) or 'threads'; the run folder must be readable by the workers "
+                   "(default: in-process numpy)")
     p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("compare", help="how attribution changed between checkpoints (JSON + PNG)")

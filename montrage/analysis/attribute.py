@@ -65,8 +65,13 @@ class AttributionResult:
 def attribute(run_dir: str | Path, method: str = "montrage", checkpoint_step: Optional[int] = None,
               top_k: int = 10, images_dir: Optional[str | Path] = None, condition: str = "null",
               options: Optional[dict] = None, queries: Optional[QuerySet] = None, write_store: bool = True,
-              progress: bool = True, store: Optional[RunStore] = None, ctx_cache: Optional[dict] = None) -> AttributionResult:
-    """Score queries (the run's probes by default, or ``images_dir``) against every training image."""
+              progress: bool = True, store: Optional[RunStore] = None, ctx_cache: Optional[dict] = None,
+              scheduler=None) -> AttributionResult:
+    """Score queries (the run's probes by default, or ``images_dir``) against every training image.
+
+    ``scheduler``: run the dynamics scoring with dask there ('threads', 'local', 'tcp://host:8786' or a
+    dask.distributed Client; see :mod:`montrage.analysis.dask_scoring`); None scores in-process.
+    """
     store = store or RunStore.open(run_dir)
     k = store.checkpoint_index(checkpoint_step)
     step = int(store.steps[k])
@@ -84,7 +89,13 @@ def attribute(run_dir: str | Path, method: str = "montrage", checkpoint_step: Op
                          options=options)
     if ctx_cache is not None:
         ctx._cache = ctx_cache
-    scores = np.asarray(scorer.score(ctx), dtype=np.float32)
+    if scheduler is not None:
+        from montrage.analysis.dask_scoring import scoring_on
+
+        with scoring_on(scheduler):
+            scores = np.asarray(scorer.score(ctx), dtype=np.float32)
+    else:
+        scores = np.asarray(scorer.score(ctx), dtype=np.float32)
     payload = build_payload(store, method, step, scores, queries, top_k, condition, options)
     if write_store:
         payload["score_path"] = _write(store, method, step, scores, queries)

@@ -12,8 +12,9 @@ matrix product over all pairs; training images stream in chunks, so memory stays
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ from montrage.storage import schema as S
 
 KINDS = ("sim", "move", "loss")
 EPS = 1e-6
+# set by montrage.analysis.dask_scoring.scoring_on: stats() and score() delegate to it (dask) when set
+SCORE_BACKEND: ContextVar[Optional[Any]] = ContextVar("montrage_score_backend", default=None)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,9 @@ class Dynamics:
         """Training-set statistics, two streaming passes: mean/std per (kind, module, checkpoint, timestep,
         feature), then the norm of every training row's z-vector, so scoring can work on raw blocks."""
         if self._stats is not None:
+            return self._stats
+        if SCORE_BACKEND.get() is not None:
+            self._stats = SCORE_BACKEND.get().stats(self)
             return self._stats
         acc: Dict[Tuple[str, str, int], List] = {}
         loss_acc: List[np.ndarray] = []
@@ -306,6 +312,8 @@ class Dynamics:
         weights = np.asarray(weights, dtype=np.float64)
         if weights.shape != (len(self.channels),):
             raise ScorerError(f"{weights.shape[0]} channel weights for {len(self.channels)} channels")
+        if SCORE_BACKEND.get() is not None:
+            return SCORE_BACKEND.get().score(self, q, weights)
         qn = self.query_normalised(q)
         parts = [self._chunk_weighted(qn, sl, weights)
                  for sl in tqdm(list(self.chunks()), disable=not self.progress, desc="score", leave=False)]

@@ -113,7 +113,11 @@ def concept_bars(values: Dict[str, float], colors: Dict[str, str], expected: str
     ax.set_title("concept shares" if as_shares else "concept score (share)", fontsize=7, loc="left")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    fig.tight_layout(pad=0.3)
+    # fixed margins instead of tight_layout: it costs a second render, and there is one chart per probe
+    height = fig.get_figheight()
+    longest = max([len(c) + 2 for c in names] or [4])
+    fig.subplots_adjust(left=min(0.55, 0.05 + 0.0185 * longest), right=0.97, top=1 - 0.22 / height,
+                        bottom=0.3 / height)
     return fig_data_uri(fig, dpi=100)
 
 
