@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # keep torch (imported by trajectories) out of this module's 
 
 EPS = 1e-6  # as in trajectories
 DEFAULT_CHUNK = 4096  # training images per task (Dynamics' chunk)
+CONNECT_TIMEOUT_S = 20.0  # to reach a --scheduler address
 Key = Tuple[str, str, int]
 
 
@@ -252,7 +253,7 @@ def client_for(scheduler: Union[str, Any, None]) -> Iterator[Any]:
             yield client
         return
     try:
-        client = Client(scheduler, timeout=30, set_as_default=False)
+        client = Client(scheduler, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
         raise ScorerError(f"cannot connect to the dask scheduler at {scheduler!r}: {exc}; start one "
                           "(`dask scheduler`) and workers, or pass --scheduler local") from exc

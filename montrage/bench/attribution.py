@@ -61,6 +61,13 @@ SIGN_CONVENTION = ("LDS(q) = spearman over retrained subsets m of (-(sum_{i in S
                    "spearman(sum score, -L): higher attribution of the included images must predict a LOWER "
                    "denoising loss of probe q (the influence / TRAK-margin convention, model output f = -loss); "
                    "good methods have LDS > 0")
+NOTES = ("Notes: variants without a suffix use null-prompt representations and query mode B (final images "
+         "re-encoded under each checkpoint). `(caption)` variants condition on the captions / prompts, which name the "
+         "artist: an upper reference, not a fair comparison. `(mode A)`: probes as generated at each checkpoint "
+         "(probe queries only). `concept-trak` scores each query with its artist's phrase (`by artist-k`, the "
+         "prompt's own phrase for probes; artist a's phrase for mixed; the caption's for self), so it is told the "
+         "concept. Mixed queries carry no prompt. Exemplar R@k ranks within the exemplar's artist "
+         "(per-artist images: R@k is 1 when k >= that count).")
 METRICS: Tuple[Tuple[str, str], ...] = (
     ("between_top1", "between top-1"), ("between_auc", "between AUC"), ("exemplar_r1", "exemplar R@1"),
     ("exemplar_r5", "R@5"), ("exemplar_r10", "R@10"), ("exemplar_mrr", "MRR"), ("mixed_spearman", "mixed rho"),
@@ -364,7 +371,7 @@ def _cell(fig: Optional[dict], key: str = "value") -> str:
         return "n/a"
     if fig.get(key) is None:
         return "undef"  # e.g. a Spearman of constant values
-    lo, hi = fig.get("ci") or (float("nan"), float("nan"))
+    lo, hi = [float("nan") if x is None else x for x in (fig.get("ci") or (None, None))]
     return f"{fig[key]:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
@@ -378,7 +385,7 @@ def markdown_table(results: dict) -> str:
             continue
         rows.append(f"| {label} | " + " | ".join(_cell(r["metrics"].get(k)) for k, _ in METRICS) + " |")
     lines = ["Value [bootstrap 95% interval]; n/a = not applicable to that variant; undef = undefined (constant "
-             "scores, e.g. a Spearman of ties).", "", *rows]
+             "scores, e.g. a Spearman of ties).", "", *rows, "", NOTES]
     if any(r.get("diff_vs_reference") for r in results["methods"].values()):
         lines += ["", f"Paired bootstrap difference to `{REFERENCE}` (same resampled items):", "", head, sep]
         for label, r in results["methods"].items():
@@ -542,8 +549,9 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False,
                 "sign_convention": SIGN_CONVENTION, "reused_from_cache": int(reused)},
         "skipped": skipped, "timings_s": timings, "methods": methods,
     }
+    results = _jsonable(results)  # NaN -> None, numpy -> python: the returned dict equals results.json
     results["markdown"] = markdown_table(results)
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(results["markdown"] + "\n")
     store.close()
     echo(f"[6/6] wrote {out / 'results.json'} and {out / 'results.md'} (total {timings['total']:.0f} s)")

@@ -126,8 +126,11 @@ def test_cli_scheduler_local(store32, capsys):
     assert [q["predicted_concept"] for q in a["queries"]] == [q["predicted_concept"] for q in b["queries"]]
 
 
-def test_unreachable_scheduler_is_a_clean_error(store32, capsys):
+def test_unreachable_scheduler_is_a_clean_error(store32, capsys, monkeypatch):
+    from montrage.analysis import dask_scoring
     from montrage.cli import main
+
+    monkeypatch.setattr(dask_scoring, "CONNECT_TIMEOUT_S", 1.0)
 
     assert main(["--quiet", "attribute", str(store32), "--method", "final-sim", "--query-mode", "A",
                  "--scheduler", "tcp://127.0.0.1:9", "--out", str(store32 / "x.json")]) == 2
