@@ -32,6 +32,16 @@ class QuerySet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def key(self) -> str:
+        """Identifies the query set in caches shared across query sets (ids, prompts, seeds, pixels)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(repr((self.ids, self.prompts, self.item_seeds)).encode())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        return h.hexdigest()[:16]
+
 
 @dataclass
 class ScoringContext:

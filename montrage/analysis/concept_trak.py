@@ -192,12 +192,22 @@ class ConceptTrakScorer:
         ts = ctx.cached("grad/training_images", lambda: training_images(ctx.store))
         comps = checkpoint_components(ctx, ctx.checkpoint)
         q = ctx.queries
-        G, g = concept_gradients(
-            comps, ts.images, ts.captions, [TRAIN_SEED_OFFSET + i for i in range(len(ts))],
-            q.images, list(q.prompts), [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds], concept.strip(),
-            s.timesteps, s.noise_seed, projector_=projector(ctx, comps, s), inversion=inversion,
-            inversion_steps=inv_steps, guidance=guidance, dps_scale=dps_scale, batch_size=s.batch_size,
-            progress=ctx.progress)
+        proj = projector(ctx, comps, s)
+
+        def train_side() -> np.ndarray:  # independent of the concept phrase: computed once per context
+            return normalize_rows(train_concept_gradients(
+                comps, ts.images, ts.captions, [TRAIN_SEED_OFFSET + i for i in range(len(ts))], s.timesteps,
+                s.noise_seed, proj, inversion, inv_steps, dps_scale, s.batch_size, ctx.progress)).sum(1)
+
+        G = ctx.cached(f"concept-trak/train/{ctx.checkpoint}/{s.key()}/{inversion}/{inv_steps}/{dps_scale}", train_side)
+        was_training = comps.unet.training
+        comps.unet.eval()
+        try:
+            g = normalize_rows(query_concept_gradients(
+                comps, q.images, list(q.prompts), [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds], concept.strip(),
+                s.timesteps, s.noise_seed, proj, guidance, s.batch_size, ctx.progress)).mean(1)
+        finally:
+            comps.unet.train(was_training)
         return trak_scores(G, g, lam)
 
 

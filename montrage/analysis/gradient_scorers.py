@@ -92,7 +92,7 @@ def query_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSetting
         return projected_gradients(comps, q.images, list(q.prompts), [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds],
                                    output=output, timesteps=s.timesteps, noise_seed=s.noise_seed,
                                    projector=projector(ctx, comps, s), batch_size=s.batch_size, progress=ctx.progress)
-    return ctx.cached(f"grad/query/{output}/{k}/{s.key()}", make)
+    return ctx.cached(f"grad/query/{ctx.queries.key}/{output}/{k}/{s.key()}", make)
 
 
 # ----------------------------------------------------------------------------- TracIn-CP

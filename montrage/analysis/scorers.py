@@ -24,11 +24,11 @@ def query_trajectory(ctx: ScoringContext) -> QueryTrajectory:
     if mode == "A":
         if q.probe_indices is None:
             raise ScorerError("query mode A needs the run's probes as queries; use mode B for --images")
-        return ctx.cached(f"traj/A/{ctx.condition}/{ctx.checkpoint}",
+        return ctx.cached(f"traj/A/{q.key}/{ctx.condition}/{ctx.checkpoint}",
                           lambda: probe_trajectory(ctx.store, ctx.condition, ctx.checkpoint, q.probe_indices))
     if mode != "B":
         raise ScorerError(f"query_mode must be A or B, got {mode!r}")
-    return ctx.cached(f"traj/B/{ctx.condition}/{ctx.checkpoint}",
+    return ctx.cached(f"traj/B/{q.key}/{ctx.condition}/{ctx.checkpoint}",
                       lambda: reencode_trajectory(ctx.store, ctx.components_at, q.images, q.prompts, q.item_seeds,
                                                   ctx.condition, ctx.checkpoint, ctx.progress))
 
@@ -92,16 +92,9 @@ for _kw in _SCORERS:
 
 def training_pixels(ctx: ScoringContext) -> np.ndarray:
     """The training images at the run's resolution, read from the recorded data folder."""
-    from montrage.data.imagefolder import load_imagefolder
-    from montrage.errors import DataError
+    from montrage.analysis.gradients import training_images
 
-    cfg = ctx.store.run_config
-    try:
-        ts = ctx.cached("training_set", lambda: load_imagefolder(cfg["data_dir"], int(cfg["resolution"])))
-    except (KeyError, DataError) as exc:
-        raise ScorerError(f"this method needs the training images at the recorded data_dir "
-                          f"{cfg.get('data_dir')!r}: {exc}") from exc
-    return ts.images
+    return ctx.cached("grad/training_images", lambda: training_images(ctx.store)).images
 
 
 @register("pixel")
@@ -110,7 +103,8 @@ class PixelScorer:
     description = "shifted cosine of centred raw pixels (a sanity baseline that needs no model)"
 
     def score(self, ctx: ScoringContext) -> np.ndarray:
-        train = training_pixels(ctx).reshape(len(training_pixels(ctx)), -1).astype(np.float32)
+        pixels = training_pixels(ctx)
+        train = pixels.reshape(len(pixels), -1).astype(np.float32)
         q = ctx.queries.images.reshape(len(ctx.queries), -1).astype(np.float32)
         mean = train.mean(0)
         a, b = q - mean, train - mean

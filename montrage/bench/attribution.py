@@ -59,8 +59,9 @@ MIXED_ITEM_SEED0 = 900_000
 LDS_NOISE_SEED = 4242
 SIGN_CONVENTION = ("LDS(q) = spearman over retrained subsets m of (-(sum_{i in S_m} score(q, i)), L_m(q)) = "
                    "spearman(sum score, -L): higher attribution of the included images must predict a LOWER "
-                   "denoising loss of probe q (the influence / TRAK-margin convention, model output f = -loss); "
-                   "good methods have LDS > 0")
+                   "denoising loss of probe q (model output f = -loss, TRAK's margin convention); this is D-TRAK's "
+                   "evaluation exactly (sail-sg/D-TRAK: preds = masks @ (-scores).T; spearmanr(preds, mean loss of the "
+                   "retrained models)); good methods have LDS > 0")
 NOTES = ("Notes: variants without a suffix use null-prompt representations and query mode B (final images "
          "re-encoded under each checkpoint). `(caption)` variants condition on the captions / prompts, which name the "
          "artist: an upper reference, not a fair comparison. `(mode A)`: probes as generated at each checkpoint "

@@ -80,7 +80,7 @@ def write_md_section(kind: str, body: str, path: Path = BENCHMARKS_MD) -> Path:
 def run_attribution(args: argparse.Namespace) -> int:
     from montrage.bench.attribution import FULL, QUICK, SIGN_CONVENTION, run_attribution_bench
 
-    out = Path(args.out) / "attribution"
+    out = Path(args.out) / ("attribution-quick" if args.quick else "attribution")  # runs of other settings never mix
     res = run_attribution_bench(out, quick=args.quick)
     print()
     print(res["markdown"])
@@ -117,7 +117,7 @@ def run_attribution(args: argparse.Namespace) -> int:
 def run_quality(args: argparse.Namespace) -> int:
     from montrage.bench.quality import run_quality_bench
 
-    res = run_quality_bench(Path(args.out) / "quality", quick=args.quick)
+    res = run_quality_bench(Path(args.out) / ("quality-quick" if args.quick else "quality"), quick=args.quick)
     print()
     print(res["markdown"])
     if args.write_md:
@@ -135,6 +135,18 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_cost_bench(args: argparse.Namespace) -> int:
+    from montrage.bench.cost import run_cost
+
+    return run_cost(args)
+
+
+def run_overhead_bench(args: argparse.Namespace) -> int:
+    from montrage.bench.cost import run_overhead
+
+    return run_overhead(args)
+
+
 def not_implemented(args: argparse.Namespace) -> int:
     print(f"montrage bench {args.kind}: not implemented yet")
     return 2
@@ -144,13 +156,16 @@ BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "attribution": run_attribution,
     "quality": run_quality,
     "list": run_list,
-    "cost": not_implemented,
-    "overhead": not_implemented,
+    "cost": run_cost_bench,
+    "overhead": run_overhead_bench,
     "faults": not_implemented,
 }
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.kind == "faults":
+        from montrage.bench.faults import run_faults_bench
+        return run_faults_bench(args)
     fn: Optional[Callable[[argparse.Namespace], int]] = BENCHES.get(args.kind)
     if fn is None:
         print(f"unknown benchmark {args.kind!r}; known: {sorted(BENCHES)}")

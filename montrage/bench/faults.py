@@ -411,7 +411,8 @@ def summarize(trials: List[Dict[str, Any]]) -> Dict[str, Any]:
 def markdown(result: Dict[str, Any]) -> str:
     s = result["settings"]
     tot = result["summary"]["total"]
-    lines = [f"<!-- bench:{MD_TAG} -->", "## Fault injection (`montrage bench faults`)", "",
+    lines = ["## Fault injection (`montrage bench faults`)" + (" (--quick)" if result.get("quick") else ""), "",
+             result.get("provenance", ""), "",
              f"`montrage train` (subprocess; {s['n_artists']}x{s['images_per_artist']} images, {s['steps']} steps, "
              f"checkpoint every {s['every']}: steps {result['reference_steps']}) SIGKILLed once per trial "
              f"(seed {result['seed']}), then reopened, checked against an uninterrupted reference run, rerun to "
@@ -435,28 +436,11 @@ def markdown(result: Dict[str, Any]) -> str:
                      f"{'yes' if t['landed_in_write'] else 'no'} | {_yn(t['store_opens'])} | {_yn(t['committed_intact'])} | "
                      f"{_yn(t['partial_invisible'])} | {_yn(t['steps_equal'])} | "
                      f"{_yn(t['arrays_equal'] and t['final_lora_equal'])} | {_yn(t['train_loss_equal'])} |")
-    lines.append(f"<!-- /bench:{MD_TAG} -->")
     return "\n".join(lines) + "\n"
 
 
 def _yn(v: Any) -> str:
     return "yes" if v else "**no**"
-
-
-def write_md_section(md: str, tag: str = MD_TAG, path: Optional[Path] = None) -> Path:
-    """Replace (or append) the ``<!-- bench:TAG -->`` ... ``<!-- /bench:TAG -->`` section of BENCHMARKS.md."""
-    path = Path(path or REPO_ROOT / "BENCHMARKS.md")
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = f"<!-- bench:{tag} -->", f"<!-- /bench:{tag} -->"
-    if start in text and end in text:
-        a, b = text.index(start), text.index(end) + len(end)
-        text = text[:a] + md.strip("\n") + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + md
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text if text.endswith("\n") else text + "\n")
-    tmp.replace(path)
-    return path
 
 
 def run_faults_bench(args: argparse.Namespace) -> int:
@@ -467,13 +451,21 @@ def run_faults_bench(args: argparse.Namespace) -> int:
     out = Path(getattr(args, "out", "bench-out")) / "faults"
     settings = FaultSettings(steps=6) if quick else FaultSettings()
     result = run_campaign(out / "work", n, settings, seed=seed)
+    result["quick"] = quick
+    if getattr(args, "write_md", False):
+        from montrage.bench.cli import provenance_lines
+
+        result["provenance"] = provenance_lines(argparse.Namespace(**{"kind": "faults", **vars(args)}),
+                                                f"kill plan {seed} (numpy default_rng), training --seed {settings.seed}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "faults.json").write_text(json.dumps(result, indent=2, default=str))
     md = markdown(result)
     print(md)
     print(f"wrote {out / 'faults.json'}")
     if getattr(args, "write_md", False):
-        print(f"updated {write_md_section(md)}")
+        from montrage.bench.cli import write_md_section
+
+        print(f"wrote section '{MD_TAG}' of {write_md_section(MD_TAG, md)}")
     tot = result["summary"]["total"]
     return 0 if tot["survived"] == tot["trials"] else 1
 

@@ -10,7 +10,9 @@ Conventions
   the Spearman correlation across retrained subset models m between the predicted group effect
   ``sum_{i in S_m} tau(q, i)`` and the measured model output ``-L_m(q)`` (the negated denoising loss),
   i.e. ``spearman(-(masks @ tau_q), L_q)``: higher attribution of the included images must predict a
-  LOWER loss of the query, so a good method has LDS > 0.
+  LOWER loss of the query, so a good method has LDS > 0. This is D-TRAK's own evaluation
+  (sail-sg/D-TRAK notebooks: ``preds = lds_mask_array @ (-scores).T``,
+  ``spearmanr(preds[:, q], loss[:, q])`` with the retrained models' mean loss).
 * Bootstrap: percentile intervals over resampled queries (items), ``n_resamples`` draws from a seeded
   generator; a paired difference resamples the same items for both methods.
 """

@@ -64,8 +64,6 @@ def _concepts_and_objects(meta: dict) -> tuple[List[str], List[str]]:
 def run_quality_bench(out_dir: str | Path, quick: bool = False, run_dir: Optional[str | Path] = None,
                       settings: Optional[QualitySettings] = None, echo: Callable[[str], None] = print) -> dict:
     """Run the quality gate into ``out_dir`` (results.json, results.md); ``run_dir`` reuses a demo run."""
-    import torch  # noqa: F401  (heavy imports after argument parsing)
-
     from montrage.models.checkpoints import RunModel
     from montrage.models.loading import load_base
     from montrage.models.sampling import generate

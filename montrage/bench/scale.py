@@ -254,7 +254,7 @@ def throughput(workdir: Path, n_rows: int = 200_000, checkpoints: int = 4, dim: 
 # ---------------------------------------------------------------------------------------------- report
 def markdown(res: Dict[str, Any]) -> str:
     b = res["build"]
-    lines = [f"<!-- bench:{MD_TAG} -->", "## Scale (`python -m montrage.bench.scale`)", "",
+    lines = ["## Scale (`python -m montrage.bench.scale`)", "",
              f"Synthetic run store written through `RunStore.append`: {b['n_train']:,} training images, "
              f"{b['checkpoints']} checkpoints, one module of {b['dim']} {b['dtype']} features (1 condition, 1 timestep), "
              f"{b['probes']} probes, {b['concepts']} concepts: {b['train_features_raw_mb']:,.0f} MB of training "
@@ -277,7 +277,6 @@ def markdown(res: Dict[str, Any]) -> str:
         for r in res["throughput"]:
             lines.append(f"| {r['format']} | {r['chunk_rows']} | {r['write_mb_s']:,.0f} | {r['read_cold_mb_s']:,.0f} | "
                          f"{r['read_warm_mb_s']:,.0f} | {r['disk_mb']:,.0f} |")
-    lines.append(f"<!-- /bench:{MD_TAG} -->")
     return "\n".join(lines) + "\n"
 
 
@@ -306,9 +305,9 @@ def run(args: argparse.Namespace) -> int:
     md = markdown(res)
     print(md)
     if args.write_md:
-        from montrage.bench.faults import write_md_section
+        from montrage.bench.cli import write_md_section
 
-        print(f"updated {write_md_section(md, MD_TAG)}")
+        print(f"wrote section '{MD_TAG}' of {write_md_section(MD_TAG, md)}")
     if not args.keep:
         shutil.rmtree(store_run, ignore_errors=True)
     return 0 if all(m.get("rc") == 0 and m.get("peak_rss_mb", 1e9) < RSS_TARGET_MB for m in res["memory"]) else 1

@@ -136,3 +136,18 @@ def test_unreachable_scheduler_is_a_clean_error(store32, capsys, monkeypatch):
                  "--scheduler", "tcp://127.0.0.1:9", "--out", str(store32 / "x.json")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "dask scheduler" in err
+
+
+@pytest.mark.slow
+def test_scale_memory_20k(tmp_path):
+    """Small version of `python -m montrage.bench.scale`: 20,000 images x 20 checkpoints x 512 float16;
+    attribution of 64 probes in a subprocess stays far below 2 GB peak RSS, in-process and with dask."""
+    from montrage.bench import scale
+
+    build = scale.build_store(tmp_path / "run", n_train=20_000, checkpoints=20, progress=False)
+    assert build["dtype"] == "float16"
+    for method in ("final-sim", "montrage-unsupervised"):
+        for sched in (None, "threads"):
+            m = scale.measure_scoring(tmp_path / "run", method, sched, timeout=900)
+            assert m["rc"] == 0, m
+            assert m["peak_rss_mb"] < scale.RSS_TARGET_MB, m
