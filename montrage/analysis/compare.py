@@ -19,7 +19,7 @@ from montrage.storage import RunStore
 from montrage.storage import schema as S
 
 log = logging.getLogger(__name__)
-LEARNED_THRESHOLD = 0.5
+LEARNED_THRESHOLD = 0.75  # share of a concept's probes attributed to it, from then on
 
 
 def compare(run_dir: str | Path, method: str = "montrage", from_step: Optional[int] = None,

@@ -175,6 +175,8 @@ class TrainingMonitor(MontrageCallback):
         """Capture and commit one checkpoint (a collective: every rank must call it)."""
         self.open_store()
         if step in self.state.recorded_steps:
+            # a resumed run replays steps already recorded: their losses belong to that checkpoint
+            self.state.loss_sum, self.state.loss_count = 0.0, 0
             return
         if self._t0 is None:
             self._t0 = time.time()
