@@ -93,7 +93,8 @@ class LoraSettings:
 class CaptureConfig:
     """What the monitor records at each checkpoint. Changing it changes the store's identity."""
 
-    modules: Tuple[str, ...] = _f(("mid_block", "up_blocks.0"), "UNet module names whose outputs are recorded")
+    modules: Tuple[str, ...] = _f(("mid_block", "up_blocks.0", "up_blocks.1"),
+                                  "UNet module names whose outputs are recorded (low to full resolution)")
     timesteps: Tuple[int, ...] = _f((100, 400, 700), "fixed diffusion timesteps at which images are noised")
     conditions: Tuple[str, ...] = _f(CONDITIONS, "prompt conditions: 'null' (empty prompt) and/or 'caption'")
     pooling_grid: int = _f(2, "spatial average-pooling grid side (1 = global mean)")

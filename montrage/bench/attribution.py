@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 
 GRADIENT_METHODS = ("tracin", "dtrak", "concept-trak")
 REFERENCE = "final-sim"
+# Does the training trajectory add information beyond the final checkpoint? Each pair differs only in that:
+# same channels-combination rule (learned / equal weights), with vs without the earlier checkpoints.
+DYNAMICS_ABLATION = (("montrage", "final-sim-learned"), ("montrage-unsupervised", "final-sim"),
+                     ("dynamics-only", "final-sim"))
 MIXED_ITEM_SEED0 = 900_000
 LDS_NOISE_SEED = 4242
 SIGN_CONVENTION = ("LDS(q) = spearman over retrained subsets m of (-(sum_{i in S_m} score(q, i)), L_m(q)) = "
@@ -394,6 +398,12 @@ def markdown_table(results: dict) -> str:
                 continue
             lines.append(f"| {label} | " + " | ".join(_cell(r["diff_vs_reference"].get(k), "diff")
                                                     for k, _ in METRICS) + " |")
+    if results.get("dynamics_ablation"):
+        lines += ["", "**Do training dynamics add information beyond the final checkpoint?** Paired bootstrap "
+                  "difference of each method with the trajectory minus the same method on the final checkpoint only:",
+                  "", head.replace("| method |", "| with trajectory - final only |"), sep]
+        for pair, d in results["dynamics_ablation"].items():
+            lines.append(f"| {pair} | " + " | ".join(_cell(d.get(k), "diff") for k, _ in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -535,11 +545,13 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False,
             if label != REFERENCE:
                 methods[label]["diff_vs_reference"] = differences(vals, per_item[REFERENCE], alphas, s.n_bootstrap,
                                                                   s.bootstrap_seed)
+    ablation = {f"{a} - {b}": differences(per_item[a], per_item[b], alphas, s.n_bootstrap, s.bootstrap_seed)
+                for a, b in DYNAMICS_ABLATION if a in per_item and b in per_item}
     stage("metrics", t0)
     timings["total"] = round(time.time() - t_all, 2)
 
     results = {
-        "benchmark": "attribution", "quick": bool(quick), "reference": REFERENCE,
+        "benchmark": "attribution", "quick": bool(quick), "reference": REFERENCE, "dynamics_ablation": ablation,
         "settings": _jsonable(dataclasses.asdict(s)),
         "data": {"n_artists": s.data.n_artists, "per_artist": s.data.per_artist, "n_train": len(data.rows),
                  "probes": n_kind, "n_mixed": len(data.mixed), "alphas": sorted(set(alphas.tolist())),

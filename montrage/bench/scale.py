@@ -211,13 +211,19 @@ def throughput(workdir: Path, n_rows: int = 200_000, checkpoints: int = 4, dim: 
     rows = []
     workdir.mkdir(parents=True, exist_ok=True)
 
-    def timed_reads(read) -> tuple[float, float]:
-        t = time.perf_counter()
-        read()
-        cold = time.perf_counter() - t
-        t = time.perf_counter()
-        read()
-        return cold, time.perf_counter() - t
+    def timed_reads(read, path: Path) -> tuple[float, float]:
+        """Best of 2 cold reads (evicted before each) and best of 2 warm reads: the machine is shared."""
+        cold = warm = float("inf")
+        for _ in range(2):
+            _evict(path)
+            t = time.perf_counter()
+            read()
+            cold = min(cold, time.perf_counter() - t)
+        for _ in range(2):
+            t = time.perf_counter()
+            read()
+            warm = min(warm, time.perf_counter() - t)
+        return cold, warm
 
     # raw numpy, one .npy per checkpoint
     d = workdir / "npy"
@@ -227,12 +233,11 @@ def throughput(workdir: Path, n_rows: int = 200_000, checkpoints: int = 4, dim: 
     for k, b in enumerate(blocks):
         np.save(d / f"{k}.npy", b)
     w = time.perf_counter() - t
-    _evict(d)
 
     def read_npy():
         for k in range(checkpoints):
             np.load(d / f"{k}.npy")
-    cold, warm = timed_reads(read_npy)
+    cold, warm = timed_reads(read_npy, d)
     rows.append({"format": "numpy .npy", "chunk_rows": "-", "write_mb_s": mb / w, "read_cold_mb_s": mb / cold,
                  "read_warm_mb_s": mb / warm, "disk_mb": _du(d) / 1e6})
     shutil.rmtree(d)
@@ -245,13 +250,12 @@ def throughput(workdir: Path, n_rows: int = 200_000, checkpoints: int = 4, dim: 
         for b in blocks:
             arr.append(b[None])  # as RunStore.append does
         w = time.perf_counter() - t
-        _evict(d)
 
         def read_zarr():
             a = zarr.open_array(d, mode="r")
             for k in range(checkpoints):
                 a[k]
-        cold, warm = timed_reads(read_zarr)
+        cold, warm = timed_reads(read_zarr, d)
         rows.append({"format": f"zarr {codec}", "chunk_rows": chunk_rows, "write_mb_s": mb / w,
                      "read_cold_mb_s": mb / cold, "read_warm_mb_s": mb / warm, "disk_mb": _du(d) / 1e6})
         shutil.rmtree(d)
@@ -285,7 +289,7 @@ def markdown(res: Dict[str, Any]) -> str:
         t0 = res["throughput"][0]
         lines += ["", f"Throughput, {t0['data_mb']:,.0f} MB of float16 features (4 checkpoints x {b['n_train']:,} x "
                   f"{b['dim']}), this machine ({os.cpu_count()} cores, shared); write = to the page cache "
-                  "(no fsync), cold read = after fsync + posix_fadvise(DONTNEED) of the files:", "",
+                  "(no fsync), one run; reads best of 2, cold = after fsync + posix_fadvise(DONTNEED) of the files:", "",
                   "| format | chunk rows | write MB/s | read MB/s (cold) | read MB/s (warm) | on disk (MB) |",
                   "|---|---|---|---|---|---|"]
         for r in res["throughput"]:
@@ -299,8 +303,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     store_run = out / "run"
     res: Dict[str, Any] = {}
-    if args.reuse and (store_run / "store.zarr" / "zarr.json").exists() and (out / "scale.json").exists():
-        res["build"] = json.loads((out / "scale.json").read_text())["build"]
+    previous = json.loads((out / "scale.json").read_text()) if (out / "scale.json").exists() else {}
+    if args.reuse and (store_run / "store.zarr" / "zarr.json").exists() and "build" in previous:
+        res["build"] = previous["build"]
         print(f"reusing {store_run}")
     else:
         print(f"building {args.n_train:,}-image store in {store_run} ...", flush=True)
@@ -315,6 +320,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(m), flush=True)
     if not args.skip_throughput:
         res["throughput"] = throughput(out / "throughput", n_rows=args.n_train, dim=args.dim)
+    elif previous.get("throughput"):
+        res["throughput"] = previous["throughput"]
     (out / "scale.json").write_text(json.dumps(res, indent=2))
     md = markdown(res)
     print(md)
