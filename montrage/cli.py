@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks: attribution quality, cost, overhead, faults")
-    p.add_argument("kind", choices=["attribution", "cost", "overhead", "faults", "quality", "list"],
-                   help="which benchmark (list: the registered scorers)")
+    p.add_argument("kind", choices=["attribution", "concept", "cost", "overhead", "faults", "quality", "list"],
+                   help="which benchmark (concept: Concept-TRAK P@10 on the attribution run; list: the scorers)")
+    p.add_argument("--run", default=None, help="concept: the run to use (default OUT/attribution/run)")
     p.add_argument("--quick", action="store_true", help="smaller settings that fit a test budget")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     p.add_argument("--write-md", action="store_true", help="(re)write BENCHMARKS.md's section for this benchmark")

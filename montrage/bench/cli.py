@@ -147,6 +147,12 @@ def run_overhead_bench(args: argparse.Namespace) -> int:
     return run_overhead(args)
 
 
+def run_concept_bench(args: argparse.Namespace) -> int:
+    from montrage.bench.concept import run_concept
+
+    return run_concept(args)
+
+
 def not_implemented(args: argparse.Namespace) -> int:
     print(f"montrage bench {args.kind}: not implemented yet")
     return 2
@@ -157,6 +163,7 @@ BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "quality": run_quality,
     "list": run_list,
     "cost": run_cost_bench,
+    "concept": run_concept_bench,
     "overhead": run_overhead_bench,
     "faults": not_implemented,
 }
