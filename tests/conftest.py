@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("MONTRAGE_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+# Tiny models gain nothing from intra-op threads, and two threads thrash when anything else runs on a
+# 2-core machine (measured 10-50x slower); MONTRAGE_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("MONTRAGE_TEST_THREADS", 1)))
 
 TINY_STEPS = 6
 TINY_EVERY = 3

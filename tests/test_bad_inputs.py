@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Type
 
-import numpy as np
 import pytest
 import zarr
 from PIL import Image

@@ -1,7 +1,6 @@
 """The command line: help texts, inspect, attribute (every method, one JSON contract), compare."""
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from montrage.storage import RunStore
 from montrage.storage import schema as S
@@ -26,15 +25,6 @@ from tests.dist_train_script import WORLD, configs
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "tests" / "dist_train_script.py"
 TIMEOUT_S = 120
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """conftest allows 2 intra-op threads; on the shared 2-core box that oversubscribes (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _env() -> dict:

@@ -19,15 +19,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_text_to_image_
 STEPS, EVERY, LR = 4, 2, 2e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """conftest allows 2 intra-op threads; on the shared 2-core box that oversubscribes (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _script():
     spec = importlib.util.spec_from_file_location("train_text_to_image_lora", SCRIPT)
     mod = importlib.util.module_from_spec(spec)

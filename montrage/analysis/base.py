@@ -7,7 +7,7 @@ same JSON contract through :mod:`montrage.analysis.attribute`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Protocol, Sequence
+from typing import Callable, Dict, List, Optional, Protocol
 
 import numpy as np
 

@@ -10,7 +10,7 @@ Without concept labels only identity supervises. The loss is :func:`montrage.los
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ colour-jitter augmentation (without it, it under-scores correct but grainy sampl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch

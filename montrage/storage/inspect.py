@@ -1,7 +1,6 @@
 """A human-readable summary of a run store (``montrage inspect``)."""
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Tuple

@@ -16,14 +16,6 @@ CAPTIONS = ["a circle by artist-0", "a square by artist-0", "a ring by artist-0"
             "a circle by artist-1", "a square by artist-1", "a ring by artist-1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def comps():
     return tiny_components(seed=5)

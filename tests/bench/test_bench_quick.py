@@ -11,7 +11,6 @@ import math
 import shutil
 
 import pytest
-import torch
 
 from montrage.bench.attribution import METRICS, AttributionBenchSettings, run_attribution_bench
 from montrage.bench.datasets import BenchDataConfig, build_bench_data
@@ -20,15 +19,6 @@ TINY = AttributionBenchSettings(
     data=BenchDataConfig(n_artists=2, per_artist=4, mixed_pairs=1, n_prior=8), steps=30, every_n_steps=15,
     probe_steps=5, capture_timesteps=(100, 500), anchors=4, lds_subsets=2, lds_steps=20,
     lds_timesteps=(100, 500, 900), n_bootstrap=200, methods=("pixel", "final-sim", "montrage"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core box 2 threads thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

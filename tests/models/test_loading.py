@@ -16,15 +16,6 @@ from montrage.models.loading import REQUIRED_COMPONENTS, load_base, load_diffuse
 from tests.models.tiny_pipeline import MODULE_TO_CAPTURE, RESOLUTION, TEXT_MAX_LENGTH, _vocab_and_merges, write_tiny_pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """conftest allows 2 intra-op threads; on the shared 2-core box that oversubscribes (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory) -> Path:
     return write_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
