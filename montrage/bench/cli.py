@@ -153,9 +153,10 @@ def run_concept_bench(args: argparse.Namespace) -> int:
     return run_concept(args)
 
 
-def not_implemented(args: argparse.Namespace) -> int:
-    print(f"montrage bench {args.kind}: not implemented yet")
-    return 2
+def run_faults(args: argparse.Namespace) -> int:
+    from montrage.bench.faults import run_faults_bench
+
+    return run_faults_bench(args)
 
 
 BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
@@ -165,14 +166,11 @@ BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "cost": run_cost_bench,
     "concept": run_concept_bench,
     "overhead": run_overhead_bench,
-    "faults": not_implemented,
+    "faults": run_faults,
 }
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.kind == "faults":
-        from montrage.bench.faults import run_faults_bench
-        return run_faults_bench(args)
     fn: Optional[Callable[[argparse.Namespace], int]] = BENCHES.get(args.kind)
     if fn is None:
         print(f"unknown benchmark {args.kind!r}; known: {sorted(BENCHES)}")

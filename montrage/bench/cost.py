@@ -82,12 +82,6 @@ def posthoc_cost(run: Path, method: str, n_queries: int = 10_000) -> Dict[str, f
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def capture_seconds(run: Path) -> float:
-    """Seconds the monitor added to training, from the store: recorded as the monitored minus plain time."""
-    meta = json.loads((run / "bench_timing.json").read_text())
-    return float(meta["with_s"] - meta["without_s"])
-
-
 def measure_cost(root: Path, sizes=((3, 8), (10, 24)), steps: int = 200, methods=COST_METHODS) -> Dict[str, object]:
     """Post-hoc and total cost per scorer at two training-set sizes, as ratios to dtrak in the same run."""
     from montrage.analysis.base import available
@@ -190,26 +184,28 @@ def cost_markdown(cost: Dict[str, object], tp: Dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def run_cost(args) -> int:
+def _publish(args, kind: str, title: str, seeds: str, md: str) -> None:
+    """Print a benchmark's table and, with --write-md, (re)write its BENCHMARKS.md section."""
     from montrage.bench.cli import provenance_lines, write_md_section
 
+    print(md)
+    if args.write_md:
+        heading = f"## {title}" + (" (--quick)" if args.quick else "")
+        write_md_section(kind, "\n".join([heading, "", provenance_lines(args, seeds), "", md]))
+
+
+def run_cost(args) -> int:
     root = Path(args.out) / "cost"
     sizes = ((2, 6), (4, 15)) if args.quick else ((3, 8), (10, 24))
     cost = measure_cost(root, sizes=sizes, steps=60 if args.quick else 200)
     tp = measure_throughput(n_train=4000 if args.quick else 20_000, root=root)
     md = cost_markdown(cost, tp)
     (root / "results.json").write_text(json.dumps({"cost": cost, "throughput": tp}, indent=2))
-    print(md)
-    if args.write_md:
-        body = "\n".join(["## Cost" + (" (--quick)" if args.quick else ""), "",
-                          provenance_lines(args, "training 0, throughput data 0"), "", md])
-        write_md_section("cost", body)
+    _publish(args, "cost", "Cost", "training 0, throughput data 0", md)
     return 0
 
 
 def run_overhead(args) -> int:
-    from montrage.bench.cli import provenance_lines, write_md_section
-
     root = Path(args.out) / "overhead"
     res = measure_overhead(root, steps=100 if args.quick else 400, every=25 if args.quick else None,
                            repeats=1 if args.quick else 2)
@@ -218,9 +214,5 @@ def run_overhead(args) -> int:
     md = (f"| steps | checkpoint every | checkpoints | without callback s | with callback s | ratio | overhead |\n"
           f"|---|---|---|---|---|---|---|\n| {res['steps']} | {res['every_n_steps']} | {res['checkpoints']} | "
           f"{res['without_s']:.1f} | {res['with_s']:.1f} | {res['ratio']:.3f} | {res['overhead_pct']:.1f}% |")
-    print(md)
-    if args.write_md:
-        body = "\n".join(["## Callback overhead" + (" (--quick)" if args.quick else ""), "",
-                          provenance_lines(args, "training 0"), "", md])
-        write_md_section("overhead", body)
+    _publish(args, "overhead", "Callback overhead", "training 0", md)
     return 0
