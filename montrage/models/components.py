@@ -43,6 +43,22 @@ class DiffusionComponents:
     base: str  # "embedded" or the local folder it was loaded from
     vae: Optional[nn.Module] = None
 
+    @classmethod
+    def from_diffusers(cls, unet: nn.Module, text_encoder: nn.Module, tokenizer: Callable, noise_scheduler,
+                       vae: Optional[nn.Module] = None, resolution: Optional[int] = None,
+                       base: str = "user") -> "DiffusionComponents":
+        """Wrap the pieces a diffusers training script already holds (CLIP tokenizer + text encoder)."""
+        from diffusers import DDIMScheduler
+
+        if resolution is None:
+            sample = unet.config.sample_size
+            sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+            factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+            resolution = int(sample) * factor
+        return cls(unet=unet, prompt_encoder=PromptEncoder(tokenizer, text_encoder, hf_tokenizer=True),
+                   noise_scheduler=noise_scheduler, sample_scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+                   resolution=resolution, base=base, vae=vae)
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device

@@ -123,3 +123,15 @@ def test_train_on_folder_base_records_store(sd_folder, tmp_path):
     for c in range(3):
         img = st.probe_images(c)
         assert img.shape == (n_probes, RESOLUTION, RESOLUTION, 3) and img.dtype == np.uint8
+
+
+def test_from_diffusers_wraps_a_scripts_own_parts_like_the_loader(sd_folder):
+    """A user's script holds unet/text_encoder/tokenizer/scheduler/vae: wrapping them equals loading the folder."""
+    from montrage.models.components import DiffusionComponents
+
+    loaded = load_diffusers_folder(sd_folder)
+    wrapped = DiffusionComponents.from_diffusers(loaded.unet, loaded.prompt_encoder.text_encoder,
+                                                 loaded.prompt_encoder.tokenizer, loaded.noise_scheduler, loaded.vae)
+    assert wrapped.resolution == loaded.resolution and wrapped.latent_shape == loaded.latent_shape
+    torch.testing.assert_close(wrapped.encode_prompts(["a circle"]), loaded.encode_prompts(["a circle"]))
+    assert wrapped.sample_scheduler.config.num_train_timesteps == loaded.noise_scheduler.config.num_train_timesteps
