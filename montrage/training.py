@@ -109,7 +109,8 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
 
     identity = {k: v for k, v in to_dict(cfg).items() if k not in ("steps",)}
     run_config = {"train": to_dict(cfg), "train_identity": identity, "capture": to_dict(capture), "base": base,
-                  "data_dir": str(data_dir), "prior_dir": str(prior_dir) if prior_dir else None,
+                  "data_dir": str(Path(data_dir).resolve()),
+                  "prior_dir": str(Path(prior_dir).resolve()) if prior_dir else None,
                   "resolution": resolution, "lora": to_dict(cfg.lora), "world_size": ctx.world_size}
     mon = TrainingMonitor(output_dir, components, train_set, probes, capture, run_config, accelerator) if monitor else None
 

@@ -109,3 +109,11 @@ def test_other_config_on_existing_output_is_refused(tmp_path, tiny_data):
     other = CaptureConfig(**{**capture.__dict__, "pooling_grid": 4})
     with pytest.raises(StoreConfigMismatchError, match="pooling_grid"):
         train(tiny_data, tmp_path / "r", cfg=cfg, capture=other, progress=False)
+
+
+def test_run_config_records_absolute_data_paths(tiny_run, tiny_data):
+    """Analysis and reports read the training images from run_config; a relative path breaks elsewhere."""
+    from pathlib import Path
+
+    cfg = RunStore.open(tiny_run).run_config
+    assert Path(cfg["data_dir"]).is_absolute() and Path(cfg["data_dir"]) == Path(tiny_data).resolve()

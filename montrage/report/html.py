@@ -25,7 +25,7 @@ import logging
 import os
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -158,6 +158,21 @@ def _reusable_payload(payload: dict, store: RunStore, method: str, top_k: int) -
             and all(len(q.get("top", [])) >= min(top_k, n_train) for q in queries))
 
 
+def _cached_json(path: Path, store: RunStore, reuse: bool, accept: Callable[[dict], bool]) -> Optional[dict]:
+    """A result file written after the store's last checkpoint that ``accept`` matches to this run, else None."""
+    if not (reuse and path.is_file() and _fresh(path, store)):
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("report: ignoring unreadable %s: %s", path, exc)
+        return None
+    if not accept(data):
+        return None
+    log.info("report: reusing %s", path)
+    return data
+
+
 def _attribution(store: RunStore, method: str, top_k: int, attribution, reuse: bool,
                  progress: bool) -> Tuple[dict, str]:
     """The final-checkpoint probe attribution payload, and where it came from."""
@@ -166,15 +181,9 @@ def _attribution(store: RunStore, method: str, top_k: int, attribution, reuse: b
         return payload, "passed in by the caller"
     step = int(store.steps[-1])
     cached = Path(store.run_dir) / f"attribution_{method}_{step}.json"
-    if reuse and cached.is_file() and _fresh(cached, store):
-        try:
-            payload = json.loads(cached.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("report: ignoring unreadable %s: %s", cached, exc)
-        else:
-            if _reusable_payload(payload, store, method, top_k):
-                log.info("report: reusing %s", cached)
-                return payload, f"read from {cached.name}"
+    payload = _cached_json(cached, store, reuse, lambda p: _reusable_payload(p, store, method, top_k))
+    if payload is not None:
+        return payload, f"read from {cached.name}"
     log.info("report: attributing probes with %s at step %d", method, step)
     res = attribute(store.run_dir, method, top_k=max(top_k, 1), write_store=False, progress=progress, store=store)
     return res.payload, "computed for this report"
@@ -186,16 +195,11 @@ def _compare(store: RunStore, method: str, compare_result: Optional[dict], reuse
         return compare_result, "passed in by the caller"
     steps = [int(s) for s in store.steps]
     cached = Path(store.run_dir) / f"compare_{method}.json"
-    if reuse and cached.is_file() and _fresh(cached, store):
-        try:
-            res = json.loads(cached.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("report: ignoring unreadable %s: %s", cached, exc)
-        else:
-            if (res.get("method") == method and res.get("to") == steps[-1] and res.get("curves")
-                    and set(res.get("steps", [])) <= set(steps)):
-                log.info("report: reusing %s", cached)
-                return res, f"read from {cached.name}"
+    res = _cached_json(cached, store, reuse, lambda r: bool(
+        r.get("method") == method and r.get("to") == steps[-1] and r.get("curves")
+        and set(r.get("steps", [])) <= set(steps)))
+    if res is not None:
+        return res, f"read from {cached.name}"
     from montrage.analysis.compare import compare
 
     log.info("report: comparing %s across %d checkpoints", method, len(steps))
