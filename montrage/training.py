@@ -108,7 +108,8 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
 
     identity = {k: v for k, v in to_dict(cfg).items() if k not in ("steps",)}
-    run_config = {"train": to_dict(cfg), "train_identity": identity, "capture": to_dict(capture), "base": base,
+    run_config = {"train": to_dict(cfg), "train_identity": identity, "capture": to_dict(capture),
+                  "base": components.base,
                   "data_dir": str(Path(data_dir).resolve()),
                   "prior_dir": str(Path(prior_dir).resolve()) if prior_dir else None,
                   "resolution": resolution, "lora": to_dict(cfg.lora), "world_size": ctx.world_size}

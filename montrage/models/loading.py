@@ -81,4 +81,4 @@ def load_diffusers_folder(path: str | Path, resolution: Optional[int] = None) ->
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     return DiffusionComponents(unet=unet, prompt_encoder=PromptEncoder(tokenizer, text, hf_tokenizer=True),
                                noise_scheduler=ddpm, sample_scheduler=ddim,
-                               resolution=resolution or int(sample) * factor, base=str(root), vae=vae)
+                               resolution=resolution or int(sample) * factor, base=str(root.resolve()), vae=vae)
