@@ -88,13 +88,20 @@ class TrainingMonitor(MontrageCallback):
         self.run_config.setdefault("lora", lora_settings or {})
         self.store: Optional[RunStore] = None
         self._opened = False
+        self._dataset_fingerprint: Optional[str] = None
         self._t0: Optional[float] = None
 
     # ---------------------------------------------------------------- identity
+    def dataset_fingerprint(self) -> str:
+        """Hash of every training image and caption, computed once (it reads all pixels)."""
+        if self._dataset_fingerprint is None:
+            self._dataset_fingerprint = self.training_set.fingerprint()
+        return self._dataset_fingerprint
+
     def fingerprint(self) -> dict:
         """What must match for a reopened store to be appended to (not steps or wall-clock details)."""
         return {"capture": to_dict(self.capture), "base": self.components.base,
-                "dataset": self.training_set.fingerprint(),
+                "dataset": self.dataset_fingerprint(),
                 "probes": [[p.prompt, p.seed] for p in self.probes],
                 "lora": self.run_config.get("lora"), "train": self.run_config.get("train_identity")}
 
@@ -110,7 +117,7 @@ class TrainingMonitor(MontrageCallback):
         ts = self.training_set
         train = {S.ATTR_FILE_NAMES: list(ts.file_names), S.ATTR_CAPTIONS: list(ts.captions),
                  S.ATTR_CONCEPTS: list(ts.concepts), S.ATTR_EXTRA: list(ts.extra),
-                 S.ATTR_DATASET_FINGERPRINT: ts.fingerprint()}
+                 S.ATTR_DATASET_FINGERPRINT: self.dataset_fingerprint()}
         probes = {S.ATTR_PROMPTS: [p.prompt for p in self.probes], S.ATTR_SEEDS: [p.seed for p in self.probes],
                   S.ATTR_CONCEPTS: [p.concept for p in self.probes], S.ATTR_KINDS: [p.kind for p in self.probes],
                   S.ATTR_META: [dict(p.meta) for p in self.probes]}
