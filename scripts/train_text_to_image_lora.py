@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 hidden = components.encode_prompts(batch["caption"])
             noise = torch.randn_like(latents)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-            pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=hidden).sample
+            pred = components.predict(scheduler.add_noise(latents, noise, t), t, hidden, unet=unet)  # SDXL inputs, autocast
             loss = torch.nn.functional.mse_loss(pred.float(), training_target(scheduler, latents, noise, t).float())
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)

@@ -48,8 +48,9 @@ from montrage.models.features import QUERY_SEED_OFFSET, TRAIN_SEED_OFFSET
 from montrage.models.sampling import uint8_to_pixels
 
 
-def _unet_fn(unet, t: torch.Tensor, hidden: torch.Tensor):
-    return lambda x: unet(x, t, encoder_hidden_states=hidden).sample
+def _unet_fn(components: DiffusionComponents, t: torch.Tensor, hidden):
+    """x_t -> the UNet's prediction at timesteps ``t`` under ``hidden`` (through ``components.predict``)."""
+    return lambda x: components.predict(x, t, hidden)
 
 
 def training_items(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
@@ -70,8 +71,7 @@ def training_items(components: DiffusionComponents, images: np.ndarray, prompts:
         ac = sched.alphas_cumprod.to(device)
 
         def model(x, t):
-            return unet(x, torch.full((x.shape[0],), int(t), dtype=torch.long, device=device),
-                        encoder_hidden_states=hidden_img).sample
+            return _unet_fn(components, torch.full((x.shape[0],), int(t), dtype=torch.long, device=device), hidden_img)(x)
 
         inv = ddim_invert(model, x0, ac, timesteps, pt, steps=inversion_steps)
         x_t = torch.stack([inv[int(t)] for t in timesteps], 1).flatten(0, 1)
@@ -84,7 +84,7 @@ def training_items(components: DiffusionComponents, images: np.ndarray, prompts:
     for s in range(0, items["x_t"].shape[0], batch_size):
         sl = slice(s, s + batch_size)
         ab = items["ab"][sl]
-        _, residual = dps_guidance(_unet_fn(unet, items["t"][sl], items["hidden"][sl]), items["x_t"][sl],
+        _, residual = dps_guidance(_unet_fn(components, items["t"][sl], items["hidden"][sl]), items["x_t"][sl],
                                    items["x0"][sl], ab, pt, lam=dps_scale * (1 - ab).sqrt())
         residuals.append(residual)
     return {"x_t": items["x_t"], "t": items["t"], "hidden": items["hidden"], "residual": torch.cat(residuals),
@@ -107,8 +107,8 @@ def query_items(components: DiffusionComponents, images: np.ndarray, prompts: Se
         for s in range(0, items["x_t"].shape[0], batch_size):
             sl = slice(s, s + batch_size)
             x, t, ab = items["x_t"][sl], items["t"][sl], items["ab"][sl]
-            eps_c = eps_from_prediction(_unet_fn(unet, t, items["hidden"][sl])(x).float(), x, ab, pt)
-            eps_m = eps_from_prediction(_unet_fn(unet, t, hidden_minus[sl])(x).float(), x, ab, pt)
+            eps_c = eps_from_prediction(_unet_fn(components, t, items["hidden"][sl])(x).float(), x, ab, pt)
+            eps_m = eps_from_prediction(_unet_fn(components, t, hidden_minus[sl])(x).float(), x, ab, pt)
             residuals.append(concept_guidance(eps_c, eps_m, guidance))
     return {"x_t": items["x_t"], "t": items["t"], "hidden": items["hidden"], "residual": torch.cat(residuals),
             "ab": items["ab"]}

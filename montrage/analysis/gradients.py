@@ -27,7 +27,7 @@ import torch
 from montrage.data.imagefolder import TrainingSet, load_imagefolder
 from montrage.errors import ConfigError, ScorerError
 from montrage.losses.diffusion import noised, training_target
-from montrage.models.components import DiffusionComponents
+from montrage.models.components import Conditioning, DiffusionComponents, as_conditioning
 from montrage.models.sampling import seeded_noise, uint8_to_pixels
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,12 @@ def lora_parameters(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- per-sample gradients
 def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, batch_size: int = 32,
-                     method: str = "auto") -> Dict[str, torch.Tensor]:
+                     method: str = "auto", components: Optional[DiffusionComponents] = None) -> Dict[str, torch.Tensor]:
     """d output_fn / d LoRA params for each item: name -> (M, *param shape), float32.
 
     ``method``: 'vmap' (torch.func), 'loop' (one autograd call per item) or 'auto' (vmap, falling
-    back to the loop once if vmap fails for this model). The UNet is run in eval mode.
+    back to the loop once if vmap fails for this model). The UNet is run in eval mode. With
+    ``components`` the UNet is called through ``components.predict`` (SDXL inputs, autocast).
     """
     if method not in ("auto", "vmap", "loop"):
         raise ConfigError(f"per_sample_grads method must be auto, vmap or loop, got {method!r}")
@@ -72,7 +73,7 @@ def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, b
             use_vmap = method == "vmap" or (method == "auto" and not getattr(unet, _VMAP_FAILED, False))
             if use_vmap:
                 try:
-                    chunks.append(_grads_vmap(unet, params, part, output_fn))
+                    chunks.append(_grads_vmap(unet, params, part, output_fn, components))
                     continue
                 except Exception as exc:  # torch.func cannot trace some modules; the loop is exact too
                     if method == "vmap":
@@ -80,7 +81,7 @@ def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, b
                     setattr(unet, _VMAP_FAILED, True)
                     log.warning("per-sample gradients: torch.func vmap failed (%s: %s); using a per-item loop",
                                 type(exc).__name__, exc)
-            chunks.append(_grads_loop(unet, params, part, output_fn))
+            chunks.append(_grads_loop(unet, params, part, output_fn, components))
     finally:
         unet.train(was_training)
     if not chunks:
@@ -88,25 +89,41 @@ def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, b
     return {n: torch.cat([c[n] for c in chunks]) for n in params}
 
 
-def _forward(unet, item: Items) -> torch.Tensor:
-    return unet(item["x_t"], item["t"], encoder_hidden_states=item["hidden"]).sample
+def _forward(unet, item: Items, components: Optional[DiffusionComponents] = None) -> torch.Tensor:
+    """The UNet's prediction through ``components.predict`` (SDXL inputs, autocast) when given."""
+    if components is None:
+        return unet(item["x_t"], item["t"], encoder_hidden_states=as_conditioning(item["hidden"]).hidden).sample
+    return components.predict(item["x_t"], item["t"], item["hidden"], unet=unet)
 
 
-def _grads_vmap(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn) -> Dict[str, torch.Tensor]:
+def _grads_vmap(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn,
+                components: Optional[DiffusionComponents] = None) -> Dict[str, torch.Tensor]:
     from torch.func import functional_call, grad, vmap
 
+    # torch.func maps over tensors only: a Conditioning travels as its two tensors
+    flat = {k: v for k, v in items.items() if not isinstance(v, Conditioning)}
+    conds = [k for k, v in items.items() if isinstance(v, Conditioning)]
+    for k in conds:
+        flat[k] = items[k].hidden
+        if items[k].pooled is not None:
+            flat[k + "/pooled"] = items[k].pooled
+
     def loss(p: Dict[str, torch.Tensor], item: Items) -> torch.Tensor:
-        one = {k: v.unsqueeze(0) for k, v in item.items()}
-        pred = functional_call(unet, p, (one["x_t"], one["t"]), {"encoder_hidden_states": one["hidden"]}).sample
-        return output_fn(pred, one)
+        one = {k: v.unsqueeze(0) for k, v in item.items() if not k.endswith("/pooled")}
+        for k in conds:
+            pooled = item.get(k + "/pooled")
+            one[k] = Conditioning(one[k], None if pooled is None else pooled.unsqueeze(0))
+        call = lambda *a, **kw: functional_call(unet, p, a, kw)  # noqa: E731
+        return output_fn(_forward(call, one, components), one)
 
     with warnings.catch_warnings():  # "no batching rule for aten::_scaled_dot_product...": a slower fallback only
         warnings.filterwarnings("ignore", message=".*batching rule.*")
-        out = vmap(grad(loss), in_dims=(None, 0))(params, items)
+        out = vmap(grad(loss), in_dims=(None, 0))(params, flat)
     return {n: g.detach().float() for n, g in out.items()}
 
 
-def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn) -> Dict[str, torch.Tensor]:
+def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn,
+                components: Optional[DiffusionComponents] = None) -> Dict[str, torch.Tensor]:
     named = dict(unet.named_parameters())
     tensors = [named[n] for n in params]
     flags = [t.requires_grad for t in tensors]
@@ -118,7 +135,7 @@ def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: 
         for i in range(M):
             one = {k: v[i:i + 1] for k, v in items.items()}
             with torch.enable_grad():
-                value = output_fn(_forward(unet, one), one)
+                value = output_fn(_forward(unet, one, components), one)
                 grads = torch.autograd.grad(value, tensors, allow_unused=True)
             for n, t, g in zip(params, tensors, grads):
                 out[n].append((torch.zeros_like(t) if g is None else g).detach().float())
@@ -299,7 +316,7 @@ def projected_gradients(components: DiffusionComponents, images: np.ndarray, pro
         for start in tqdm(range(0, N, images_per_pass), disable=not progress, desc=f"gradients ({output})"):
             sl = slice(start, min(N, start + images_per_pass))
             items = items_fn(components, images[sl], list(prompts[sl]), list(item_seeds[sl]), timesteps, noise_seed)
-            grads = per_sample_grads(unet, items, output_fn, batch_size=batch_size, method=method)
+            grads = per_sample_grads(unet, items, output_fn, batch_size=batch_size, method=method, components=components)
             proj = projector.project(grads)
             out[sl] = proj.view(sl.stop - sl.start, T, -1).cpu().numpy()
     return out

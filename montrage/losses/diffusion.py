@@ -48,10 +48,18 @@ def noised(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: tor
     return scheduler.add_noise(latents, noise, timesteps)
 
 
-def denoising_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                   encoder_hidden_states: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-sample (optionally weighted) denoising loss of ``unet`` at the given noise and timesteps."""
+def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   cond, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample (optionally weighted) denoising loss at the given noise and timesteps.
+
+    ``model`` is a prediction function ``(x_t, t, cond) -> prediction`` (montrage passes
+    ``DiffusionComponents.predict``, which handles SDXL inputs and autocast), or a bare diffusers
+    UNet module called with ``encoder_hidden_states=cond``.
+    """
     x_t = noised(scheduler, latents, noise, timesteps)
-    pred = unet(x_t, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+    if isinstance(model, torch.nn.Module):
+        pred = model(x_t, timesteps, encoder_hidden_states=cond).sample
+    else:
+        pred = model(x_t, timesteps, cond)
     loss = per_sample_mse(pred, training_target(scheduler, latents, noise, timesteps))
     return loss if weights is None else loss * weights

@@ -90,8 +90,9 @@ class FeatureExtractor:
         return noise.view(len(item_seeds), T, *self.components.latent_shape)
 
     @torch.no_grad()
-    def extract(self, images: np.ndarray, captions: Sequence[str], item_seeds: Sequence[int]) -> Features:
-        """images uint8 (N, H, W, 3); one seed per item fixes its noise. Restores the UNet's mode and RNG."""
+    def extract(self, images, captions: Sequence[str], item_seeds: Sequence[int]) -> Features:
+        """images uint8 (N, H, W, 3), an array or a lazy array-like (read one batch at a time); one seed
+        per item fixes its noise. Restores the UNet's mode and RNG."""
         comps, cap = self.components, self.capture
         unet = comps.unet
         was_training = unet.training
@@ -119,10 +120,10 @@ class FeatureExtractor:
                     per_cond_l = []
                     for cond in cap.conditions:
                         if cond == "null":
-                            hidden = null.expand(n * T, *null.shape[1:])
+                            hidden = null.expand(n * T)
                         else:
                             hidden = comps.encode_prompts(list(captions[sl])).repeat_interleave(T, 0)
-                        pred = unet(x_t, t, encoder_hidden_states=hidden).sample
+                        pred = comps.predict(x_t, t, hidden)
                         per_cond_l.append(per_sample_mse(pred, target).view(n, T))
                         for m in self._modules:
                             per_cond_f[m].append(self._pool(m, captured[m]).view(n, T, -1))

@@ -49,9 +49,10 @@ def load_embedded(folder: Optional[Path] = None) -> DiffusionComponents:
 
 
 def load_diffusers_folder(path: str | Path, resolution: Optional[int] = None) -> DiffusionComponents:
-    """A Stable-Diffusion-style folder: unet/, text_encoder/, tokenizer/, scheduler/ and optional vae/."""
+    """A Stable-Diffusion-style folder: unet/, text_encoder/, tokenizer/, scheduler/ and optional vae/
+    (SDXL: also text_encoder_2/ and tokenizer_2/)."""
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = Path(path)
     if not root.is_dir():
@@ -68,6 +69,9 @@ def load_diffusers_folder(path: str | Path, resolution: Optional[int] = None) ->
         ddpm = DDPMScheduler.from_pretrained(root / "scheduler")
         ddim = DDIMScheduler.from_config(ddpm.config)
         vae = AutoencoderKL.from_pretrained(root / "vae") if (root / "vae").is_dir() else None
+        sdxl = (root / "text_encoder_2").is_dir() and (root / "tokenizer_2").is_dir()  # SDXL: a second encoder
+        text_2 = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2") if sdxl else None
+        tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2") if sdxl else None
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelLoadError(f"cannot load base model folder {root}: {exc}") from exc
     # A tokenizer/ without tokenizer_config.json (only vocab.json + merges.txt) gets transformers'
@@ -76,9 +80,13 @@ def load_diffusers_folder(path: str | Path, resolution: Optional[int] = None) ->
     max_positions = int(getattr(text.config, "max_position_embeddings", 0) or 0)
     if max_positions and not 0 < int(tokenizer.model_max_length) <= max_positions:
         tokenizer.model_max_length = max_positions
+    if text_2 is not None:
+        max_2 = int(getattr(text_2.config, "max_position_embeddings", 0) or 0)
+        if max_2 and not 0 < int(tokenizer_2.model_max_length) <= max_2:
+            tokenizer_2.model_max_length = max_2
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     sample = unet.config.sample_size
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return DiffusionComponents(unet=unet, prompt_encoder=PromptEncoder(tokenizer, text, hf_tokenizer=True),
-                               noise_scheduler=ddpm, sample_scheduler=ddim,
+    encoder = PromptEncoder(tokenizer, text, hf_tokenizer=True, tokenizer_2=tokenizer_2, text_encoder_2=text_2)
+    return DiffusionComponents(unet=unet, prompt_encoder=encoder, noise_scheduler=ddpm, sample_scheduler=ddim,
                                resolution=resolution or int(sample) * factor, base=str(root.resolve()), vae=vae)

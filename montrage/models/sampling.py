@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from montrage.models.components import DiffusionComponents
+from montrage.models.components import Conditioning, DiffusionComponents
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -54,7 +54,7 @@ def generate(components: DiffusionComponents, prompts: Sequence[str], seeds: Seq
             for t in sched.timesteps:
                 inp = torch.cat([latents, latents])
                 inp = sched.scale_model_input(inp, t)
-                pred = unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                pred = components.predict(inp, t, Conditioning.cat([uncond, cond]))
                 pu, pc = pred.chunk(2)
                 pred = pu + guidance_scale * (pc - pu)
                 latents = sched.step(pred, t, latents).prev_sample

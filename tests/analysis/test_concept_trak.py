@@ -50,7 +50,7 @@ def test_training_gradient_is_minus_jacobian_times_reward_gradient(comps):
     got = normalize_rows(train_concept_gradients(comps, images, CAPTIONS[:2], [3, 4], TIMESTEPS, 9, proj))
     for i in range(2):
         x0 = uint8_to_pixels(images[i:i + 1])
-        hidden = comps.encode_prompts([CAPTIONS[i]])
+        hidden = comps.encode_prompts([CAPTIONS[i]]).hidden
         for k, tv in enumerate(TIMESTEPS):
             t = torch.tensor([tv])
             noise = item_noise([3 + i], len(TIMESTEPS), x0.shape[1:], 9)[:, k]
@@ -76,7 +76,7 @@ def test_utility_gradient_is_minus_jacobian_times_concept_direction(comps):
                                                  guidance=3.0))
     for i, (c, c_minus) in enumerate(expected_pairs):
         x0 = uint8_to_pixels(images[i:i + 1])
-        h_c, h_m = comps.encode_prompts([c]), comps.encode_prompts([c_minus])
+        h_c, h_m = comps.encode_prompts([c]).hidden, comps.encode_prompts([c_minus]).hidden
         for k, tv in enumerate(TIMESTEPS):
             t = torch.tensor([tv])
             noise = item_noise([7 + i], len(TIMESTEPS), x0.shape[1:], 9)[:, k]

@@ -133,7 +133,7 @@ def _plain_grad(comps, image, prompt, item_seed, k, noise_seed):
     noise = item_noise([item_seed], len(TIMESTEPS), x0.shape[1:], noise_seed)[:, k]
     t = torch.tensor([TIMESTEPS[k]])
     x_t = comps.noise_scheduler.add_noise(x0, noise, t)
-    hidden = comps.encode_prompts([prompt])
+    hidden = comps.encode_prompts([prompt]).hidden
     for p in params:
         p.requires_grad_(True)
     try:
@@ -193,8 +193,8 @@ def test_projected_gradients_shape_and_determinism(comps):
 def test_null_prompt_is_the_empty_prompt(comps):
     from montrage.analysis.gradients import encode_prompts
 
-    states = encode_prompts(comps, ["", "a circle", ""])
-    torch.testing.assert_close(states[0], comps.encode_prompts([""])[0])
+    states = encode_prompts(comps, ["", "a circle", ""]).hidden
+    torch.testing.assert_close(states[0], comps.encode_prompts([""]).hidden[0])
     torch.testing.assert_close(states[2], states[0])
     assert not torch.allclose(states[1], states[0])
 

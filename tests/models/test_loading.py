@@ -43,7 +43,7 @@ def test_load_base_folder_is_latent_space(sd_folder):
     latents = comps.to_latents(pixels)
     assert latents.shape == (2, 4, 8, 8)
     assert comps.to_pixels(latents).shape == (2, 3, RESOLUTION, RESOLUTION)
-    pred = comps.unet(latents, torch.tensor([10, 500]), encoder_hidden_states=hidden).sample
+    pred = comps.predict(latents, torch.tensor([10, 500]), hidden)
     assert pred.shape == latents.shape and torch.isfinite(pred).all()
 
 
@@ -133,5 +133,5 @@ def test_from_diffusers_wraps_a_scripts_own_parts_like_the_loader(sd_folder):
     wrapped = DiffusionComponents.from_diffusers(loaded.unet, loaded.prompt_encoder.text_encoder,
                                                  loaded.prompt_encoder.tokenizer, loaded.noise_scheduler, loaded.vae)
     assert wrapped.resolution == loaded.resolution and wrapped.latent_shape == loaded.latent_shape
-    torch.testing.assert_close(wrapped.encode_prompts(["a circle"]), loaded.encode_prompts(["a circle"]))
+    torch.testing.assert_close(wrapped.encode_prompts(["a circle"]).hidden, loaded.encode_prompts(["a circle"]).hidden)
     assert wrapped.sample_scheduler.config.num_train_timesteps == loaded.noise_scheduler.config.num_train_timesteps
