@@ -10,7 +10,8 @@ JSON contract (``montrage attribute --out FILE.json``)::
                   "top": [{"train_index": int, "file_name": str, "concept": str, "score": float}]}]}
 
 ``concept_scores`` aggregate a concept's training images (mean of its top-3 scores); proportions are
-those scores shifted by the smallest and normalised to sum to 1 (read as shares for mixed prompts).
+the softmax of those scores in units of the query's score spread over all training images (shares for
+mixed prompts; every concept keeps a positive share, see :func:`proportions`).
 The full (query x train) matrix is written to the store at ``score_path``.
 """
 from __future__ import annotations
@@ -43,14 +44,24 @@ def concept_scores(scores: np.ndarray, concepts: List[str], top: int = TOP_PER_C
     return out
 
 
-def proportions(per_concept: Dict[str, float]) -> Dict[str, float]:
+def proportions(per_concept: Dict[str, float], scale: Optional[float] = None) -> Dict[str, float]:
+    """Shares of the concepts for one query: softmax of its concept scores in units of ``scale``.
+
+    ``scale`` is the spread (std) of the query's scores over all training images (given by
+    :func:`build_payload`; default: the spread of the concept scores). Every concept keeps a positive share
+    (the weakest is not forced to 0, as min-shifting did), equal scores get equal shares, and the result
+    does not depend on a method's score offset or units.
+    """
     if not per_concept:
         return {}
     vals = np.array(list(per_concept.values()), dtype=np.float64)
-    shifted = vals - vals.min()
-    total = shifted.sum()
-    shares = shifted / total if total > 0 else np.full(len(vals), 1.0 / len(vals))
-    return {c: float(s) for c, s in zip(per_concept, shares)}
+    if not np.isfinite(vals).all():
+        vals = np.nan_to_num(vals, nan=np.nanmin(vals) if np.isfinite(vals).any() else 0.0)
+    s = float(scale) if scale is not None and np.isfinite(scale) and scale > 0 else float(vals.std())
+    if s <= 0:
+        return {c: 1.0 / len(vals) for c in per_concept}
+    e = np.exp((vals - vals.max()) / s)
+    return {c: float(v) for c, v in zip(per_concept, e / e.sum())}
 
 
 @dataclass
@@ -114,12 +125,13 @@ def build_payload(store: RunStore, method: str, step: int, scores: np.ndarray, q
     out_queries = []
     for qi in range(len(queries)):
         cs = {c: float(v[qi]) for c, v in per_concept.items()}
+        spread = float(np.nanstd(scores[qi])) if scores.shape[1] else None
         order = np.argsort(-scores[qi], kind="stable")[:top_k]
         out_queries.append({
             "id": queries.ids[qi], "prompt": queries.prompts[qi], "seed": queries.seeds[qi],
             "image": queries.meta[qi].get("file") if queries.meta else None,
             "expected_concept": queries.concepts[qi] if queries.concepts else "",
-            "concept_scores": cs, "concept_proportions": proportions(cs),
+            "concept_scores": cs, "concept_proportions": proportions(cs, spread),
             "predicted_concept": max(cs, key=cs.get) if cs else None,
             "top": [{"train_index": int(i), "file_name": files[i], "concept": concepts[i],
                      "score": float(scores[qi, i])} for i in order],

@@ -91,9 +91,7 @@ def test_stats_and_multi_chunk_scores_equal(tmp_path, client, dtype, nan_row):
     store = RunStore.open(build_store(tmp_path / "run", dtype=dtype, nan_row=nan_row))
     if dtype == "float16":
         assert store.array(S.feature_path(S.TRAIN, MODULES[0])).dtype == np.float16
-    # float16 stores: the in-process path subtracts consecutive float16 *query* features in float16
-    # (probe_trajectory returns the stored dtype) while dask_scoring does it in float32: ~5e-5 relative
-    rtol = 1e-4 if dtype == "float16" else 1e-5
+    rtol = 1e-5  # one kernel: both paths cast blocks to float32 the same way
     for condition in (("null", "caption") if dtype == "float32" and nan_row is None else ("null",)):
         dyn = Dynamics(store, condition)
         q = probe_trajectory(store, condition, dyn.K - 1, range(5))
@@ -102,11 +100,10 @@ def test_stats_and_multi_chunk_scores_equal(tmp_path, client, dtype, nan_row):
         ref_stats = dyn.stats()
         dd = Dynamics(store, condition)
         got_stats = D.stats(dd, chunk=8, scheduler=client)
-        for key, (mean, std) in ((k, v) for k, v in ref_stats.items() if k != "norms"):
+        assert set(got_stats) == set(ref_stats)
+        for key, (mean, std) in ref_stats.items():
             np.testing.assert_allclose(got_stats[key][0], mean, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(got_stats[key][1], std, rtol=1e-5, atol=1e-6)
-        for key, norms in ref_stats["norms"].items():
-            np.testing.assert_allclose(got_stats["norms"][key], norms, rtol=1e-5, equal_nan=True)
         dd._stats = got_stats
         got = D.score(dd, q, weights, chunk=8, scheduler=client)
         np.testing.assert_allclose(got, local, rtol=rtol, atol=1e-6)

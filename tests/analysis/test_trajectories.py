@@ -29,7 +29,19 @@ def make_store(path, feats, losses):
 
 
 def shifted_cos(a, b):
-    return (1 + a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) / 2
+    """(1 + cos) / 2; a vector with a non-finite entry, or a zero vector, carries no signal: 0.5."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return 0.5
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return 0.5 if na == 0 or nb == 0 else (1 + a @ b / (na * nb)) / 2
+
+
+def naive_stats(rows):
+    """Mean/std over the training rows whose vector is finite; relative std floor (README, kernel docs)."""
+    ok = rows[np.isfinite(rows).all(1)].astype(np.float64)
+    mu, sd = ok.mean(0), ok.std(0)
+    scale = sd.mean()
+    return mu, (np.maximum(sd, 1e-2 * scale) if scale > 0 else np.ones_like(sd))
 
 
 def naive_channels(feats, losses, qf, ql, ch):
@@ -38,19 +50,15 @@ def naive_channels(feats, losses, qf, ql, ch):
     Q = qf.shape[1]
     out = np.zeros((Q, N))
     if ch.kind == "loss":
-        dtr = np.diff(losses, axis=0).transpose(1, 0, 2).reshape(N, -1)
-        dq = np.diff(ql, axis=0).transpose(1, 0, 2).reshape(Q, -1)
-        mu, sd = dtr.mean(0), dtr.std(0) + 1e-6
-        for j in range(Q):
-            for i in range(N):
-                out[j, i] = shifted_cos((dq[j] - mu) / sd, (dtr[i] - mu) / sd)
-        return out
-    k, t = ch.k, ch.t
-    if ch.kind == "sim":
-        tr, q = feats[k, :, t], qf[k, :, t]
+        tr = np.diff(losses, axis=0).transpose(1, 0, 2).reshape(N, -1)
+        q = np.diff(ql, axis=0).transpose(1, 0, 2).reshape(Q, -1)
     else:
-        tr, q = feats[k, :, t] - feats[k - 1, :, t], qf[k, :, t] - qf[k - 1, :, t]
-    mu, sd = tr.mean(0), tr.std(0) + 1e-6
+        k, t = ch.k, ch.t
+        if ch.kind == "sim":
+            tr, q = feats[k, :, t], qf[k, :, t]
+        else:
+            tr, q = feats[k, :, t] - feats[k - 1, :, t], qf[k, :, t] - qf[k - 1, :, t]
+    mu, sd = naive_stats(tr)
     for j in range(Q):
         for i in range(N):
             out[j, i] = shifted_cos((q[j] - mu) / sd, (tr[i] - mu) / sd)
@@ -75,6 +83,57 @@ def test_vectorised_channels_match_naive_reference(tmp_path, chunk):
     np.testing.assert_allclose(dyn.score(q, w), np.einsum("c,cqn->qn", w, tensor), rtol=1e-4, atol=1e-4)
     idx = np.array([5, 1, 3])
     np.testing.assert_allclose(dyn.channel_tensor(q, idx), tensor[:, :, idx], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["in-process", "dask"])
+def test_nan_rows_and_features_follow_one_rule(tmp_path, backend):
+    """NaN training rows, a NaN feature, a NaN query and a NaN loss: in-process and dask agree with the
+    naive reference (no signal = 0.5 for exactly the pairs that vector enters), for channels and scores."""
+    from montrage.analysis import dask_scoring as D
+
+    rng = np.random.default_rng(3)
+    K, N, T, F, Q = 3, 9, 2, 4, 3
+    feats = rng.normal(size=(K, N, T, F)).astype(np.float32)
+    feats[2, 4] = np.nan  # a whole row at the last checkpoint (sim k=2, move k=2)
+    feats[0, 6, 1, 2] = np.inf  # one feature of one timestep at k=0 (sim k=0, move k=1; t=1 only)
+    feats[:, :, 0, 3] = 5.0  # a constant feature: the relative floor keeps a query's deviation bounded
+    losses = rng.random((K, N, T)).astype(np.float32)
+    losses[1, 2, 0] = np.nan
+    qf = rng.normal(size=(K, Q, T, F)).astype(np.float32)
+    qf[1, 1, 0, 0] = np.nan
+    ql = rng.random((K, Q, T)).astype(np.float32)
+    st = make_store(tmp_path / "s", feats, losses)
+    q = QueryTrajectory({M: qf}, ql)
+    dyn = Dynamics(st, chunk=4)
+    ref = np.stack([naive_channels(feats, losses, qf, ql, ch) for ch in dyn.channels])
+    w = rng.random(len(dyn.channels))
+    w[3] = 0.0
+    if backend == "dask":
+        dyn._stats = D.stats(dyn, chunk=4, scheduler="sync")
+        got = D.score(dyn, q, w, chunk=4, scheduler="sync")
+    else:
+        got = dyn.score(q, w)
+    np.testing.assert_allclose(dyn.channel_tensor(q), ref, atol=2e-4)
+    np.testing.assert_allclose(got, np.einsum("c,cqn->qn", w, ref), rtol=1e-4, atol=1e-4)
+    assert np.isfinite(got).all()
+    sim_last = [c for c, ch in enumerate(dyn.channels) if ch.kind == "sim" and ch.k == 2]
+    assert np.all(ref[sim_last][:, :, 4] == 0.5)
+
+
+def test_std_floor_is_relative(tmp_path):
+    """Scaling every feature by 1e-6 (or 1e3) leaves every channel unchanged: no absolute floor."""
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(2, 8, 1, 5)).astype(np.float32)
+    feats[:, :, 0, 4] = feats[:, :1, 0, 4]  # nearly constant feature
+    feats[1, 3, 0, 4] += 1e-3
+    q = rng.normal(size=(2, 2, 1, 5)).astype(np.float32)
+    out = []
+    for i, scale in enumerate((1e-6, 1.0, 1e3)):
+        st = make_store(tmp_path / f"s{i}", feats * scale, np.ones((2, 8, 1), np.float32))
+        out.append(Dynamics(st, kinds=("sim", "move")).channel_tensor(QueryTrajectory({M: q * scale},
+                                                                                     np.ones((2, 2, 1), np.float32))))
+    np.testing.assert_allclose(out[0], out[1], atol=1e-3)
+    np.testing.assert_allclose(out[2], out[1], atol=1e-3)
 
 
 def test_hand_computed_identity_and_opposite(tmp_path):

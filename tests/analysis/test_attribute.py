@@ -1,0 +1,20 @@
+"""Concept proportions and the JSON contract helpers of montrage.analysis.attribute."""
+import numpy as np
+
+from montrage.analysis.attribute import proportions
+
+
+def test_proportions_keep_every_concept_and_are_offset_and_scale_free():
+    p = proportions({"a": 0.9, "b": 0.5, "c": 0.1})
+    assert abs(sum(p.values()) - 1) < 1e-9
+    assert p["a"] > p["b"] > p["c"] > 0  # the weakest concept is not forced to 0
+    q = proportions({"a": 90.0 + 7, "b": 50.0 + 7, "c": 10.0 + 7})
+    np.testing.assert_allclose([p[c] for c in "abc"], [q[c] for c in "abc"], rtol=1e-9)
+
+
+def test_proportions_ties_and_scale():
+    assert proportions({"a": 1.0, "b": 1.0}) == {"a": 0.5, "b": 0.5}
+    wide = proportions({"a": 1.0, "b": 0.0}, scale=10.0)
+    narrow = proportions({"a": 1.0, "b": 0.0}, scale=0.1)
+    assert 0.5 < wide["a"] < narrow["a"] < 1.0
+    assert proportions({}) == {}
