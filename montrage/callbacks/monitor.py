@@ -29,6 +29,7 @@ from montrage.callbacks.probes import run_probes
 from montrage.config import CaptureConfig, to_dict
 from montrage.data.imagefolder import TrainingSet
 from montrage.data.probes import Probe, default_probes
+from montrage.data.sources import as_training_set
 from montrage.distributed import ProcessContext
 from montrage.errors import MontrageError
 from montrage.models.components import DiffusionComponents
@@ -72,7 +73,7 @@ class TrainingMonitor(MontrageCallback):
                  lora_settings: Optional[dict] = None) -> None:
         self.output_dir = Path(output_dir)
         self.components = components
-        self.training_set = training_set
+        self.training_set = training_set = as_training_set(training_set, components.resolution)  # any source, lazy
         self.probes = list(probes) if probes is not None else default_probes(training_set)
         self.capture = capture or CaptureConfig()
         self.ctx = ProcessContext(accelerator)

@@ -1,4 +1,4 @@
-"""Read a diffusers-style imagefolder (``metadata.jsonl`` + images) into memory.
+"""Read a diffusers-style imagefolder (``metadata.jsonl`` + images), into memory or lazily.
 
 The folder layout is the one ``datasets``' ``imagefolder`` loader and the diffusers training
 scripts use::
@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from montrage.data.lazy import DEFAULT_BATCH, LazyImages, iter_batches, take_rows
 from montrage.errors import ConfigError, DataError
 
 METADATA_NAME = "metadata.jsonl"
@@ -39,9 +40,14 @@ __all__ = ["TrainingSet", "load_imagefolder", "METADATA_NAME"]
 
 @dataclass
 class TrainingSet:
-    """An imagefolder read into memory: RGB images at one square resolution plus their metadata."""
+    """RGB images at one square resolution plus their metadata.
 
-    images: np.ndarray  # uint8 (N, R, R, 3), RGB
+    ``images`` is a uint8 (N, R, R, 3) array, or a :class:`~montrage.data.lazy.LazyImages` that decodes
+    only the rows it is indexed with (sources too large to hold, see :func:`montrage.data.sources.as_training_set`).
+    Captions, concepts and names are small and always in memory.
+    """
+
+    images: Union[np.ndarray, LazyImages]  # uint8 (N, R, R, 3), RGB
     captions: List[str]
     concepts: List[str]  # '' where the metadata has no concept for the row
     file_names: List[str]
@@ -60,7 +66,8 @@ class TrainingSet:
         """sha256 hex over file names, captions, concepts and image bytes (in order).
 
         Identifies the dataset's content, e.g. so a store can refuse to resume on other data.
-        ``root``, ``extra`` and ``converted`` do not enter it: moving the folder keeps it.
+        ``root``, ``extra`` and ``converted`` do not enter it: moving the folder keeps it. Images are
+        hashed batch by batch (a lazy set is never decoded whole); the digest equals the in-memory one.
         """
         h = hashlib.sha256()
         h.update(b"montrage-trainingset-v1\0")
@@ -73,7 +80,8 @@ class TrainingSet:
                 h.update(b"%d:" % len(b))
                 h.update(b)
         h.update(b"\2")
-        h.update(np.ascontiguousarray(self.images).tobytes())
+        for batch in iter_batches(self.images, DEFAULT_BATCH):
+            h.update(batch.tobytes())
         return h.hexdigest()
 
     def subset(self, indices: Union[Sequence[int], np.ndarray]) -> "TrainingSet":
@@ -97,7 +105,7 @@ class TrainingSet:
         names = [self.file_names[i] for i in rows]
         keep = set(names)
         return TrainingSet(
-            images=self.images[idx].copy(),
+            images=take_rows(self.images, idx),
             captions=[self.captions[i] for i in rows],
             concepts=[self.concepts[i] for i in rows],
             file_names=names,
@@ -203,14 +211,40 @@ def _square_resize(img: Image.Image, resolution: int) -> Tuple[Image.Image, bool
     return img.resize((resolution, resolution), Image.LANCZOS), True
 
 
+def decode_image(img: Image.Image, resolution: int) -> Tuple[np.ndarray, Optional[str], Tuple[int, int], bool]:
+    """A PIL image -> (uint8 (R, R, 3), source mode if converted, original size, resized?)."""
+    img = ImageOps.exif_transpose(img)
+    rgb, src_mode = _to_rgb(img)
+    orig_size = rgb.size
+    rgb, resized = _square_resize(rgb, resolution)
+    return np.asarray(rgb, dtype=np.uint8), src_mode, orig_size, resized
+
+
+def _read_file(path: Path, resolution: int, where: str) -> Tuple[np.ndarray, Optional[str], Tuple[int, int], bool]:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            out = decode_image(im, resolution)
+    except Exception as e:  # PIL raises many types for corrupt / unsupported files
+        raise DataError(f"cannot read image {path} ({where}): {type(e).__name__}: {e}; replace it with a valid "
+                        f"PNG/JPEG or remove its row") from None
+    if out[0].shape != (resolution, resolution, 3):  # defensive: PIL should never give this
+        raise DataError(f"image {path} decoded to shape {out[0].shape}, expected ({resolution}, {resolution}, 3)")
+    return out
+
+
 def load_imagefolder(folder: Union[str, Path], resolution: int,
-                     logger: Optional[logging.Logger] = None) -> TrainingSet:
+                     logger: Optional[logging.Logger] = None, lazy: bool = False) -> TrainingSet:
     """Read ``folder`` (a diffusers imagefolder) into a :class:`TrainingSet` at ``resolution``.
 
     Non-RGB images are converted to RGB (transparency composited on white); images of another
     size are centre-cropped to square and resized with LANCZOS. Those files are listed in
     ``converted`` and summarised in one warning on ``logger``. Raises :class:`DataError` on any
     unusable input.
+
+    ``lazy=True`` checks the metadata and that every file exists, but decodes images only when
+    they are indexed (``images`` is a :class:`LazyImages`; ``converted`` stays empty): for sets too
+    large to hold in memory. A corrupt file then raises when its row is first read.
     """
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
         raise ConfigError(f"resolution must be a positive integer, got {resolution!r}")
@@ -225,6 +259,8 @@ def load_imagefolder(folder: Union[str, Path], resolution: int,
                         f"metadata.jsonl and the images, not a file")
     rows = _read_metadata(root)
     meta = root / METADATA_NAME
+    if lazy:
+        return _lazy_imagefolder(root, rows, resolution)
 
     images = np.empty((len(rows), resolution, resolution, 3), dtype=np.uint8)
     captions: List[str] = []
@@ -241,21 +277,7 @@ def load_imagefolder(folder: Union[str, Path], resolution: int,
         if not path.is_file():
             raise DataError(f"{meta}, line {lineno}: image {fn!r} not found at {path}; add the file or fix "
                             f"its file_name")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                rgb, src_mode = _to_rgb(im)
-                orig_size = rgb.size
-                rgb, resized = _square_resize(rgb, resolution)
-                arr = np.asarray(rgb, dtype=np.uint8)
-        except DataError:
-            raise
-        except Exception as e:  # PIL raises many types for corrupt / unsupported files
-            raise DataError(f"cannot read image {path} (listed on line {lineno} of {meta}): "
-                            f"{type(e).__name__}: {e}; replace it with a valid PNG/JPEG or remove its row") from None
-        if arr.shape != (resolution, resolution, 3):  # defensive: PIL should never give this
-            raise DataError(f"image {path} decoded to shape {arr.shape}, expected ({resolution}, {resolution}, 3)")
+        arr, src_mode, orig_size, resized = _read_file(path, resolution, f"listed on line {lineno} of {meta}")
         images[i] = arr
         if src_mode is not None or resized:
             converted.append(fn)
@@ -285,3 +307,22 @@ def load_imagefolder(folder: Union[str, Path], resolution: int,
 
     return TrainingSet(images=images, captions=captions, concepts=concepts, file_names=names, extra=extra,
                        root=str(root), converted=converted)
+
+
+def _lazy_imagefolder(root: Path, rows: List[Tuple[int, Dict[str, Any]]], resolution: int) -> TrainingSet:
+    meta = root / METADATA_NAME
+    paths: List[Path] = []
+    for lineno, obj in rows:
+        path = root / obj["file_name"].replace("\\", "/")
+        if not path.is_file():
+            raise DataError(f"{meta}, line {lineno}: image {obj['file_name']!r} not found at {path}; add the file or "
+                            f"fix its file_name")
+        paths.append(path)
+    lines = [lineno for lineno, _ in rows]
+
+    def read(i: int) -> np.ndarray:
+        return _read_file(paths[i], resolution, f"listed on line {lines[i]} of {meta}")[0]
+
+    return TrainingSet(images=LazyImages(read, len(rows), resolution), captions=[o["text"] for _, o in rows],
+                       concepts=[o.get("concept") or "" for _, o in rows], file_names=[o["file_name"] for _, o in rows],
+                       extra=[{k: v for k, v in o.items() if k not in _KNOWN} for _, o in rows], root=str(root))
