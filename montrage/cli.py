@@ -31,6 +31,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modules", default=",".join(c.modules), help=f"UNet modules to capture (default {','.join(c.modules)})")
     p.add_argument("--pooling-grid", type=int, default=c.pooling_grid, help=f"spatial pooling grid side (default {c.pooling_grid})")
     p.add_argument("--no-monitor", action="store_true", help="the same fine-tuning without the callback (overhead comparisons)")
+    p.add_argument("--no-store-images", action="store_true",
+                   help="keep only the training images' paths and sha256 hashes in the run, not their pixels "
+                   "(large sets; the images must then stay unchanged where they are)")
 
 
 def _configs(args: argparse.Namespace):
@@ -49,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, capture = _configs(args)
     res = train(args.data, args.output, base=args.base, cfg=cfg, capture=capture, probes_file=args.probes,
-                prior_dir=args.prior_data, monitor=not args.no_monitor, progress=not args.quiet)
+                prior_dir=args.prior_data, monitor=not args.no_monitor, progress=not args.quiet,
+                store_images=not args.no_store_images)
     print(f"trained steps {res.start_step}->{res.steps} in {res.wall_time_s:.1f} s; LoRA: {res.final_lora}")
     return 0
 
@@ -70,6 +74,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         options["concept"] = args.concept
     if args.prompt:
         options["prompt"] = args.prompt
+    if args.base:
+        options["base"] = args.base
     res = attribute(args.run, args.method, args.checkpoint, args.top_k, args.images, condition=args.condition,
                     options=options, progress=not args.quiet, scheduler=args.scheduler)
     out = Path(args.out) if args.out else Path(args.run) / f"attribution_{args.method}_{res.step}.json"
@@ -161,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="representations captured with the empty prompt (default) or the caption (leaks captions)")
     p.add_argument("--query-mode", default="B", choices=["A", "B"],
                    help="B: final images re-encoded under each checkpoint (default); A: probes as generated at each checkpoint")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="the run's base model folder, when it is no longer where the run recorded it")
     p.add_argument("--out", default=None, help="JSON output (default RUN/attribution_<method>_<step>.json)")
     p.add_argument("--show", type=int, default=12, help="queries printed to the terminal (default 12)")
     p.add_argument("--scheduler", default=None, metavar="ADDR",

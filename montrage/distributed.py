@@ -38,14 +38,15 @@ class ProcessContext:
         """This rank's share of ``range(n)`` (strided, so shares differ by at most one item)."""
         return list(range(self.rank, n, self.world_size))
 
-    def gather(self, obj: Any) -> List[Any]:
-        """Every rank's ``obj``, in rank order, on every rank. A collective: call it on all ranks."""
+    def gather(self, obj: Any) -> Optional[List[Any]]:
+        """Every rank's ``obj``, in rank order, on rank 0 only (None elsewhere): capture shards go to the
+        writer without copying every rank's shards to every rank. A collective: call it on all ranks."""
         if self.world_size == 1:
             return [obj]
         import torch.distributed as dist
 
-        out: List[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        out: Optional[List[Any]] = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
         return out
 
     def broadcast(self, obj: Any) -> Any:

@@ -45,6 +45,10 @@ class StoreLockedError(StoreError):
     """Another process is writing this store."""
 
 
+class TrainingImagesChangedError(StoreError, DataError):
+    """A run recorded without pixels (store_images=False) whose source images are gone or changed."""
+
+
 class CheckpointNotFoundError(StoreError, KeyError):
     """A requested checkpoint step is not among the committed checkpoints."""
 

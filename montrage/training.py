@@ -86,8 +86,11 @@ def step_batch(step: int, rank: int, cfg: TrainConfig, train: TrainingSet, prior
 def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", cfg: Optional[TrainConfig] = None,
           capture: Optional[CaptureConfig] = None, probes_file: Optional[str | Path] = None,
           prior_dir: Optional[str | Path] = None, monitor: bool = True, accelerator=None,
-          progress: bool = True) -> TrainResult:
-    """Fine-tune a LoRA on ``data_dir`` into ``output_dir``; re-running the same call resumes."""
+          progress: bool = True, store_images: bool = True) -> TrainResult:
+    """Fine-tune a LoRA on ``data_dir`` into ``output_dir``; re-running the same call resumes.
+
+    ``store_images=False`` keeps only the training images' paths and hashes in the run (large sets).
+    """
     from accelerate import Accelerator
 
     cfg = cfg or TrainConfig()
@@ -112,8 +115,9 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
                   "base": components.base,
                   "data_dir": str(Path(data_dir).resolve()),
                   "prior_dir": str(Path(prior_dir).resolve()) if prior_dir else None,
-                  "resolution": resolution, "lora": to_dict(cfg.lora), "world_size": ctx.world_size}
-    mon = TrainingMonitor(output_dir, components, train_set, probes, capture, run_config, accelerator) if monitor else None
+                  "resolution": resolution, "world_size": ctx.world_size}  # the LoRA config: read from the model
+    mon = (TrainingMonitor(output_dir, components, train_set, probes, capture, run_config, accelerator, optimizer=opt,
+                           store_images=store_images) if monitor else None)
 
     start = 0
     if ctx.is_main:
@@ -123,15 +127,13 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
             mon.open_store()  # refuses a store of another config, and locks it, before any work
         resume = _latest_resume(output_dir)
         if resume is not None:
-            state = torch.load(resume, map_location="cpu", weights_only=False)
+            state = torch.load(resume, map_location="cpu", weights_only=True)
             load_lora_state(components.unet, state["lora"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start = int(state["step"])
             if mon is not None and state.get("monitor"):
-                recorded = mon.state.recorded_steps
-                mon.load_state_dict(state["monitor"])
-                mon.state.recorded_steps = recorded
+                mon.load_state_dict(state["monitor"])  # which steps are recorded: the store says
             log.info("resuming %s from step %d", output_dir, start)
         model, opt = accelerator.prepare(components.unet, opt)
         t0 = time.time()

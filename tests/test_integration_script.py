@@ -51,7 +51,7 @@ def test_explicit_calls_record_step0_and_every_checkpoint(script_runs):
     assert np.isnan(loss[0]) and np.isfinite(loss[1:]).all()  # running mean of on_step_end losses
     for m in st.modules:
         assert st.features(S.TRAIN, m).shape[:2] == (3, 4)
-    assert st.run_config["lora"]["rank"] == 4
+    assert st.run_config["lora"]["r"] == 4 and st.run_config["lora"]["lora_alpha"] == 4  # read from the model
     assert not list(script_runs["calls"].glob("checkpoint-*"))
 
 

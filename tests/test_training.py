@@ -1,4 +1,6 @@
 """End-to-end: monitored LoRA training on the embedded base into a run store."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -111,9 +113,62 @@ def test_other_config_on_existing_output_is_refused(tmp_path, tiny_data):
         train(tiny_data, tmp_path / "r", cfg=cfg, capture=other, progress=False)
 
 
-def test_run_config_records_absolute_data_paths(tiny_run, tiny_data):
-    """Analysis and reports read the training images from run_config; a relative path breaks elsewhere."""
+def test_run_is_self_contained(tiny_run, tiny_data):
+    """Training images, LoRA config (from the model), optimizer and lr per checkpoint live in the run."""
     from pathlib import Path
 
-    cfg = RunStore.open(tiny_run).run_config
+    from montrage.data.imagefolder import load_imagefolder
+
+    st = RunStore.open(tiny_run)
+    cfg = st.run_config
     assert Path(cfg["data_dir"]).is_absolute() and Path(cfg["data_dir"]) == Path(tiny_data).resolve()
+    np.testing.assert_array_equal(st.train_images(), load_imagefolder(tiny_data, 16).images)
+    assert cfg["lora"]["r"] == 8 and cfg["lora"]["lora_alpha"] == 8 and "to_q" in cfg["lora"]["target_modules"]
+    assert cfg["optimizer"]["class"] == "torch.optim.adamw.AdamW" and cfg["optimizer"]["defaults"]["lr"] == 2e-3
+    # LambdaLR warm-up over 2 steps: the optimizer holds lr/2 before the first update, lr from step 1 on
+    np.testing.assert_allclose(st.learning_rates, [1e-3, 2e-3, 2e-3])
+    assert cfg["base"] == "embedded" and len(cfg["base_identity"]) == 32
+
+
+def test_other_lora_config_on_resume_is_refused(tmp_path, tiny_data):
+    from dataclasses import replace
+
+    from montrage.config import LoraSettings
+    from montrage.errors import StoreConfigMismatchError
+
+    cfg, capture = tiny_configs(steps=3)
+    train(tiny_data, tmp_path / "r", cfg=cfg, capture=capture, progress=False)
+    before = sorted(p.name for p in (tmp_path / "r" / S.STORE_DIRNAME).rglob("*"))
+    other = replace(cfg, lora=LoraSettings(rank=4, alpha=2.0))
+    with pytest.raises(StoreConfigMismatchError, match=r"lora\.lora_alpha.*lora\.r: store has 8, requested 4"):
+        train(tiny_data, tmp_path / "r", cfg=other, capture=capture, progress=False)
+    assert sorted(p.name for p in (tmp_path / "r" / S.STORE_DIRNAME).rglob("*")) == before  # nothing written
+    assert RunStore.open(tmp_path / "r").steps.tolist() == [0, 3]
+
+
+def test_paths_only_run_checks_image_hashes(tmp_path, tiny_data):
+    """store_images=False keeps paths + hashes; a changed file is one typed error naming it, nothing written."""
+    import shutil
+
+    from PIL import Image
+
+    from montrage.analysis.gradients import training_images
+    from montrage.errors import TrainingImagesChangedError
+
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    cfg, capture = tiny_configs(steps=3)
+    train(data, tmp_path / "r", cfg=cfg, capture=capture, progress=False, store_images=False)
+    st = RunStore.open(tmp_path / "r")
+    assert not st.images_stored
+    from montrage.data.imagefolder import load_imagefolder
+
+    np.testing.assert_array_equal(training_images(st).images, load_imagefolder(tiny_data, 16).images)
+    names = st.train_meta[S.ATTR_FILE_NAMES]
+    img = np.array(Image.open(data / names[2]))
+    img[0, 0] = 255 - img[0, 0]
+    Image.fromarray(img).save(data / names[2])
+    with pytest.raises(TrainingImagesChangedError, match=names[2].replace(".", r"\.") + r".*images stored \(the default\)"):
+        training_images(st)
+    shutil.rmtree(data)
+    with pytest.raises(TrainingImagesChangedError, match="is gone"):
+        training_images(st)

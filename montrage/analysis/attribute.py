@@ -3,7 +3,7 @@
 JSON contract (``montrage attribute --out FILE.json``)::
 
     {"run": str, "method": str, "checkpoint": int (training step), "condition": "null"|"caption",
-     "concept": str|null (Concept-TRAK's phrase), "score_path": "attribution/<method>/<step>",
+     "concept": str|null (Concept-TRAK's phrase), "score_path": "attribution/<method>/<step>/<query_set>",
      "queries": [{"id": str, "prompt": str, "seed": int|null, "image": str|null,
                   "concept_scores": {concept: score}, "concept_proportions": {concept: share},
                   "predicted_concept": str|null,
@@ -12,7 +12,8 @@ JSON contract (``montrage attribute --out FILE.json``)::
 ``concept_scores`` aggregate a concept's training images (mean of its top-3 scores); proportions are
 the softmax of those scores in units of the query's score spread over all training images (shares for
 mixed prompts; every concept keeps a positive share, see :func:`proportions`).
-The full (query x train) matrix is written to the store at ``score_path``.
+The full (query x train) matrix is written to the store at ``score_path`` (``<query_set>`` is the query set's
+key, so scores of other query sets at the same step are kept; ``RunStore.attributions()`` lists them).
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def attribute(run_dir: str | Path, method: str = "montrage", checkpoint_step: Op
 
 
 def _write(store: RunStore, method: str, step: int, scores: np.ndarray, queries: QuerySet) -> str:
-    return store.write_attribution(method, step, scores, queries.ids)
+    return store.write_attribution(method, step, scores, queries.ids, queries.key)
 
 
 def build_payload(store: RunStore, method: str, step: int, scores: np.ndarray, queries: QuerySet, top_k: int,

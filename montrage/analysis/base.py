@@ -59,7 +59,8 @@ class ScoringContext:
     def model(self) -> RunModel:
         """The run's model (loaded once, on first use)."""
         if self._model is None:
-            self._model = RunModel(self.store.run_config, device=self.device)
+            base = self.options.get("base")  # `montrage attribute --base PATH`: where the run's base model is now
+            self._model = RunModel(self.store.run_config, device=self.device, base_override=str(base) if base else None)
         return self._model
 
     def components_at(self, k: int):

@@ -1,7 +1,7 @@
 """Gradient-based attribution baselines: TracIn-CP and D-TRAK, on the LoRA parameters only.
 
-Both re-read the training images from the run's recorded ``data_dir`` and rebuild the model at
-stored checkpoints from the LoRA weights in the store. Options (``ctx.options``):
+Both read the training images from the run store and rebuild the model at stored checkpoints
+from the LoRA weights in the store. Options (``ctx.options``):
 
 - ``grad_timesteps``: diffusion timesteps of the gradients (default: the run's capture timesteps)
 - ``proj_dim`` (1024), ``proj_seed`` (0): the random projection; ``proj_cache_mb`` (256): memory for
@@ -13,7 +13,7 @@ stored checkpoints from the LoRA weights in the store. Options (``ctx.options``)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -101,11 +101,15 @@ def tracin_checkpoints(upto: int) -> List[int]:
     return list(range(1, upto + 1)) if upto >= 1 else [0]
 
 
-def learning_rate(run_config: dict, step: int) -> float:
-    """The learning rate the run used at ``step`` (linear warm-up, then constant, as in training)."""
+def learning_rate(run_config: dict, step: int, recorded: Optional[float] = None) -> float:
+    """The learning rate at a checkpoint: the one the monitor read from the optimizer there (``recorded``,
+    exact for any schedule); for runs without it, ``montrage train``'s warm-up-then-constant schedule."""
+    if recorded is not None and np.isfinite(recorded):
+        return float(recorded)
     train = run_config.get("train") or {}
     if "lr" not in train:
-        raise ScorerError("the run config records no learning rate (train.lr); TracIn weights checkpoints by it")
+        raise ScorerError("this run recorded no learning rate (no optimizer was given to the monitor); TracIn weights "
+                          "checkpoints by it: record the run with TrainingMonitor(..., optimizer=optimizer)")
     lr = float(train["lr"])
     warmup = int(train.get("warmup_steps", 0) or 0)
     return lr * min(1.0, max(int(step), 1) / warmup) if warmup > 0 else lr
@@ -133,11 +137,12 @@ class TracInScorer:
     def score(self, ctx: ScoringContext) -> np.ndarray:
         s = GradientSettings.from_ctx(ctx)
         steps = np.asarray(ctx.store.steps)
+        lrs = getattr(ctx.store, "learning_rates", None)
         pairs = []
         for k in tracin_checkpoints(ctx.checkpoint):
             gt = train_gradients(ctx, k, "denoise", s)
             gq = query_gradients(ctx, k, "denoise", s)
-            pairs.append((learning_rate(ctx.store.run_config, int(steps[k])), gq, gt))
+            pairs.append((learning_rate(ctx.store.run_config, int(steps[k]), None if lrs is None else float(lrs[k])), gq, gt))
         return tracin_combine(pairs)
 
 

@@ -358,30 +358,46 @@ def trak_scores(train: np.ndarray, queries: np.ndarray, lam_rel: float = 0.1) ->
 
 
 def training_images(store) -> TrainingSet:
-    """The run's training images, re-read from the folder the run recorded (the store keeps no pixels).
+    """The run's training images, read from the run itself (``train/images``).
 
-    Checks that the folder still holds the data the run was trained on (dataset fingerprint).
+    A run recorded with ``store_images=False`` keeps only source paths + per-image hashes: the images are
+    re-read from those paths and checked (TrainingImagesChangedError names the first file that differs).
     """
-    cfg = store.run_config
-    data_dir = cfg.get("data_dir")
-    if not data_dir:
-        raise ScorerError("gradient methods need the training images, but this run recorded no data_dir")
+    meta = store.train_meta
+    names = list(meta.get("file_names", []))
+    n = len(names)
+    if store.images_stored:
+        images = store.train_images()
+    else:
+        images = _images_from_source(store, names)
+    return TrainingSet(images=np.asarray(images), captions=list(meta.get("captions", [""] * n)),
+                       concepts=list(meta.get("concepts", [""] * n)), file_names=names,
+                       extra=list(meta.get("extra", [{}] * n)), root=str(getattr(store, "run_dir", "")))
+
+
+def _images_from_source(store, names: List[str]) -> np.ndarray:
+    """Images of a paths-only run from their recorded folder, verified against the recorded hashes."""
     from pathlib import Path
 
-    if not Path(data_dir).is_dir():
-        raise ScorerError(f"gradient methods need the training images at their recorded path {data_dir}, which "
-                          "does not exist; restore the folder there (the store holds no training pixels)")
-    resolution = int(cfg.get("resolution") or 0)
-    if resolution <= 0:
-        raise ScorerError("the run config records no training resolution; cannot re-read the training images")
-    ts = load_imagefolder(data_dir, resolution)
-    meta = store.train_meta
-    names = meta.get("file_names")
-    if names is not None and list(names) != ts.file_names:
-        raise ScorerError(f"the training folder {data_dir} no longer lists the images the run was trained on "
-                          f"({len(ts)} rows now, {len(names)} recorded); restore the original folder")
-    fp = meta.get("dataset_fingerprint")
-    if fp and fp != ts.fingerprint():
-        raise ScorerError(f"the images in {data_dir} changed since the run was recorded (dataset fingerprint "
-                          "differs); gradient attribution needs the exact training images")
-    return ts
+    from montrage.errors import DataError, TrainingImagesChangedError
+
+    root = store.train_meta.get("source_root")
+    resolution = int(store.run_config.get("resolution") or 0)
+    fix = ("restore the original files there, or record the run again with the images stored in it "
+           "(the default, store_images=True)")
+    if not root or not Path(root).is_dir():
+        raise TrainingImagesChangedError(f"this run keeps only the paths of its training images (store_images=False) "
+                                         f"and their folder {root} is gone; {fix}")
+    try:
+        ts = load_imagefolder(root, resolution)
+    except DataError as exc:
+        raise TrainingImagesChangedError(f"the training images of this run cannot be re-read from {root}: {exc}; "
+                                         f"{fix}") from None
+    where = {name: i for i, name in enumerate(ts.file_names)}
+    lost = [name for name in names if name not in where]
+    if lost:
+        raise TrainingImagesChangedError(f"training image {Path(root) / lost[0]} is no longer listed in "
+                                         f"{root}/metadata.jsonl ({len(lost)} missing); {fix}")
+    images = ts.images[[where[name] for name in names]]
+    store.verify_train_images(images)
+    return images

@@ -1,26 +1,28 @@
 """The training monitor: records training dynamics into the run store at every checkpoint.
 
-Five lines in a user's Accelerate loop::
+In a user's Accelerate loop::
 
-    monitor = TrainingMonitor("runs/x", components, training_set, accelerator=accelerator)
-    monitor.on_train_begin()
-    for step in range(1, steps + 1):
-        ...  # forward, backward, optimizer.step()
-        monitor.on_step_end(step, loss.item())
-    monitor.on_train_end(steps)
+    with TrainingMonitor("runs/x", components, training_set, accelerator=accelerator, optimizer=opt) as monitor:
+        monitor.on_train_begin()
+        for step in range(1, steps + 1):
+            ...  # forward, backward, optimizer.step(), lr_scheduler.step()
+            monitor.on_step_end(step, loss.item())
+    # leaving the block records the last step; an exception releases the lock and keeps the store consistent
 
-Capture runs under ``no_grad`` with hooks removed afterwards, restores train/eval mode and the RNG,
-and never consumes the training loop's random numbers: training results do not change.
-Every rank computes its share of the images; rank 0 alone writes; all ranks meet at each commit.
+The run is self-contained: the store holds the training images (or their paths + hashes), the LoRA config
+read from the model, the base model's location and a hash of its weights, the optimizer and the learning
+rate in use at each checkpoint. Capture runs under ``no_grad`` with hooks removed afterwards, restores
+train/eval mode and the RNG, and never consumes the training loop's random numbers. Every rank computes its
+share of the images; rank 0 alone writes; all ranks meet at each commit.
 """
 from __future__ import annotations
 
 import logging
-import re
+import pickle
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -31,10 +33,11 @@ from montrage.data.imagefolder import TrainingSet
 from montrage.data.probes import Probe, default_probes
 from montrage.data.sources import as_training_set
 from montrage.distributed import ProcessContext
-from montrage.errors import MontrageError
+from montrage.errors import ConfigError, MontrageError, StoreError
 from montrage.models.components import DiffusionComponents
 from montrage.models.features import ANCHOR_SEED_OFFSET, TRAIN_SEED_OFFSET, FeatureExtractor
-from montrage.models.lora import flatten, lora_state
+from montrage.models.loading import base_identity, locate_base
+from montrage.models.lora import flatten, lora_config_from_model, lora_state
 from montrage.storage import CheckpointRecord, RunStore, StoreDims
 from montrage.storage import schema as S
 
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class MonitorState:
     step: int = 0
-    recorded_steps: List[int] = field(default_factory=list)
+    recorded_steps: List[int] = field(default_factory=list)  # informative: the store decides what is recorded
     loss_sum: float = 0.0
     loss_count: int = 0
     elapsed_before: float = 0.0  # wall time of earlier (interrupted) processes of this run
@@ -66,45 +69,120 @@ def _concat_shards(parts: Sequence[Dict[str, Any]], n: int) -> Dict[str, Any]:
     return out
 
 
+def _json_value(v: Any) -> Any:
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:  # 0-d tensors / numpy scalars (e.g. a tensor lr)
+        return v.item()
+    return repr(v)
+
+
+def describe_optimizer(optimizer: Any) -> Dict[str, Any]:
+    """Class and hyperparameters of each parameter group (not the parameters), JSON-ready."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps .optimizer
+    cls = type(inner)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}",
+            "defaults": {k: _json_value(v) for k, v in dict(getattr(inner, "defaults", {}) or {}).items()},
+            "param_groups": [{k: _json_value(v) for k, v in g.items() if k != "params"} for g in inner.param_groups]}
+
+
+def current_learning_rate(optimizer: Any) -> Optional[float]:
+    """The lr the optimizer holds now (first parameter group): exact for any schedule."""
+    if optimizer is None:
+        return None
+    lr = optimizer.param_groups[0].get("lr")
+    return None if lr is None else float(lr.item() if hasattr(lr, "item") else lr)
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (to reach the other ranks), else a StoreError carrying its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 (any unpicklable exception)
+        return StoreError(f"rank 0 failed: {type(exc).__name__}: {exc}")
+
+
 class TrainingMonitor(MontrageCallback):
+    """Records a run; see the module docstring. ``optimizer`` (optional) records its hyperparameters and the
+    learning rate at each checkpoint (TracIn needs it); ``store_images=False`` keeps only the training images'
+    source paths and content hashes (large sets; checked when read)."""
+
     def __init__(self, output_dir: str | Path, components: DiffusionComponents, training_set: TrainingSet,
                  probes: Optional[Sequence[Probe]] = None, capture: Optional[CaptureConfig] = None,
                  run_config: Optional[dict] = None, accelerator: Optional[Any] = None,
-                 lora_settings: Optional[dict] = None) -> None:
+                 optimizer: Optional[Any] = None, store_images: bool = True) -> None:
         self.output_dir = Path(output_dir)
         self.components = components
         self.training_set = training_set = as_training_set(training_set, components.resolution)  # any source, lazy
         self.probes = list(probes) if probes is not None else default_probes(training_set)
         self.capture = capture or CaptureConfig()
         self.ctx = ProcessContext(accelerator)
+        self.optimizer = optimizer
+        self.store_images = bool(store_images)
+        if not self.store_images and not self._source_root():
+            raise ConfigError("store_images=False keeps only the training images' paths and hashes, but this training "
+                              "source is not an image folder on disk (no .root folder); keep store_images=True")
         self.extractor = FeatureExtractor(components, self.capture)
         self.state = MonitorState()
         n = len(training_set)
         n_anchor = min(n, self.capture.anchors)
         self.anchor_indices = sorted({int(i) for i in np.linspace(0, n - 1, n_anchor).round()}) if n_anchor else []
-        self.run_config = dict(run_config or {})
-        self.run_config.setdefault("capture", to_dict(self.capture))
-        self.run_config.setdefault("base", components.base)
-        self.run_config.setdefault("resolution", components.resolution)
-        self.run_config.setdefault("lora", lora_settings or {})
+        self._user_config = dict(run_config or {})
         self.store: Optional[RunStore] = None
         self._opened = False
+        self._began = False
+        self._ended = False
+        self._inactive = False  # attach() on a process that does not save state: every event is a no-op
         self._dataset_fingerprint: Optional[str] = None
+        self._base_identity: Optional[str] = None
         self._t0: Optional[float] = None
 
     # ---------------------------------------------------------------- identity
+    def _unet(self) -> Any:
+        return self.ctx.unwrap(self.components.unet)
+
+    def _source_root(self) -> Optional[str]:
+        root = getattr(self.training_set, "root", None)
+        return str(Path(root).resolve()) if root and Path(str(root)).is_dir() else None
+
     def dataset_fingerprint(self) -> str:
         """Hash of every training image and caption, computed once (it reads all pixels)."""
         if self._dataset_fingerprint is None:
             self._dataset_fingerprint = self.training_set.fingerprint()
         return self._dataset_fingerprint
 
+    def base_identity(self) -> str:
+        """Cheap content hash of the base UNet weights (computed once)."""
+        if self._base_identity is None:
+            self._base_identity = base_identity(self._unet())
+        return self._base_identity
+
+    def lora_config(self) -> dict:
+        """The adapter's config read from the model (r, lora_alpha, target_modules, ...)."""
+        return lora_config_from_model(self._unet())
+
+    @property
+    def run_config(self) -> dict:
+        """Everything a scorer needs to rebuild the run, whichever way it was recorded."""
+        unet = self._unet()
+        cfg = {"base": locate_base(self.components.base, unet) or self.components.base,
+               "base_name_or_path": str(getattr(getattr(unet, "config", None), "_name_or_path", "") or ""),
+               "base_identity": self.base_identity(), "resolution": int(self.components.resolution),
+               "world_size": self.ctx.world_size, "store_images": self.store_images,
+               "optimizer": describe_optimizer(self.optimizer) if self.optimizer is not None else None}
+        cfg.update(self._user_config)
+        cfg["capture"] = to_dict(self.capture)
+        cfg["lora"] = self.lora_config()  # always the model's own: what was really trained
+        return cfg
+
     def fingerprint(self) -> dict:
         """What must match for a reopened store to be appended to (not steps or wall-clock details)."""
-        return {"capture": to_dict(self.capture), "base": self.components.base,
-                "dataset": self.dataset_fingerprint(),
-                "probes": [[p.prompt, p.seed] for p in self.probes],
-                "lora": self.run_config.get("lora"), "train": self.run_config.get("train_identity")}
+        return {"capture": to_dict(self.capture), "base": self.base_identity(), "dataset": self.dataset_fingerprint(),
+                "probes": [[p.prompt, p.seed] for p in self.probes], "lora": self.lora_config(),
+                "train": self._user_config.get("train_identity")}
 
     def _dims(self) -> StoreDims:
         flat, names, shapes = flatten(lora_state(self.components.unet)) if self.capture.record_lora else (None, [], [])
@@ -112,46 +190,61 @@ class TrainingMonitor(MontrageCallback):
         return StoreDims(n_train=len(self.training_set), n_probes=len(self.probes), n_anchors=len(self.anchor_indices),
                          n_conditions=len(self.capture.conditions), n_timesteps=len(self.capture.timesteps),
                          feature_dims=self.extractor.feature_dims(), image_shape=(r, r, 3),
-                         lora_names=names, lora_shapes=shapes)
+                         lora_names=names, lora_shapes=shapes, store_train_images=self.store_images)
 
     def _metadata(self) -> tuple[dict, dict]:
         ts = self.training_set
         train = {S.ATTR_FILE_NAMES: list(ts.file_names), S.ATTR_CAPTIONS: list(ts.captions),
                  S.ATTR_CONCEPTS: list(ts.concepts), S.ATTR_EXTRA: list(ts.extra),
-                 S.ATTR_DATASET_FINGERPRINT: self.dataset_fingerprint()}
+                 S.ATTR_DATASET_FINGERPRINT: self.dataset_fingerprint(), S.ATTR_SOURCE_ROOT: self._source_root()}
         probes = {S.ATTR_PROMPTS: [p.prompt for p in self.probes], S.ATTR_SEEDS: [p.seed for p in self.probes],
                   S.ATTR_CONCEPTS: [p.concept for p in self.probes], S.ATTR_KINDS: [p.kind for p in self.probes],
                   S.ATTR_META: [dict(p.meta) for p in self.probes]}
         return train, probes
 
+    def _read_images(self, indices: List[int]) -> np.ndarray:
+        return np.asarray(self.training_set.images[indices])
+
     def open_store(self) -> None:
-        """Create or reopen the store (rank 0), and learn what was already recorded. A collective."""
-        if self._opened:
+        """Create or reopen the store (rank 0), and learn from it what is recorded. A collective.
+
+        Any failure on rank 0 (not only montrage's errors) reaches every rank, so none waits in a collective.
+        """
+        if self._opened or self._inactive:
             return
         result: object = None
+        error: Optional[BaseException] = None
         if self.ctx.is_main:
             try:
                 train_meta, probe_meta = self._metadata()
                 self.store = RunStore.create_or_resume(self.output_dir, self.run_config, self.fingerprint(),
-                                                       self._dims(), train_meta, probe_meta, self.anchor_indices)
-                result = self.store.steps.tolist()
-            except MontrageError as exc:  # tell the other ranks instead of leaving them in the broadcast
-                result = exc
+                                                       self._dims(), train_meta, probe_meta, self.anchor_indices,
+                                                       train_images=self._read_images)
+                result = self.store.snapshot_steps.tolist()  # featurized or pending
+            except Exception as exc:  # tell the other ranks instead of leaving them in the broadcast
+                error, result = exc, _portable(exc)
         recorded = self.ctx.broadcast(result)
+        if error is not None:
+            raise error
         if isinstance(recorded, BaseException):
             raise recorded
-        self.state.recorded_steps = [int(s) for s in recorded]
+        self.state.recorded_steps = [int(s) for s in recorded]  # the store is the source of truth
         self._opened = True
 
     # ---------------------------------------------------------------- events
     def on_train_begin(self, step: int = 0) -> None:
+        if self._inactive:
+            return
         self._t0 = time.time()
         self.state.step = step
+        self._began, self._ended = True, False
         self.open_store()
         if step == 0 and 0 not in self.state.recorded_steps:
             self.record_checkpoint(0)
 
     def on_step_end(self, step: int, loss: Optional[float] = None) -> None:
+        if self._inactive:
+            return
         self.state.step = step
         if loss is not None:
             self.state.loss_sum += float(loss)
@@ -163,8 +256,12 @@ class TrainingMonitor(MontrageCallback):
         self.record_checkpoint(step)
 
     def on_train_end(self, step: int) -> None:
+        """Record ``step`` (unless already recorded) and close the store."""
+        if self._inactive:
+            return
         self.state.step = step
         self.record_checkpoint(step)
+        self._ended = True
         self.close()
 
     def close(self) -> None:
@@ -173,24 +270,33 @@ class TrainingMonitor(MontrageCallback):
             self.store = None
         self._opened = False
 
-    # ---------------------------------------------------------------- capture
-    def _running_loss(self) -> Optional[float]:
-        sums = self.ctx.gather((self.state.loss_sum, self.state.loss_count))
-        total, count = sum(s for s, _ in sums), sum(c for _, c in sums)
-        return total / count if count else None
+    def abort(self) -> None:
+        """Drop whatever a failed capture appended past the commit marker, and release the lock."""
+        if self.store is not None and self.store.writable:
+            try:
+                self.store.discard_uncommitted()
+            finally:
+                self.close()
+        self.close()
 
-    def record_checkpoint(self, step: int) -> None:
-        """Capture and commit one checkpoint (a collective: every rank must call it)."""
+    def __enter__(self) -> "TrainingMonitor":
         self.open_store()
-        if step in self.state.recorded_steps:
-            # a resumed run replays steps already recorded: their losses belong to that checkpoint
-            self.state.loss_sum, self.state.loss_count = 0.0, 0
-            return
-        if self._t0 is None:
-            self._t0 = time.time()
-        unet = self.components.unet
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None:
+            self.abort()
+            return False
+        if self._began and not self._ended:
+            self.on_train_end(self.state.step)
+        self.close()
+        return False
+
+    # ---------------------------------------------------------------- capture
+    def capture_local(self) -> Dict[str, Dict[str, Any]]:
+        """This rank's share of one checkpoint's capture: a function of the current LoRA weights and fixed seeds."""
         ts = self.training_set
-        local = {}
+        local: Dict[str, Dict[str, Any]] = {}
         for kind, items, offset in ((S.TRAIN, list(range(len(ts))), TRAIN_SEED_OFFSET),
                                     (S.ANCHORS, self.anchor_indices, ANCHOR_SEED_OFFSET)):
             mine = [items[j] for j in self.ctx.shard(len(items))]
@@ -199,45 +305,88 @@ class TrainingMonitor(MontrageCallback):
         p_images, p_feats = run_probes(self.components, self.extractor, self.probes,
                                        self.ctx.shard(len(self.probes)), self.capture)
         local[S.PROBES] = {"f": p_feats.features, "l": p_feats.losses, "img": p_images}
-        parts = self.ctx.gather(local)
-        train_loss = self._running_loss()
+        return local
+
+    def record_checkpoint(self, step: int) -> None:
+        """Capture and commit one checkpoint (a collective: every rank must call it)."""
+        if self._inactive:
+            return
+        self.open_store()
+        if step in self.state.recorded_steps:
+            # a resumed run replays steps already recorded: their losses belong to that checkpoint
+            self.state.loss_sum, self.state.loss_count = 0.0, 0
+            return
+        if self._t0 is None:
+            self._t0 = time.time()
+        parts = self.ctx.gather(self.capture_local())  # rank 0 gets every shard, the others None
+        losses = self.ctx.gather((self.state.loss_sum, self.state.loss_count))
+        error: Optional[BaseException] = None
         if self.ctx.is_main:
-            sizes = {S.TRAIN: len(ts), S.ANCHORS: len(self.anchor_indices), S.PROBES: len(self.probes)}
-            full = {kind: _concat_shards([p[kind] for p in parts], sizes[kind]) for kind in S.FEATURE_KINDS}
-            flat = flatten(lora_state(unet))[0] if self.capture.record_lora else None
-            rec = CheckpointRecord(step=step, wall_time=self.state.elapsed_before + time.time() - self._t0,
-                                   train_loss=train_loss, features={k: v["f"] for k, v in full.items()},
-                                   losses={k: v["l"] for k, v in full.items()}, probe_images=full[S.PROBES]["img"],
-                                   lora=flat)
-            self.store.append(rec)
-            log.info("montrage: recorded checkpoint at step %d", step)
+            try:
+                self._commit(step, parts, losses)
+            except Exception as exc:  # reaches every rank below, so none waits forever
+                error = exc
+        status = self.ctx.broadcast(None if error is None else _portable(error))  # also the commit barrier
+        if error is not None:
+            raise error
+        if isinstance(status, BaseException):
+            raise status
         self.state.recorded_steps.append(step)
         self.state.loss_sum, self.state.loss_count = 0.0, 0
-        self.ctx.barrier()
+
+    def _commit(self, step: int, parts: List[Dict[str, Any]], losses: List[tuple]) -> None:
+        ts = self.training_set
+        sizes = {S.TRAIN: len(ts), S.ANCHORS: len(self.anchor_indices), S.PROBES: len(self.probes)}
+        full = {kind: _concat_shards([p[kind] for p in parts], sizes[kind]) for kind in S.FEATURE_KINDS}
+        total, count = sum(s for s, _ in losses), sum(c for _, c in losses)
+        flat = flatten(lora_state(self.components.unet))[0] if self.capture.record_lora else None
+        rec = CheckpointRecord(step=step, wall_time=self.state.elapsed_before + time.time() - self._t0,
+                               train_loss=total / count if count else None,
+                               features={k: v["f"] for k, v in full.items()},
+                               losses={k: v["l"] for k, v in full.items()}, probe_images=full[S.PROBES]["img"],
+                               lora=flat, learning_rate=current_learning_rate(self.optimizer))
+        self.store.append(rec)
+        log.info("montrage: recorded checkpoint at step %d", step)
 
     # ---------------------------------------------------------------- accelerate integration
-    def attach(self, accelerator: Any, all_ranks_save: bool = False) -> None:
+    def attach(self, accelerator: Any, global_step: Optional[Callable[[], int]] = None,
+               all_ranks_save: bool = False) -> None:
         """Record a montrage checkpoint at every ``accelerator.save_state(...)``.
 
-        diffusers' example scripts call ``save_state`` on the main process only; then (the default)
-        the hook captures everything on that process, with no collectives. Pass ``all_ranks_save=True``
+        ``global_step``: a callable returning the loop's current step (e.g. ``lambda: global_step``);
+        default: the monitor's own step (the last ``on_step_end``). diffusers' example scripts call
+        ``save_state`` on the main process only; then (the default) that process captures everything, with
+        no collectives, and the monitor does nothing on the other processes. Pass ``all_ranks_save=True``
         when every rank calls ``save_state`` (e.g. DeepSpeed), to split capture across ranks.
         """
+        if global_step is not None and not callable(global_step):
+            raise ConfigError(f"attach(global_step=...) takes a callable returning the current step (e.g. "
+                              f"lambda: step), got {type(global_step).__name__}")
         if not all_ranks_save:
+            self._inactive = not bool(getattr(accelerator, "is_main_process", True))
             self.ctx = ProcessContext(None)
 
         def hook(models: List[Any], weights: List[Any], output_dir: str) -> None:
-            m = re.search(r"(\d+)$", str(output_dir).rstrip("/"))
-            self.record_checkpoint(int(m.group(1)) if m else self.state.step)
+            step = int(global_step()) if global_step is not None else self.state.step
+            self.state.step = step
+            self.record_checkpoint(step)
 
         accelerator.register_save_state_pre_hook(hook)
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> Dict[str, Any]:
+        """Plain Python values (loadable with ``torch.load(weights_only=True)``, e.g. by accelerate's load_state)."""
         state = asdict(self.state)
         if self._t0 is not None:
             state["elapsed_before"] = self.state.elapsed_before + time.time() - self._t0
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.state = MonitorState(**state)
+        """Restore the step, the running loss and the elapsed time; which steps are recorded comes from the store."""
+        known = {f.name for f in fields(MonitorState)}
+        recorded = list(self.state.recorded_steps)
+        self.state = MonitorState(**{k: v for k, v in dict(state).items() if k in known})
+        if self._opened:
+            self.state.recorded_steps = recorded
+        if self._t0 is not None:
+            self._t0 = time.time()

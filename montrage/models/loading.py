@@ -4,6 +4,7 @@ Nothing here downloads: ``from_pretrained`` is always given a local path.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -90,3 +91,56 @@ def load_diffusers_folder(path: str | Path, resolution: Optional[int] = None) ->
     encoder = PromptEncoder(tokenizer, text, hf_tokenizer=True, tokenizer_2=tokenizer_2, text_encoder_2=text_2)
     return DiffusionComponents(unet=unet, prompt_encoder=encoder, noise_scheduler=ddpm, sample_scheduler=ddim,
                                resolution=resolution or int(sample) * factor, base=str(root.resolve()), vae=vae)
+
+
+IDENTITY_SAMPLES = 1024  # values hashed per base tensor: cheap (milliseconds for SD-1.5), still pins the weights
+
+
+@torch.no_grad()
+def base_identity(unet: torch.nn.Module) -> str:
+    """A cheap content hash of the UNet's base (non-LoRA) weights: names, shapes and an even sample of values.
+
+    Values are rounded to bfloat16 first, so the same weights held in float32 or bfloat16 hash alike; peft's
+    ``base_layer`` renaming is undone, so the hash is the same before and after a LoRA adapter is added.
+    """
+    unet = getattr(unet, "module", unet)
+    h = hashlib.sha256(b"montrage-base-v1\0")
+    for name, t in sorted(unet.state_dict().items()):
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        flat = t.detach().reshape(-1)
+        if flat.numel() > IDENTITY_SAMPLES:
+            flat = flat[torch.linspace(0, flat.numel() - 1, IDENTITY_SAMPLES, device=flat.device).long()]
+        h.update(f"{name}:{tuple(t.shape)}\0".encode())
+        if flat.is_floating_point():
+            h.update(flat.to(torch.bfloat16).float().cpu().numpy().tobytes())
+        else:
+            h.update(flat.cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def locate_base(base: Optional[str], unet: torch.nn.Module) -> Optional[str]:
+    """Where a base model can be reloaded from: 'embedded', a local diffusers folder, else None.
+
+    ``base`` is what the caller recorded (DiffusionComponents.base); when it is not a loadable location
+    (e.g. 'user' from ``from_diffusers``), ``unet.config._name_or_path`` is used if it is a local folder.
+    """
+    if base == EMBEDDED:
+        return EMBEDDED
+    candidates = [base] if base else []
+    cfg = getattr(getattr(unet, "module", unet), "config", None)
+    name = getattr(cfg, "_name_or_path", None) if cfg is not None else None
+    if name:
+        candidates.append(str(name))
+    for cand in candidates:
+        path = Path(cand).expanduser()
+        if not path.is_dir():
+            continue
+        path = path.resolve()
+        if path == EMBEDDED_DIR.resolve() or path == (EMBEDDED_DIR / "unet").resolve():
+            return EMBEDDED
+        for root in (path, path.parent):  # the pipeline folder, or the unet/ folder inside it
+            if all((root / c).is_dir() for c in REQUIRED_COMPONENTS):
+                return str(root)
+    return None

@@ -1,7 +1,7 @@
 """LoRA adapters on the UNet (peft), and flat views of their weights for the store."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +27,47 @@ def add_lora(unet: torch.nn.Module, settings: LoraSettings, seed: int = 0) -> Li
         torch.manual_seed(seed)
         unet.add_adapter(cfg, adapter_name=ADAPTER)
     return [p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+# LoraConfig fields that change the adapted model's forward pass: what a run must record to rebuild it.
+RECORDED_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "use_dora", "rank_pattern",
+                   "alpha_pattern", "lora_dropout", "bias", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
+                   "lora_bias", "target_parameters")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def lora_config_from_model(unet: torch.nn.Module, adapter: str = ADAPTER) -> Dict[str, Any]:
+    """The adapter's LoraConfig as the model holds it (``unet.peft_config``), JSON-ready: what was really trained."""
+    unet = getattr(unet, "module", unet)  # DDP / accelerate wrappers
+    configs = getattr(unet, "peft_config", None) or {}
+    if adapter not in configs:
+        raise ConfigError(f"the UNet has no LoRA adapter named {adapter!r} (peft_config holds {sorted(configs)}); "
+                          "add one with unet.add_adapter(LoraConfig(...)) or montrage.models.lora.add_lora before "
+                          "creating the monitor")
+    cfg = configs[adapter]
+    return {k: _plain(getattr(cfg, k)) for k in RECORDED_FIELDS if hasattr(cfg, k)}
+
+
+def add_lora_from_config(unet: torch.nn.Module, recorded: Dict[str, Any]) -> None:
+    """Attach an adapter rebuilt from :func:`lora_config_from_model` output (weights are loaded afterwards).
+
+    Older run configs with montrage's LoraSettings keys (rank, alpha, target_modules) are accepted too.
+    """
+    if "r" not in recorded:
+        settings = LoraSettings(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items()
+                                   if k in ("rank", "alpha", "target_modules")})
+        recorded = {"r": settings.rank, "lora_alpha": settings.alpha, "target_modules": list(settings.target_modules)}
+    known = {f for f in RECORDED_FIELDS if f in LoraConfig.__dataclass_fields__}
+    kwargs = {k: v for k, v in recorded.items() if k in known and v is not None}
+    with torch.random.fork_rng(devices=[]):
+        unet.add_adapter(LoraConfig(**kwargs), adapter_name=ADAPTER)
 
 
 def lora_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -105,37 +105,15 @@ def e(x: object) -> str:
 
 # ---------------------------------------------------------------------------------------------- inputs
 def _load_training_images(store: RunStore) -> Tuple[Optional[Dict[int, np.ndarray]], str]:
-    """Training images by store index, read from the recorded data folder; (None, note) if unavailable."""
-    from montrage.data.imagefolder import load_imagefolder
+    """Training images by store index, read from the run (or its verified source paths); (None, note) if unavailable."""
+    from montrage.analysis.gradients import training_images
 
-    cfg = store.run_config
-    data_dir = cfg.get("data_dir")
-    names = list(store.train_meta.get(S.ATTR_FILE_NAMES, []))
-    resolution = cfg.get("resolution") or int(store.probe_images(-1).shape[1])
-    if not data_dir:
-        return None, "the run records no data folder, so training images are shown by file name only"
     try:
-        ts = load_imagefolder(data_dir, int(resolution), logger=log)
+        ts = training_images(store)
     except (DataError, MontrageError, OSError) as exc:
         log.warning("report: training images unavailable (%s); showing file names only", exc)
-        return None, (f"training images could not be read from the recorded data folder {data_dir} "
-                      f"({exc}); they are shown by file name only")
-    where = {n: i for i, n in enumerate(ts.file_names)}
-    out, lost = {}, []
-    for i, n in enumerate(names):
-        if n in where:
-            out[i] = ts.images[where[n]]
-        else:
-            lost.append(n)
-    note = ""
-    fp = store.train_meta.get(S.ATTR_DATASET_FINGERPRINT)
-    if fp and fp != ts.fingerprint():
-        note = (f"the data folder {data_dir} has changed since the run was recorded (dataset fingerprint differs); "
-                "images are matched by file name and may not be the ones trained on")
-    if lost:
-        note = (note + "; " if note else "") + (f"{len(lost)} training file(s) are missing from {data_dir} "
-                                                f"(e.g. {lost[0]}) and are shown by name only")
-    return out, note
+        return None, f"training images could not be read ({exc}); they are shown by file name only"
+    return {i: ts.images[i] for i in range(len(ts))}, ""
 
 
 def _fresh(path: Path, store: RunStore) -> bool:
@@ -266,8 +244,9 @@ def _summary_section(store: RunStore, info: dict, colors: Dict[str, str], train_
     loss = [float(x) for x in store.scalar_series(S.TRAIN_LOSS)]
     pm = store.probe_meta
     kinds = Counter(pm.get(S.ATTR_KINDS, []))
-    data_dir = cfg.get("data_dir")
-    data_cell = e(data_dir or "not recorded")
+    where = ("stored in the run" if store.images_stored else
+             f"source paths + hashes only, in {store.train_meta.get(S.ATTR_SOURCE_ROOT)}")
+    data_cell = e(f"{cfg.get('data_dir') or store.train_meta.get(S.ATTR_SOURCE_ROOT) or 'in memory'} ({where})")
     if not have_images:
         data_cell += ' <span class="bad">(training images unavailable)</span>'
     concept_cell = " ".join(f"{_tag(c, colors)} &times;{n}" for c, n in info["concepts"].items()) or "none"
@@ -295,8 +274,11 @@ def _summary_section(store: RunStore, info: dict, colors: Dict[str, str], train_
         ("checkpoints", f"{len(steps)} at steps {e(steps)}"),
         ("training", e(f"{train.get('steps')} steps, batch {train.get('batch_size')}, lr {train.get('lr')}, "
                        f"warm-up {train.get('warmup_steps')}, prior fraction {train.get('prior_fraction')}, "
-                       f"seed {train.get('seed')}, processes {cfg.get('world_size', 1)}")),
-        ("LoRA", e(f"rank {lora.get('rank')}, alpha {lora.get('alpha')}, targets "
+                       f"seed {train.get('seed')}, processes {cfg.get('world_size', 1)}") if train else
+                     e(f"recorded by the user's own loop; processes {cfg.get('world_size', 1)}")),
+        ("optimizer", e(f"{(cfg.get('optimizer') or {}).get('class', 'not recorded')}; learning rate at the "
+                        f"checkpoints {[None if x != x else float(f'{x:.3g}') for x in store.learning_rates]}")),
+        ("LoRA", e(f"rank {lora.get('r', lora.get('rank'))}, alpha {lora.get('lora_alpha', lora.get('alpha'))}, targets "
                    f"{', '.join(lora.get('target_modules', []) or []) or '?'}; "
                    f"{info['lora_parameters']:,} parameters per checkpoint")),
         ("capture", e(f"modules {feat}; timesteps {capture.get('timesteps')}; conditions "

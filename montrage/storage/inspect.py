@@ -24,10 +24,8 @@ def summary(run_dir: str | Path) -> Tuple[str, dict]:
     tm, pm = store.train_meta, store.probe_meta
     concepts = Counter(tm.get(S.ATTR_CONCEPTS, []))
     feat_dims = {m: int(store.array(S.feature_path(S.TRAIN, m)).shape[-1]) for m in store.modules}
-    attributions = []
-    if S.ATTRIBUTION in store.root:
-        for method, g in store.root[S.ATTRIBUTION].groups():
-            attributions += [f"{method}@{step}" for step, _ in g.arrays()]
+    attributions = [f"{a['method']}@{a['step']}[{a['query_set']}: {len(a['query_ids'])} queries]"
+                    for a in store.attributions()]
     data = {
         "run": str(run_dir), "layout_version": store.root.attrs[S.ATTR_LAYOUT], "base": cfg.get("base"),
         "checkpoints": store.n_checkpoints, "steps": store.steps.tolist(),
@@ -37,14 +35,20 @@ def summary(run_dir: str | Path) -> Tuple[str, dict]:
         "probes": len(pm.get(S.ATTR_PROMPTS, [])), "probe_prompts": sorted(set(pm.get(S.ATTR_PROMPTS, [])))[:12],
         "anchors": len(store.anchor_indices), "modules": feat_dims, "conditions": store.conditions,
         "timesteps": store.timesteps, "pooling_grid": store.capture.get("pooling_grid"),
-        "lora_parameters": int(store.array(f"{S.LORA}/{S.WEIGHTS}").shape[1]),
+        "lora_parameters": int(store.array(f"{S.LORA}/{S.WEIGHTS}").shape[1]), "lora": cfg.get("lora"),
+        "training_images": ("stored in the run" if store.images_stored else
+                            f"source paths + sha256 only ({tm.get(S.ATTR_SOURCE_ROOT)})"),
+        "learning_rate": [None if x != x else float(x) for x in store.learning_rates],
+        "pending_checkpoints": store.pending_steps,  # snapshotted by the loop, not featurized yet
         "nonfinite_checkpoints": store.nonfinite_checkpoints, "attributions": sorted(attributions),
         "size": {name: _mb(_du(root / name)) for name in (S.TRAIN, S.ANCHORS, S.PROBES, S.LORA, S.ATTRIBUTION)},
         "size_total": _mb(_du(root)), "package_versions": store.root.attrs.get(S.ATTR_VERSIONS, {}),
     }
     lines = [
         f"run            {data['run']}  (layout v{data['layout_version']}, base {data['base']})",
-        f"checkpoints    {data['checkpoints']} at steps {data['steps']}",
+        f"checkpoints    {data['checkpoints']} at steps {data['steps']}"
+        + (f"; pending (snapshot only, `montrage capture` featurizes): {data['pending_checkpoints']}"
+           if data["pending_checkpoints"] else ""),
         f"wall time (s)  {data['wall_time_s']}",
         f"train loss     {data['train_loss']}",
         f"training set   {data['train_images']} images; concepts: "
@@ -52,7 +56,9 @@ def summary(run_dir: str | Path) -> Tuple[str, dict]:
         f"probes         {data['probes']} ({len(set(pm.get(S.ATTR_PROMPTS, [])))} prompts), anchors {data['anchors']}",
         f"captured       modules {feat_dims} x conditions {data['conditions']} x timesteps {data['timesteps']}, "
         f"pooling {data['pooling_grid']}x{data['pooling_grid']}",
-        f"LoRA           {data['lora_parameters']} parameters per checkpoint",
+        f"LoRA           {data['lora_parameters']} parameters per checkpoint; config {data['lora']}",
+        f"learning rate  {data['learning_rate']}",
+        f"images         {data['training_images']}",
         f"size           {data['size_total']} ({', '.join(f'{k} {v}' for k, v in data['size'].items())})",
         f"non-finite     {data['nonfinite_checkpoints'] or 'none'}",
         f"attributions   {', '.join(data['attributions']) or 'none yet'}",

@@ -7,7 +7,11 @@ Layout (Zarr v3, ``RUN_DIR/store.zarr``), arrays indexed by checkpoint along axi
     checkpoints/step                  (checkpoint,)                                  int64
     checkpoints/wall_time             (checkpoint,)                                  float64  seconds since run start
     checkpoints/train_loss            (checkpoint,)                                  float32  running mean since last ckpt
-    train/                            attrs: file_names, captions, concepts, extra, dataset_fingerprint
+    checkpoints/learning_rate         (checkpoint,)                                  float64  optimizer lr at capture (NaN: unknown)
+    train/                            attrs: file_names, captions, concepts, extra, dataset_fingerprint,
+                                             source_root, images_stored
+    train/images                      (train, height, width, channel)                uint8    (absent with store_images=False)
+    train/image_sha256                (train, digest)                                uint8    sha256 of each image's pixels
     train/features/<module>           (checkpoint, train, condition, timestep, feature)  float32
     train/loss                        (checkpoint, train, condition, timestep)       float32
     anchors/                          attrs: indices (training images recorded with a second noise draw)
@@ -18,7 +22,7 @@ Layout (Zarr v3, ``RUN_DIR/store.zarr``), arrays indexed by checkpoint along axi
     probes/features/<module>          (checkpoint, probe, condition, timestep, feature)  float32
     probes/loss                       (checkpoint, probe, condition, timestep)       float32
     lora/weights                      (checkpoint, parameter)                        float32  attrs: names, shapes
-    attribution/<method>/<step>       (query, train)                                 float32  attrs: query ids
+    attribution/<method>/<step>/<query_set>  (query, train)                          float32  attrs: query ids
 
 ``condition`` indexes ``run_config.capture.conditions`` (e.g. null, caption); ``timestep`` indexes
 ``run_config.capture.timesteps``. Module names are stored with '.' (e.g. ``up_blocks.0``) as array
@@ -26,7 +30,7 @@ names, which Zarr allows.
 """
 from __future__ import annotations
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: training images + hashes, learning_rate, attribution keyed by query set
 STORE_DIRNAME = "store.zarr"
 LOCK_FILENAME = ".montrage.lock"
 FINAL_LORA_FILENAME = "lora_final.safetensors"
@@ -54,6 +58,8 @@ FEATURES = "features"
 STEP = "step"
 WALL_TIME = "wall_time"
 TRAIN_LOSS = "train_loss"
+LEARNING_RATE = "learning_rate"
+IMAGE_SHA256 = "image_sha256"
 LOSS = "loss"
 IMAGES = "images"
 WEIGHTS = "weights"
@@ -64,6 +70,8 @@ ATTR_CAPTIONS = "captions"
 ATTR_CONCEPTS = "concepts"
 ATTR_EXTRA = "extra"
 ATTR_DATASET_FINGERPRINT = "dataset_fingerprint"
+ATTR_SOURCE_ROOT = "source_root"  # absolute folder the training images were read from (None: not a folder)
+ATTR_IMAGES_STORED = "images_stored"  # False: only source paths + per-image sha256 (store_images=False)
 ATTR_PROMPTS = "prompts"
 ATTR_SEEDS = "seeds"
 ATTR_KINDS = "kinds"
@@ -84,6 +92,7 @@ DIM_FEATURE = "feature"
 DIM_HEIGHT, DIM_WIDTH, DIM_CHANNEL = "height", "width", "channel"
 DIM_PARAMETER = "parameter"
 DIM_QUERY = "query"
+DIM_DIGEST = "digest"
 
 ITEM_DIM = {TRAIN: DIM_TRAIN, ANCHORS: DIM_ANCHOR, PROBES: DIM_PROBE}
 
@@ -100,5 +109,6 @@ def feature_path(kind: str, module: str) -> str:
     return f"{kind}/{FEATURES}/{module}"
 
 
-def attribution_path(method: str, step: int) -> str:
-    return f"{ATTRIBUTION}/{method}/{int(step)}"
+def attribution_path(method: str, step: int, query_set: str) -> str:
+    """Where the scores of one query set (``QuerySet.key``) at one step live: sets never overwrite each other."""
+    return f"{ATTRIBUTION}/{method}/{int(step)}/{query_set}"

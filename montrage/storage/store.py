@@ -8,24 +8,38 @@ One writer at a time is enforced with an advisory file lock (released by the OS 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import zarr
 
 from montrage.errors import (CheckpointNotFoundError, StoreConfigMismatchError, StoreError, StoreLayoutError,
-                             StoreLockedError)
+                             StoreLockedError, TrainingImagesChangedError)
 from montrage.storage import schema as S
 
 log = logging.getLogger(__name__)
 
 _VERSIONED = ("montrage", "torch", "diffusers", "peft", "accelerate", "zarr", "numpy")
+IMAGE_CHUNK_BYTES = 4 << 20  # training images per Zarr chunk (and per read from the source) ~ 4 MiB
+ImageReader = Callable[[List[int]], np.ndarray]  # indices -> uint8 (n, H, W, 3), e.g. ``ts.images.__getitem__``
+
+
+def image_sha256(images: np.ndarray) -> np.ndarray:
+    """(n, 32) uint8 sha256 digests of each uint8 (H, W, C) image's pixels: identity independent of file format."""
+    imgs = np.ascontiguousarray(images, dtype=np.uint8)
+    return np.array([np.frombuffer(hashlib.sha256(im.tobytes()).digest(), np.uint8) for im in imgs],
+                    dtype=np.uint8).reshape(len(imgs), 32)
+
+
+def image_rows_per_chunk(image_shape: Sequence[int]) -> int:
+    return max(1, IMAGE_CHUNK_BYTES // max(1, int(np.prod(image_shape))))
 
 
 def package_versions() -> Dict[str, str]:
@@ -52,6 +66,7 @@ class StoreDims:
     lora_names: List[str] = field(default_factory=list)
     lora_shapes: List[List[int]] = field(default_factory=list)
     feature_dtype: str = "float32"  # of the */features/<module> arrays: 'float32' or 'float16' (halves the store)
+    store_train_images: bool = True  # False: keep only source paths + per-image sha256 (large sets)
 
     @property
     def n_lora(self) -> int:
@@ -69,6 +84,7 @@ class CheckpointRecord:
     losses: Dict[str, np.ndarray]  # kind -> (n, C, T)
     probe_images: np.ndarray  # (P, H, W, 3) uint8
     lora: Optional[np.ndarray] = None  # (n_params,)
+    learning_rate: Optional[float] = None  # the optimizer's lr at capture; None: no optimizer known
 
     def has_nonfinite(self) -> bool:
         arrays = list(self.losses.values()) + [a for f in self.features.values() for a in f.values()]
@@ -123,8 +139,13 @@ class RunStore:
 
     @classmethod
     def create_or_resume(cls, run_dir: str | Path, run_config: dict, fingerprint: dict, dims: StoreDims,
-                         train_meta: dict, probe_meta: dict, anchor_indices: Sequence[int] = ()) -> "RunStore":
-        """Create a new store, or reopen an existing one made with the same fingerprint to append to it."""
+                         train_meta: dict, probe_meta: dict, anchor_indices: Sequence[int] = (),
+                         train_images: Optional[ImageReader] = None) -> "RunStore":
+        """Create a new store, or reopen an existing one made with the same fingerprint to append to it.
+
+        ``train_images`` reads training images by index; at creation they are streamed into
+        ``train/images`` (or, with ``dims.store_train_images=False``, only hashed) in ~4 MiB chunks.
+        """
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = cls._acquire_lock(run_dir)
@@ -142,7 +163,7 @@ class RunStore:
             group = zarr.open_group(cls.store_path(run_dir), mode="w")
             store = cls(run_dir, group, writable=True, lock_fd=fd)
             store._create(run_config, _jsonable(fingerprint), dims, train_meta, probe_meta,
-                          [int(i) for i in anchor_indices])
+                          [int(i) for i in anchor_indices], train_images)
             return store
         except BaseException:
             cls._release_lock(fd)
@@ -200,10 +221,11 @@ class RunStore:
                 + "; ".join(diffs[:8]) + ". Rerun with the original options, or choose a new --output")
 
     def _create(self, run_config: dict, fingerprint: dict, dims: StoreDims, train_meta: dict, probe_meta: dict,
-                anchor_indices: List[int]) -> None:
+                anchor_indices: List[int], train_images: Optional[ImageReader] = None) -> None:
         root = self.root
         ck = root.create_group(S.CHECKPOINTS)
-        for name, dtype in ((S.STEP, "int64"), (S.WALL_TIME, "float64"), (S.TRAIN_LOSS, "float32")):
+        for name, dtype in ((S.STEP, "int64"), (S.WALL_TIME, "float64"), (S.TRAIN_LOSS, "float32"),
+                            (S.LEARNING_RATE, "float64")):
             ck.create_array(name, shape=(0,), chunks=(4096,), dtype=dtype, dimension_names=(S.DIM_CHECKPOINT,))
         sizes = {S.TRAIN: dims.n_train, S.ANCHORS: dims.n_anchors, S.PROBES: dims.n_probes}
         metas = {S.TRAIN: train_meta, S.ANCHORS: {S.ATTR_INDICES: anchor_indices}, S.PROBES: probe_meta}
@@ -230,18 +252,50 @@ class RunStore:
         lg.create_array(S.WEIGHTS, shape=(0, dims.n_lora), chunks=(1, max(dims.n_lora, 1)), dtype="float32",
                         dimension_names=(S.DIM_CHECKPOINT, S.DIM_PARAMETER))
         root.create_group(S.ATTRIBUTION)
+        if train_images is not None:
+            self._write_train_images(dims, train_images)
         # root attributes last: a store without them is not a montrage store yet
-        root.attrs.update({S.ATTR_RUN_CONFIG: _jsonable(run_config), S.ATTR_FINGERPRINT: fingerprint,
-                           S.ATTR_VERSIONS: package_versions(), S.ATTR_NONFINITE: [], S.ATTR_COMMITTED: 0,
-                           S.ATTR_LAYOUT: S.LAYOUT_VERSION})
+        root.update_attributes({S.ATTR_RUN_CONFIG: _jsonable(run_config), S.ATTR_FINGERPRINT: fingerprint,
+                                S.ATTR_VERSIONS: package_versions(), S.ATTR_NONFINITE: [], S.ATTR_COMMITTED: 0,
+                                S.ATTR_LAYOUT: S.LAYOUT_VERSION})  # one metadata write
+
+    def _write_train_images(self, dims: StoreDims, read: ImageReader) -> None:
+        """Stream the training images into ``train/images`` (unless disabled) and their sha256 into ``train/image_sha256``."""
+        g = self.root[S.TRAIN]
+        n, shape = dims.n_train, tuple(int(x) for x in dims.image_shape)
+        rows = image_rows_per_chunk(shape)
+        pixels = None
+        if dims.store_train_images:
+            pixels = g.create_array(S.IMAGES, shape=(n,) + shape, chunks=(max(1, min(n, rows)),) + shape, dtype="uint8",
+                                    dimension_names=(S.DIM_TRAIN, S.DIM_HEIGHT, S.DIM_WIDTH, S.DIM_CHANNEL))
+        digests = g.create_array(S.IMAGE_SHA256, shape=(n, 32), chunks=(max(1, min(n, 65536)), 32), dtype="uint8",
+                                 dimension_names=(S.DIM_TRAIN, S.DIM_DIGEST))
+        out = np.empty((n, 32), np.uint8)
+        for start in range(0, n, rows):
+            idx = list(range(start, min(n, start + rows)))
+            chunk = np.asarray(read(idx))
+            if chunk.dtype != np.uint8 or chunk.shape != (len(idx),) + shape:
+                raise StoreError(f"the training source returned images of shape {chunk.shape} and dtype {chunk.dtype} "
+                                 f"for rows {idx[0]}..{idx[-1]}; expected uint8 {(len(idx),) + shape} (RGB at the "
+                                 "training resolution)")
+            if pixels is not None:
+                pixels[start: start + len(idx)] = chunk
+            out[start: start + len(idx)] = image_sha256(chunk)
+        digests[...] = out
+        g.attrs[S.ATTR_IMAGES_STORED] = bool(dims.store_train_images)
 
     def _appendable_arrays(self) -> List[zarr.Array]:
-        out = [self.root[f"{S.CHECKPOINTS}/{n}"] for n in (S.STEP, S.WALL_TIME, S.TRAIN_LOSS)]
+        out = [self.root[f"{S.CHECKPOINTS}/{n}"] for n in (S.STEP, S.WALL_TIME, S.TRAIN_LOSS, S.LEARNING_RATE)]
         for kind in S.FEATURE_KINDS:
             out += [self.root[S.feature_path(kind, m)] for m in self.modules]
             out.append(self.root[f"{kind}/{S.LOSS}"])
         out += [self.root[f"{S.PROBES}/{S.IMAGES}"], self.root[f"{S.LORA}/{S.WEIGHTS}"]]
         return out
+
+    def discard_uncommitted(self) -> None:
+        """Drop data appended past the commit marker (a capture that failed midway); readers never saw it."""
+        self._require_writable()
+        self._trim_uncommitted()
 
     def _trim_uncommitted(self) -> None:
         n = self.n_checkpoints
@@ -345,6 +399,52 @@ class RunStore:
     def scalar_series(self, name: str) -> np.ndarray:
         return self.root[f"{S.CHECKPOINTS}/{name}"][: self.n_checkpoints]
 
+    @property
+    def learning_rates(self) -> np.ndarray:
+        """The optimizer's learning rate at each committed checkpoint (NaN where no optimizer was given)."""
+        return self.scalar_series(S.LEARNING_RATE)
+
+    # ------------------------------------------------------------------ training images
+    @property
+    def images_stored(self) -> bool:
+        """True when ``train/images`` holds the pixels; False: only source paths + hashes (store_images=False)."""
+        return S.IMAGES in self.root[S.TRAIN] and bool(self.train_meta.get(S.ATTR_IMAGES_STORED, True))
+
+    def train_images(self, indices: Any = slice(None)) -> np.ndarray:
+        """uint8 (n, H, W, 3) training images from the store (``indices``: a slice or integer list)."""
+        if not self.images_stored:
+            raise StoreError(f"{self.run_dir} was recorded with store_images=False: its training images live at "
+                             f"their source paths ({self.train_meta.get(S.ATTR_SOURCE_ROOT)}); read them with "
+                             "montrage.analysis.gradients.training_images(store), which checks their hashes")
+        arr = self.root[f"{S.TRAIN}/{S.IMAGES}"]
+        if isinstance(indices, slice):
+            return arr[indices]
+        return arr.get_orthogonal_selection((np.asarray(indices, dtype=np.int64),))
+
+    def train_image_hashes(self) -> np.ndarray:
+        """(train, 32) uint8 sha256 digests of the training images' pixels, recorded at store creation."""
+        return self.root[f"{S.TRAIN}/{S.IMAGE_SHA256}"][...]
+
+    def source_paths(self) -> List[str]:
+        """Absolute source path of each training image ('' where the source was not a folder)."""
+        meta = self.train_meta
+        root = meta.get(S.ATTR_SOURCE_ROOT)
+        return [str(Path(root) / n) if root else "" for n in meta.get(S.ATTR_FILE_NAMES, [])]
+
+    def verify_train_images(self, images: np.ndarray, indices: Optional[Sequence[int]] = None) -> None:
+        """Raise TrainingImagesChangedError if ``images`` (rows ``indices``) differ from the recorded hashes."""
+        idx = list(range(len(images))) if indices is None else [int(i) for i in indices]
+        recorded = self.train_image_hashes()[idx]
+        bad = np.flatnonzero((image_sha256(images) != recorded).any(axis=1))
+        if len(bad):
+            i = idx[int(bad[0])]
+            path = self.source_paths()[i] or self.train_meta[S.ATTR_FILE_NAMES][i]
+            raise TrainingImagesChangedError(
+                f"training image {path} (row {i}) is not the image this run was trained on (sha256 of its pixels "
+                f"differs; {len(bad)} of {len(idx)} images checked differ). The run kept only paths + hashes "
+                "(store_images=False): restore the original files there, or record the run again with the images "
+                "stored (the default)")
+
     # ------------------------------------------------------------------ writing
     def _require_writable(self) -> None:
         if not self.writable:
@@ -365,6 +465,8 @@ class RunStore:
         r[f"{S.CHECKPOINTS}/{S.STEP}"].append(np.array([rec.step], dtype="int64"))
         r[f"{S.CHECKPOINTS}/{S.WALL_TIME}"].append(np.array([rec.wall_time], dtype="float64"))
         r[f"{S.CHECKPOINTS}/{S.TRAIN_LOSS}"].append(np.array([np.nan if rec.train_loss is None else rec.train_loss], dtype="float32"))
+        lr = np.nan if rec.learning_rate is None else float(rec.learning_rate)
+        r[f"{S.CHECKPOINTS}/{S.LEARNING_RATE}"].append(np.array([lr], dtype="float64"))
         for kind in S.FEATURE_KINDS:
             for module in self.modules:
                 arr = r[S.feature_path(kind, module)]
@@ -374,15 +476,24 @@ class RunStore:
         lora_arr = r[f"{S.LORA}/{S.WEIGHTS}"]
         lora = rec.lora if rec.lora is not None else np.full(lora_arr.shape[1:], np.nan, dtype="float32")
         lora_arr.append(np.asarray(lora, dtype="float32")[None])
+        # the commit marker, written last, in ONE attribute update with the non-finite list (one zarr.json write)
+        commit: Dict[str, Any] = {S.ATTR_COMMITTED: n + 1}
         if nonfinite:
-            r.attrs[S.ATTR_NONFINITE] = self.nonfinite_checkpoints + [n]
-        r.attrs[S.ATTR_COMMITTED] = n + 1  # the commit marker, written last
+            commit[S.ATTR_NONFINITE] = self.nonfinite_checkpoints + [n]
+        r.update_attributes(commit)  # Group.update_attributes: one metadata write (attrs.update writes per key)
         return n
 
-    def write_attribution(self, method: str, step: int, scores: np.ndarray, query_ids: Sequence[str]) -> str:
-        """Store a (query, train) score matrix under attribution/<method>/<step> (replacing an older one)."""
+    def write_attribution(self, method: str, step: int, scores: np.ndarray, query_ids: Sequence[str],
+                          query_set: str) -> str:
+        """Store a (query, train) score matrix under attribution/<method>/<step>/<query_set>.
+
+        ``query_set`` is :attr:`QuerySet.key`: scores of other query sets at the same step are kept; the
+        same set scored again replaces its own matrix.
+        """
+        if not query_set or "/" in query_set:
+            raise StoreError(f"query_set must be a non-empty key without '/', got {query_set!r}")
         g = zarr.open_group(self.store_path(self.run_dir), mode="a")
-        path = S.attribution_path(method, step)
+        path = S.attribution_path(method, step, query_set)
         arr = g.create_array(path, shape=scores.shape, dtype="float32", overwrite=True,
                              chunks=(max(1, min(scores.shape[0], 256)), max(1, min(scores.shape[1], 65536))),
                              dimension_names=(S.DIM_QUERY, S.DIM_TRAIN))
@@ -390,6 +501,31 @@ class RunStore:
         arr.attrs[S.ATTR_QUERY_IDS] = list(query_ids)
         return path
 
-    def read_attribution(self, method: str, step: int) -> tuple[np.ndarray, List[str]]:
-        arr = zarr.open_group(self.store_path(self.run_dir), mode="r")[S.attribution_path(method, step)]
+    def attributions(self) -> List[Dict[str, Any]]:
+        """Every stored score matrix: {method, step, query_set, query_ids, path, shape}, sorted."""
+        root = zarr.open_group(self.store_path(self.run_dir), mode="r")
+        out: List[Dict[str, Any]] = []
+        if S.ATTRIBUTION not in root:
+            return out
+        for method, mg in root[S.ATTRIBUTION].groups():
+            for step, sg in mg.groups():
+                for key, arr in sg.arrays():
+                    out.append({"method": method, "step": int(step), "query_set": key,
+                                "query_ids": list(arr.attrs.get(S.ATTR_QUERY_IDS, [])),
+                                "path": S.attribution_path(method, int(step), key), "shape": list(arr.shape)})
+        return sorted(out, key=lambda d: (d["method"], d["step"], d["query_set"]))
+
+    def read_attribution(self, method: str, step: int, query_set: Optional[str] = None) -> tuple[np.ndarray, List[str]]:
+        """(scores, query ids) of one stored matrix; ``query_set`` may be omitted when only one set was scored."""
+        if query_set is None:
+            keys = [a["query_set"] for a in self.attributions() if a["method"] == method and a["step"] == int(step)]
+            if len(keys) != 1:
+                raise StoreError(f"{len(keys)} query sets scored with {method} at step {step} in {self.run_dir} "
+                                 f"({keys}); pass query_set= one of them (see RunStore.attributions())")
+            query_set = keys[0]
+        root = zarr.open_group(self.store_path(self.run_dir), mode="r")
+        path = S.attribution_path(method, step, query_set)
+        if path not in root:
+            raise StoreError(f"no scores at {path} in {self.run_dir}; run `montrage attribute` first")
+        arr = root[path]
         return arr[...], list(arr.attrs[S.ATTR_QUERY_IDS])

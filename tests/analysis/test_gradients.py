@@ -60,13 +60,19 @@ def random_images(n: int, seed: int, res: int = 8) -> np.ndarray:
 class FakeStore:
     """The part of RunStore the gradient scorers read."""
 
-    def __init__(self, data_dir: Path, n_train: int, weights, steps, lr=1e-3, warmup=0):
+    images_stored = True
+
+    def __init__(self, images: np.ndarray, captions, weights, steps, lr=1e-3, warmup=0):
         self._weights = weights
+        self._images = images
         self.steps = np.asarray(steps)
-        self.run_config = {"data_dir": str(data_dir), "resolution": 8,
-                           "train": {"lr": lr, "warmup_steps": warmup},
+        self.learning_rates = np.full(len(steps), np.nan)  # no optimizer recorded: the train.lr schedule
+        self.run_config = {"resolution": 8, "train": {"lr": lr, "warmup_steps": warmup},
                            "capture": {"timesteps": list(TIMESTEPS), "seed": 1234}}
-        self.train_meta = {"file_names": [f"{i:03d}.png" for i in range(n_train)]}
+        self.train_meta = {"file_names": [f"{i:03d}.png" for i in range(len(images))], "captions": list(captions)}
+
+    def train_images(self):
+        return self._images
 
     @property
     def n_checkpoints(self) -> int:
@@ -96,7 +102,6 @@ def write_folder(root: Path, images: np.ndarray, captions) -> Path:
 
 def make_context(tmp: Path, comps, images, captions, queries: QuerySet, n_ckpt: int = 3, options=None):
     """A context over a fake run: checkpoint 0 = untrained LoRA (B = 0), later ones random LoRAs."""
-    folder = write_folder(tmp / "data", images, captions)
     weights = []
     for k in range(n_ckpt):
         randomize_lora(comps.unet, 100 + k)
@@ -106,7 +111,7 @@ def make_context(tmp: Path, comps, images, captions, queries: QuerySet, n_ckpt: 
                     if "lora_B" in n:
                         p.zero_()
         weights.append({n: v.numpy() for n, v in lora_state(comps.unet).items()})
-    store = FakeStore(folder, len(images), weights, steps=[0] + [10 * k for k in range(1, n_ckpt)])
+    store = FakeStore(images, captions, weights, steps=[0] + [10 * k for k in range(1, n_ckpt)])
     return ScoringContext(store=store, queries=queries, checkpoint=n_ckpt - 1, progress=False,
                           options=dict(options or {}), _model=FakeModel(comps))
 
@@ -294,8 +299,11 @@ def test_tracin_checkpoints_and_learning_rate():
     cfg = {"train": {"lr": 1e-3, "warmup_steps": 10}}
     assert learning_rate(cfg, 5) == pytest.approx(5e-4)
     assert learning_rate(cfg, 50) == pytest.approx(1e-3)
-    with pytest.raises(ScorerError):
+    with pytest.raises(ScorerError, match="optimizer="):
         learning_rate({"train": {}}, 1)
+    # the lr the monitor read from the optimizer at the checkpoint wins over any schedule formula
+    assert learning_rate(cfg, 5, recorded=3e-4) == 3e-4 and learning_rate({}, 5, recorded=2e-5) == 2e-5
+    assert learning_rate(cfg, 5, recorded=float("nan")) == pytest.approx(5e-4)
 
 
 # ----------------------------------------------------------------------------- scorers end to end
@@ -347,18 +355,12 @@ def test_tracin_uses_checkpoints_1_to_k(planted):
     assert only0.shape == full.shape and not np.allclose(only0, full)
 
 
-def test_training_images_requires_recorded_folder(tmp_path, planted):
+def test_training_images_come_from_the_store(tmp_path, planted):
     _, comps, images, captions = planted
     ctx = make_context(tmp_path, comps, images, captions, planted_queries(images, captions, [0]))
     ts = training_images(ctx.store)
     assert ts.images.shape == (6, 8, 8, 3) and ts.captions == captions
-    ctx.store.run_config["data_dir"] = str(tmp_path / "moved")
-    with pytest.raises(ScorerError, match="recorded path"):
-        training_images(ctx.store)
-    ctx.store.run_config["data_dir"] = str(tmp_path / "data")
-    ctx.store.train_meta["file_names"] = ["x.png"]
-    with pytest.raises(ScorerError, match="no longer"):
-        training_images(ctx.store)
+    np.testing.assert_array_equal(ts.images, images)
 
 
 def test_missing_lora_weights_is_a_scorer_error(tmp_path, planted):

@@ -3,7 +3,7 @@ import pytest
 import zarr
 
 from montrage.errors import (CheckpointNotFoundError, StoreConfigMismatchError, StoreError, StoreLayoutError,
-                             StoreLockedError)
+                             StoreLockedError, TrainingImagesChangedError)
 from montrage.storage import CheckpointRecord, RunStore, StoreDims
 from montrage.storage import schema as S
 
@@ -124,16 +124,116 @@ def test_nonfinite_values_recorded_and_flagged(tmp_path, caplog):
     assert np.isfinite(ro.features(S.TRAIN, "mid_block")[0]).all()
 
 
-def test_attribution_roundtrip(tmp_path):
+def test_attribution_roundtrip_keeps_every_query_set(tmp_path):
     with create(tmp_path) as st:
         st.append(record(0))
     ro = RunStore.open(tmp_path)
-    scores = np.random.default_rng(0).random((3, 5)).astype(np.float32)
-    path = ro.write_attribution("montrage", 0, scores, ["q0", "q1", "q2"])
-    assert path == "attribution/montrage/0"
-    got, ids = ro.read_attribution("montrage", 0)
-    np.testing.assert_array_equal(got, scores)
+    rng = np.random.default_rng(0)
+    probes, images = rng.random((3, 5)).astype(np.float32), rng.random((2, 5)).astype(np.float32)
+    path = ro.write_attribution("montrage", 0, probes, ["q0", "q1", "q2"], "probeskey")
+    assert path == "attribution/montrage/0/probeskey"
+    got, ids = ro.read_attribution("montrage", 0)  # one set: no key needed
+    np.testing.assert_array_equal(got, probes)
     assert ids == ["q0", "q1", "q2"]
+    ro.write_attribution("montrage", 0, images, ["a.png", "b.png"], "imageskey")  # another set keeps the first
+    listed = ro.attributions()
+    assert [(a["query_set"], a["query_ids"], a["shape"]) for a in listed] == [
+        ("imageskey", ["a.png", "b.png"], [2, 5]), ("probeskey", ["q0", "q1", "q2"], [3, 5])]
+    np.testing.assert_array_equal(ro.read_attribution("montrage", 0, "probeskey")[0], probes)
+    np.testing.assert_array_equal(ro.read_attribution("montrage", 0, "imageskey")[0], images)
+    with pytest.raises(StoreError, match="2 query sets"):
+        ro.read_attribution("montrage", 0)
+    ro.write_attribution("montrage", 0, probes * 2, ["q0", "q1", "q2"], "probeskey")  # same set: replaced
+    np.testing.assert_array_equal(ro.read_attribution("montrage", 0, "probeskey")[0], probes * 2)
+    with pytest.raises(StoreError, match="no scores"):
+        ro.read_attribution("dtrak", 0, "probeskey")
+
+
+def images5(seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+
+
+def test_training_images_stored_in_chunks_with_hashes(tmp_path, monkeypatch):
+    from montrage.storage import store as store_mod
+
+    monkeypatch.setattr(store_mod, "IMAGE_CHUNK_BYTES", 2 * 4 * 4 * 3)  # 2 images per chunk: 3 reads
+    imgs, reads = images5(), []
+
+    def read(idx):
+        reads.append(list(idx))
+        return imgs[idx]
+
+    RunStore.create_or_resume(tmp_path, run_config(), {"a": 1}, dims(), {S.ATTR_FILE_NAMES: [f"f{i}" for i in range(5)]},
+                              {S.ATTR_PROMPTS: ["p"] * 3}, [0, 3], train_images=read).close()
+    assert reads == [[0, 1], [2, 3], [4]]
+    ro = RunStore.open(tmp_path)
+    assert ro.images_stored
+    np.testing.assert_array_equal(ro.train_images(), imgs)
+    np.testing.assert_array_equal(ro.train_images([4, 1]), imgs[[4, 1]])
+    arr = zarr.open_array(RunStore.store_path(tmp_path) / "train/images", mode="r")
+    assert arr.metadata.dimension_names == ("train", "height", "width", "channel") and arr.chunks[0] == 2
+    ro.verify_train_images(imgs)
+    changed = imgs.copy()
+    changed[3, 0, 0, 0] ^= 1
+    with pytest.raises(TrainingImagesChangedError, match=r"f3 \(row 3\)"):
+        ro.verify_train_images(changed)
+
+
+def test_paths_only_store_keeps_hashes_not_pixels(tmp_path):
+    d = dims()
+    d.store_train_images = False
+    imgs = images5(1)
+    RunStore.create_or_resume(tmp_path, run_config(), {"a": 1}, d,
+                              {S.ATTR_FILE_NAMES: [f"f{i}" for i in range(5)], S.ATTR_SOURCE_ROOT: "/data/x"},
+                              {S.ATTR_PROMPTS: ["p"] * 3}, [0, 3], train_images=lambda idx: imgs[idx]).close()
+    ro = RunStore.open(tmp_path)
+    assert not ro.images_stored and "images" not in ro.root["train"]
+    assert ro.source_paths()[2] == "/data/x/f2"
+    with pytest.raises(StoreError, match="store_images=False"):
+        ro.train_images()
+    ro.verify_train_images(imgs[[1, 2]], [1, 2])
+    with pytest.raises(TrainingImagesChangedError, match="/data/x/f1"):
+        ro.verify_train_images(imgs[[2, 2]], [1, 2])
+
+
+def test_wrong_image_shape_from_source_leaves_no_store(tmp_path):
+    with pytest.raises(StoreError, match="expected uint8"):
+        RunStore.create_or_resume(tmp_path, run_config(), {"a": 1}, dims(), {S.ATTR_FILE_NAMES: list("abcde")},
+                                  {S.ATTR_PROMPTS: ["p"] * 3}, [], train_images=lambda idx: np.zeros((len(idx), 8, 8, 3)))
+    with pytest.raises(StoreError, match="not initialised"):
+        RunStore.open(tmp_path)  # half-created: invisible to readers, recreated by the next writer
+    create(tmp_path).close()
+
+
+def test_commit_marker_and_nonfinite_list_in_one_metadata_write(tmp_path, monkeypatch):
+    """zarr's attrs.update writes zarr.json once per key: a crash between would leave the marker without the flag."""
+    st = create(tmp_path)
+    writes = []
+    real = type(st.root._async_group)._save_metadata
+
+    async def counting(self, *a, **kw):
+        writes.append(dict(self.metadata.attributes))
+        return await real(self, *a, **kw)
+
+    monkeypatch.setattr(type(st.root._async_group), "_save_metadata", counting)
+    st.append(record(0, value=np.nan))
+    assert len(writes) == 1
+    assert writes[0][S.ATTR_COMMITTED] == 1 and writes[0][S.ATTR_NONFINITE] == [0]
+    st.close()
+
+
+def test_learning_rate_series_and_discard_uncommitted(tmp_path):
+    st = create(tmp_path)
+    rec = record(0)
+    rec.learning_rate = 1e-3
+    st.append(rec)
+    st.append(record(5))  # no optimizer known: NaN
+    np.testing.assert_array_equal(st.learning_rates[:1], [1e-3])
+    assert np.isnan(st.learning_rates[1])
+    st.root[f"{S.CHECKPOINTS}/{S.STEP}"].append(np.array([9]))  # a capture that failed midway
+    st.discard_uncommitted()
+    assert st.root[f"{S.CHECKPOINTS}/{S.STEP}"].shape == (2,)
+    st.close()
 
 
 def test_missing_store_error(tmp_path):
