@@ -6,6 +6,7 @@ This module imports nothing from montrage except its errors (ground floor).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
@@ -127,13 +128,51 @@ class CaptureConfig:
             raise ConfigError("CaptureConfig.projection_dim must be >= 0 (0 disables the projection)")
 
 
+# The data-dependent training defaults (README "Training defaults"), measured on the embedded model with the
+# quality gate (judge accuracy >= 0.80): the synthetic artists (24 images, 16 px) learn in 400 steps at rank 8;
+# the typeface glyphs (64 images) needed more steps and rank 16.
+DEFAULT_EPOCHS = 400 * 8 / 24  # passes over the data at the base model's resolution (= 400 steps for 24 images)
+DEFAULT_MIN_STEPS = 400
+DEFAULT_MAX_STEPS = 4000
+DEFAULT_SMALL_SET = 32  # up to this many images: rank 8; above: rank 16
+DEFAULT_LR = 2e-3
+DEFAULT_LR_DIFFUSERS = 1e-4  # a diffusers base (e.g. SD 1.5): the diffusers LoRA scripts' default, not measured here
+
+
+def resolve_defaults(n_images: int, resolution: int, base_resolution: Optional[int] = None,
+                     batch_size: int = 8, embedded: bool = True) -> Tuple[int, int, float]:
+    """(steps, rank, lr) that learn ``n_images`` training images at ``resolution`` without tuning.
+
+    Steps give every image a fixed number of passes (:data:`DEFAULT_EPOCHS`), scaled up by
+    ``resolution / base_resolution`` when training above the base model's own resolution (the model must
+    also adapt to the new scale), rounded up to 50 and kept in [400, 4000]. Sets larger than 32 images get
+    rank 16 (more concepts and objects to hold). The learning rate is 2e-3 on the embedded model (AdamW,
+    constant after warm-up) and 1e-4 on a diffusers base (``embedded=False``), whose pretrained weights 2e-3
+    would wreck.
+    """
+    if n_images < 1:
+        raise ConfigError(f"cannot choose training defaults for {n_images} images: the training set is empty")
+    if resolution < 1 or batch_size < 1:
+        raise ConfigError(f"resolution and batch_size must be > 0, got {resolution} and {batch_size}")
+    scale = max(1.0, resolution / base_resolution) if base_resolution else 1.0
+    steps = DEFAULT_EPOCHS * scale * n_images / batch_size
+    steps = int(min(DEFAULT_MAX_STEPS, max(DEFAULT_MIN_STEPS, 50 * math.ceil(steps / 50 - 1e-9))))
+    rank = 8 if n_images <= DEFAULT_SMALL_SET else 16
+    return steps, rank, DEFAULT_LR if embedded else DEFAULT_LR_DIFFUSERS
+
+
 @dataclass
 class TrainConfig:
-    """LoRA fine-tuning settings of ``montrage train`` (and the embedded demo)."""
+    """LoRA fine-tuning settings of ``montrage train`` (and the embedded demo).
 
-    steps: int = _f(400, "optimizer steps")
+    ``steps``, ``lr`` and ``lora`` left as None are chosen from the data by :func:`resolve_defaults`
+    (see :meth:`resolved`); given values always win.
+    """
+
+    steps: Optional[int] = _f(None, "optimizer steps (default: chosen from the data by resolve_defaults)")
     batch_size: int = _f(8, "images per step (per process)")
-    lr: float = _f(2e-3, "AdamW learning rate")
+    lr: Optional[float] = _f(None, f"AdamW learning rate (default: {DEFAULT_LR} on the embedded model, "
+                                      f"{DEFAULT_LR_DIFFUSERS} on a diffusers base)")
     warmup_steps: int = _f(20, "linear warm-up steps, then constant")
     seed: int = _f(0, "seed of LoRA init, data order and noise")
     resolution: Optional[int] = _f(None, "training resolution (default: the base model's)")
@@ -144,14 +183,16 @@ class TrainConfig:
         "v-prediction down-weights the high-noise steps where a style's background is decided, and LoRA then "
         "learns strokes but not backgrounds")
     caption_dropout: float = _f(0.0, "probability of training on the empty prompt")
-    lora: LoraSettings = _f(None, "LoRA adapter settings")
+    lora: Optional[LoraSettings] = _f(None, "LoRA adapter settings (default: LoraSettings with the rank chosen "
+                                             "from the data by resolve_defaults)")
 
     def __post_init__(self) -> None:
-        if self.lora is None:
-            self.lora = LoraSettings()
-        elif isinstance(self.lora, dict):
+        if isinstance(self.lora, dict):
             self.lora = from_dict(LoraSettings, self.lora)
-        _positive(self, "steps", "batch_size", "lr")
+        _positive(self, "batch_size")
+        for name in ("steps", "lr"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
         if self.warmup_steps < 0:
             raise ConfigError("TrainConfig.warmup_steps must be >= 0")
         if not 0.0 <= self.prior_fraction < 1.0:
@@ -160,3 +201,16 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.resolution is not None and self.resolution <= 0:
             raise ConfigError("TrainConfig.resolution must be > 0")
+
+    @property
+    def unresolved(self) -> Tuple[str, ...]:
+        """The fields still left to :func:`resolve_defaults` ('steps', 'lr', 'lora')."""
+        return tuple(n for n in ("steps", "lr", "lora") if getattr(self, n) is None)
+
+    def resolved(self, n_images: int, resolution: int, base_resolution: Optional[int] = None,
+                 embedded: bool = True) -> "TrainConfig":
+        """A copy with ``steps``, ``lr`` and ``lora`` filled from the data where they are None."""
+        steps, rank, lr = resolve_defaults(n_images, resolution, base_resolution, self.batch_size, embedded)
+        return dataclasses.replace(self, steps=self.steps if self.steps is not None else steps,
+                                   lr=self.lr if self.lr is not None else lr,
+                                   lora=self.lora if self.lora is not None else LoraSettings(rank=rank))

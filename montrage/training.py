@@ -99,10 +99,16 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     ctx = ProcessContext(accelerator)
     components = load_base(base, device=accelerator.device)
+    base_resolution = components.resolution
     resolution = cfg.resolution or components.resolution
     if resolution != components.resolution:
         components.resolution = resolution
     train_set = load_imagefolder(data_dir, resolution)
+    chosen = cfg.unresolved  # steps / lr / rank the caller left to the data-dependent defaults
+    cfg = cfg.resolved(len(train_set), resolution, base_resolution, embedded=base == "embedded")
+    if chosen:
+        log.info("training defaults for %d images at %d px: steps %d, LoRA rank %d, lr %g (chosen: %s)",
+                 len(train_set), resolution, cfg.steps, cfg.lora.rank, cfg.lr, ", ".join(chosen))
     prior = load_imagefolder(prior_dir, resolution) if prior_dir else None
     probes = load_probe_file(probes_file) if probes_file else default_probes(train_set)
     params = add_lora(components.unet, cfg.lora, seed=cfg.seed)
@@ -112,6 +118,7 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
 
     identity = {k: v for k, v in to_dict(cfg).items() if k not in ("steps",)}
     run_config = {"train": to_dict(cfg), "train_identity": identity, "capture": to_dict(capture),
+                  "train_defaults_chosen": list(chosen),
                   "base": components.base,
                   "data_dir": str(Path(data_dir).resolve()),
                   "prior_dir": str(Path(prior_dir).resolve()) if prior_dir else None,
