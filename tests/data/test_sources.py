@@ -157,3 +157,35 @@ def test_monitor_records_a_run_from_a_datasets_dataset(tmp_path):
     feats = store.features("train", "mid_block")
     assert feats.shape[:2] == (2, 4) and np.isfinite(feats).all()
     assert not np.allclose(feats[0], feats[1])  # the LoRA change reached the recorded features
+
+
+def test_capture_and_training_batches_read_a_lazy_set_like_an_array():
+    """FeatureExtractor.extract and training.step_batch take the lazy images as they take the array."""
+    import torch
+
+    from montrage.config import CaptureConfig, TrainConfig
+    from montrage.data.lazy import take_rows
+    from montrage.models.features import FeatureExtractor
+    from montrage.models.loading import load_base
+    from montrage.training import step_batch
+
+    comps = load_base("embedded")
+    src = CountingRows(6)
+    src_res = [{**src[i], "image": np.asarray(_pil(i, (comps.resolution + 3, comps.resolution)))} for i in range(6)]
+    lazy = as_training_set(src_res, comps.resolution)
+    eager = lazy.images[:]
+    ext = FeatureExtractor(comps, CaptureConfig(modules=("mid_block",), timesteps=(300,), batch_size=2))
+    view = take_rows(lazy.images, [4, 0, 2])
+    assert isinstance(view, LazyImages)
+    a = ext.extract(view, ["a", "b", "c"], [1, 2, 3])
+    b = ext.extract(eager[[4, 0, 2]], ["a", "b", "c"], [1, 2, 3])
+    np.testing.assert_array_equal(a.losses, b.losses)
+    np.testing.assert_array_equal(a.features["mid_block"], b.features["mid_block"])
+    cfg = TrainConfig(steps=2, batch_size=3, prior_fraction=0.0)
+    in_memory = TrainingSet(images=eager, captions=lazy.captions, concepts=lazy.concepts, file_names=lazy.file_names,
+                            extra=lazy.extra, root="")
+    for x, y in zip(step_batch(1, 0, cfg, lazy, None, comps), step_batch(1, 0, cfg, in_memory, None, comps)):
+        if isinstance(x, list):
+            assert x == y
+        else:
+            assert torch.equal(x, y)
