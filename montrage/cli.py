@@ -129,10 +129,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from montrage.bench.cli import run_bench
+BENCH_KINDS = ["attribution", "concept", "cost", "overhead", "faults", "quality", "list"]
 
-    return run_bench(args)
+
+def find_checkout(repo: Optional[str] = None) -> Optional[Path]:
+    """The montrage source checkout holding ``benchmarks/``: ``repo`` if given, else the cwd or a parent.
+
+    Benchmarks are not part of the installed library (they train runs and write BENCHMARKS.md), so the CLI
+    only runs them from a checkout.
+    """
+    def is_checkout(d: Path) -> bool:
+        return (d / "benchmarks" / "__main__.py").is_file() and (d / "montrage").is_dir()
+
+    if repo is not None:
+        d = Path(repo).expanduser().resolve()
+        return d if is_checkout(d) else None
+    cwd = Path.cwd().resolve()
+    return next((d for d in [cwd, *cwd.parents] if is_checkout(d)), None)
+
+
+def _split_repo_option(rest: List[str]) -> tuple[Optional[str], List[str]]:
+    """``--repo PATH`` given after KIND lands in the pass-through arguments: take it out."""
+    repo, out, i = None, [], 0
+    while i < len(rest):
+        if rest[i] == "--repo" and i + 1 < len(rest):
+            repo, i = rest[i + 1], i + 2
+            continue
+        if rest[i].startswith("--repo="):
+            repo = rest[i].split("=", 1)[1]
+        else:
+            out.append(rest[i])
+        i += 1
+    return repo, out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    repo_after, rest = _split_repo_option(list(args.bench_args or []))
+    repo = repo_after or args.repo
+    if args.kind == "list" and "--help" not in rest and "-h" not in rest:  # the scorers: no checkout needed
+        from montrage.analysis.base import available, get_scorer
+
+        for name in available():
+            print(f"{name:<24} {getattr(get_scorer(name), 'description', '')}")
+        return 0
+    root = find_checkout(repo)
+    if root is None:
+        from montrage.errors import ConfigError
+
+        where = f"--repo {repo}" if repo else f"the current directory ({Path.cwd()}) or its parents"
+        raise ConfigError(f"`montrage bench` runs the benchmarks of a montrage source checkout, and {where} "
+                          "holds none (no benchmarks/__main__.py next to montrage/); run it from a montrage "
+                          "checkout, or pass --repo PATH_TO_CHECKOUT")
+    env = dict(os.environ, MONTRAGE_CALLER_CWD=str(Path.cwd()))  # relative --out/--write-md/--run: the caller's
+    return subprocess.call([sys.executable, "-m", "benchmarks", args.kind, *rest], cwd=str(root), env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,13 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="HTML output (default RUN/report.html)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("bench", help="benchmarks: attribution quality, cost, overhead, faults")
-    p.add_argument("kind", choices=["attribution", "concept", "cost", "overhead", "faults", "quality", "list"],
+    p = sub.add_parser("bench", help="benchmarks, from a montrage checkout: attribution quality, cost, overhead, faults",
+                       description="Runs `python -m benchmarks KIND ...` in a montrage source checkout (the "
+                       "benchmarks are not installed with the library). Options after KIND go to the benchmark: "
+                       "`montrage bench KIND --help` lists them (--quick, --seed, --dataset, --out, --write-md [PATH], ...).")
+    p.add_argument("kind", choices=BENCH_KINDS,
                    help="which benchmark (concept: Concept-TRAK P@10 on the attribution run; list: the scorers)")
-    p.add_argument("--run", default=None, help="concept: the run to use (default OUT/attribution/run)")
-    p.add_argument("--quick", action="store_true", help="smaller settings that fit a test budget")
-    p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
-    p.add_argument("--write-md", action="store_true", help="(re)write BENCHMARKS.md's section for this benchmark")
+    p.add_argument("--repo", default=None, help="the montrage checkout holding benchmarks/ (default: the current "
+                   "directory or a parent)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="options of the benchmark (see `montrage bench KIND --help`)")
     p.set_defaults(func=cmd_bench)
     return ap
 

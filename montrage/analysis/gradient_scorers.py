@@ -19,7 +19,7 @@ import numpy as np
 
 from montrage.analysis.base import ScoringContext, register
 from montrage.analysis.gradients import (DEFAULT_PROJ_DIM, Projector, normalize_rows, projected_gradients,
-                                         trak_scores, training_images)
+                                         trak_scores)
 from montrage.errors import ScorerError
 from montrage.models.components import DiffusionComponents
 from montrage.models.features import QUERY_SEED_OFFSET, TRAIN_SEED_OFFSET
@@ -74,14 +74,11 @@ def projector(ctx: ScoringContext, comps: DiffusionComponents, s: GradientSettin
 
 
 def train_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> np.ndarray:
-    """(N, T, D) projected gradients of the training images (their captions) at checkpoint k (cached)."""
-    def make() -> np.ndarray:
-        ts = ctx.cached("grad/training_images", lambda: training_images(ctx.store))
-        comps = checkpoint_components(ctx, k)
-        return projected_gradients(comps, ts.images, ts.captions, [TRAIN_SEED_OFFSET + i for i in range(len(ts))],
-                                   output=output, timesteps=s.timesteps, noise_seed=s.noise_seed,
-                                   projector=projector(ctx, comps, s), batch_size=s.batch_size, progress=ctx.progress)
-    return ctx.cached(f"grad/train/{output}/{k}/{s.key()}", make)
+    """(N, T, D) projected gradients of the training images (their captions) at checkpoint k (cached): the
+    features recorded with the run (:mod:`montrage.analysis.gradient_features`), computed once on first use."""
+    from montrage.analysis.gradient_features import train_features
+
+    return ctx.cached(f"grad/train/{output}/{k}/{s.key()}", lambda: train_features(ctx, k, output, s))
 
 
 def query_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> np.ndarray:

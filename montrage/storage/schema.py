@@ -112,3 +112,29 @@ def feature_path(kind: str, module: str) -> str:
 def attribution_path(method: str, step: int, query_set: str) -> str:
     """Where the scores of one query set (``QuerySet.key``) at one step live: sets never overwrite each other."""
     return f"{ATTRIBUTION}/{method}/{int(step)}/{query_set}"
+
+
+# ---------------------------------------------------------------- gradient features (`montrage featurize`)
+# Projected per-sample LoRA gradients of every training image at stored checkpoints, written once (by `montrage
+# featurize RUN` or on first use) and read by dtrak / tracin / the fused montrage model, so that a query costs
+# its own gradients plus a product. Per output function (sqnorm = D-TRAK's, denoise = the training loss):
+#   train/gradients/<output>       (checkpoint, train, timestep, projection)  float16  per-timestep unit vectors
+#   train/gradient_norms/<output>  (checkpoint, train, timestep)              float32  their norms (raw = unit x norm)
+# attrs of train/gradients/<output>: gradient_settings (timesteps, noise_seed, proj_dim, proj_seed,
+# projection_device, lora layout) and gradient_rows {checkpoint index: rows written} (the resume marker,
+# written after the rows; a checkpoint is usable once its count equals the number of training images).
+GRADIENTS = "gradients"
+GRADIENT_NORMS = "gradient_norms"
+ATTR_GRADIENT_SETTINGS = "gradient_settings"
+ATTR_GRADIENT_ROWS = "gradient_rows"
+DIM_PROJECTION = "projection"
+GRADIENT_DTYPE = "float16"
+GRADIENT_ROWS_PER_CHUNK = 256
+
+
+def gradient_path(output: str) -> str:
+    return f"{TRAIN}/{GRADIENTS}/{output}"
+
+
+def gradient_norm_path(output: str) -> str:
+    return f"{TRAIN}/{GRADIENT_NORMS}/{output}"

@@ -529,3 +529,98 @@ class RunStore:
             raise StoreError(f"no scores at {path} in {self.run_dir}; run `montrage attribute` first")
         arr = root[path]
         return arr[...], list(arr.attrs[S.ATTR_QUERY_IDS])
+
+
+class GradientFeatures:
+    """Stored gradient features of one output function (schema: ``train/gradients/<output>``).
+
+    Written outside the training lock, like attribution results (they are a function of the committed
+    checkpoints): rows first, then the per-checkpoint row count, so an interrupted writer resumes where it
+    stopped and readers use only complete checkpoints. Unit vectors are float16 (half the bytes; a cosine
+    needs no more), norms float32, so raw gradients are unit x norm.
+    """
+
+    def __init__(self, store: RunStore, output: str) -> None:
+        if not output or "/" in output:
+            raise StoreError(f"gradient output name must be non-empty without '/', got {output!r}")
+        self.store = store
+        self.output = output
+
+    def _root(self, mode: str = "r") -> zarr.Group:
+        return zarr.open_group(RunStore.store_path(self.store.run_dir), mode=mode)
+
+    def _array(self) -> Optional[zarr.Array]:
+        root = self._root()
+        path = S.gradient_path(self.output)
+        return root[path] if path in root else None
+
+    def settings(self) -> Optional[dict]:
+        arr = self._array()
+        return None if arr is None else dict(arr.attrs.get(S.ATTR_GRADIENT_SETTINGS) or {})
+
+    def rows_done(self) -> Dict[int, int]:
+        arr = self._array()
+        return {} if arr is None else {int(k): int(v) for k, v in (arr.attrs.get(S.ATTR_GRADIENT_ROWS) or {}).items()}
+
+    def complete(self, checkpoint: int) -> bool:
+        n = len(self.store.train_meta[S.ATTR_FILE_NAMES])
+        return self.rows_done().get(int(checkpoint), 0) >= n
+
+    def prepare(self, settings: dict, n_checkpoints: int, n_timesteps: int, proj_dim: int,
+                overwrite: bool = False) -> None:
+        """Create the arrays for ``settings`` (or grow their checkpoint axis). Features stored with other
+        settings raise StoreError unless ``overwrite`` (then they are replaced)."""
+        n = len(self.store.train_meta[S.ATTR_FILE_NAMES])
+        settings = json.loads(json.dumps(settings))
+        current = self.settings()
+        root = self._root("a")
+        if current is not None and current != settings and not overwrite:
+            raise StoreError(f"{self.store.run_dir} holds {self.output} gradient features with other settings "
+                             f"({current}); pass overwrite=True (`montrage featurize --overwrite`) to replace them")
+        if current is None or current != settings:
+            rows = min(max(n, 1), S.GRADIENT_ROWS_PER_CHUNK)
+            arr = root.create_array(S.gradient_path(self.output), shape=(n_checkpoints, n, n_timesteps, proj_dim),
+                                    dtype=S.GRADIENT_DTYPE, chunks=(1, rows, n_timesteps, proj_dim), overwrite=True,
+                                    fill_value=np.nan, dimension_names=(S.DIM_CHECKPOINT, S.DIM_TRAIN,
+                                                                         S.DIM_TIMESTEP, S.DIM_PROJECTION))
+            root.create_array(S.gradient_norm_path(self.output), shape=(n_checkpoints, n, n_timesteps),
+                              dtype="float32", chunks=(1, rows, n_timesteps), overwrite=True, fill_value=np.nan,
+                              dimension_names=(S.DIM_CHECKPOINT, S.DIM_TRAIN, S.DIM_TIMESTEP))
+            arr.attrs.update({S.ATTR_GRADIENT_SETTINGS: settings, S.ATTR_GRADIENT_ROWS: {}})
+            return
+        for path in (S.gradient_path(self.output), S.gradient_norm_path(self.output)):
+            arr = root[path]
+            if arr.shape[0] < n_checkpoints:
+                arr.resize((n_checkpoints,) + tuple(arr.shape[1:]))
+
+    def write(self, checkpoint: int, start: int, unit: np.ndarray, norms: np.ndarray) -> None:
+        """Rows [start, start + len(unit)) of one checkpoint; ``start`` must be the rows written so far."""
+        done = self.rows_done()
+        k = int(checkpoint)
+        if done.get(k, 0) != int(start):
+            raise StoreError(f"{self.output} gradients of checkpoint {k}: {done.get(k, 0)} rows written, "
+                             f"cannot write from row {start}")
+        root = self._root("a")
+        stop = int(start) + len(unit)
+        root[S.gradient_path(self.output)][k, start:stop] = np.asarray(unit, dtype=S.GRADIENT_DTYPE)
+        root[S.gradient_norm_path(self.output)][k, start:stop] = np.asarray(norms, dtype="float32")
+        done[k] = stop
+        root[S.gradient_path(self.output)].attrs[S.ATTR_GRADIENT_ROWS] = {str(i): v for i, v in sorted(done.items())}
+
+    def read(self, checkpoint: int, rows: Any = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(unit (n, T, D) float32, norms (n, T) float32) of a complete checkpoint."""
+        if not self.complete(checkpoint):
+            raise StoreError(f"no complete {self.output} gradient features for checkpoint {checkpoint} in "
+                             f"{self.store.run_dir}; run `montrage featurize {self.store.run_dir}`")
+        root = self._root()
+        unit = root[S.gradient_path(self.output)].oindex[int(checkpoint), rows]
+        norms = root[S.gradient_norm_path(self.output)].oindex[int(checkpoint), rows]
+        return np.asarray(unit, dtype=np.float32), np.asarray(norms, dtype=np.float32)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored arrays (uncompressed)."""
+        arr = self._array()
+        if arr is None:
+            return 0
+        norms = self._root()[S.gradient_norm_path(self.output)]
+        return int(arr.nbytes + norms.nbytes)
