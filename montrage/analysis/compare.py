@@ -81,13 +81,11 @@ def compare(run_dir: str | Path, method: str = "montrage", from_step: Optional[i
 
 
 def plot_curves(result: dict, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     path = Path(path)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     for c, cur in result["curves"].items():
         axes[0].plot(result["steps"], [np.nan if v is None else v for v in cur["accuracy"]], marker="o", label=c)
         axes[1].plot(result["steps"], [np.nan if v is None else v for v in cur["own_score"]], marker="o", label=c)
@@ -99,5 +97,4 @@ def plot_curves(result: dict, path: str | Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -18,13 +18,30 @@ GRID_THUMB = 64  # side of the checkpoint-grid cells
 OTHER_COLOR = "#9e9e9e"
 
 
+class _Figures:
+    """The few pyplot calls used here, on ``matplotlib.figure.Figure``: no pyplot state and no backend switch
+    (a library must not change its caller's matplotlib backend)."""
+
+    @staticmethod
+    def subplots(*args, figsize=None, **kwargs):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
+    @staticmethod
+    def close(fig) -> None:  # a Figure without pyplot is garbage-collected like any object
+        return None
+
+    @staticmethod
+    def get_cmap(name: str):
+        import matplotlib
+
+        return matplotlib.colormaps[name]
+
+
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _Figures
 
 
 def png_data_uri(data: bytes) -> str:

@@ -137,9 +137,9 @@ def test_unreachable_scheduler_is_a_clean_error(store32, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_scale_memory_20k(tmp_path):
-    """Small version of `python -m montrage.bench.scale`: 20,000 images x 20 checkpoints x 512 float16;
+    """Small version of `python -m benchmarks.scale`: 20,000 images x 20 checkpoints x 512 float16;
     attribution of 64 probes in a subprocess stays far below 2 GB peak RSS, in-process and with dask."""
-    from montrage.bench import scale
+    from benchmarks import scale
 
     build = scale.build_store(tmp_path / "run", n_train=20_000, checkpoints=20, progress=False)
     assert build["dtype"] == "float16"

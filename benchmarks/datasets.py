@@ -12,7 +12,7 @@
   - ``exemplar``: for each chosen training image, ``"a {colour} {object}, {artist} style"`` (the same
     content as its caption, worded differently), ``meta.target_index`` = that training index.
 
-* Mixed specs: (artist a, artist b, colour, object, alpha, seed); :mod:`montrage.bench.attribution`
+* Mixed specs: (artist a, artist b, colour, object, alpha, seed); :mod:`benchmarks.attribution`
   generates them with a blend ``alpha * E(prompt_a) + (1 - alpha) * E(prompt_b)`` of prompt-encoder
   outputs, ground-truth share of artist a = alpha.
 

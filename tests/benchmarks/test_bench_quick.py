@@ -12,8 +12,8 @@ import shutil
 
 import pytest
 
-from montrage.bench.attribution import METRICS, AttributionBenchSettings, run_attribution_bench
-from montrage.bench.datasets import BenchDataConfig, build_bench_data
+from benchmarks.attribution import METRICS, AttributionBenchSettings, run_attribution_bench
+from benchmarks.datasets import BenchDataConfig, build_bench_data
 
 TINY = AttributionBenchSettings(
     data=BenchDataConfig(n_artists=2, per_artist=4, mixed_pairs=1, n_prior=8), steps=30, every_n_steps=15,
@@ -97,7 +97,7 @@ def test_rerun_reuses_the_run_and_the_cached_lds_models(tiny_bench, tmp_path):
 
 
 def test_write_md_section_replaces_between_markers(tmp_path):
-    from montrage.bench.cli import write_md_section
+    from benchmarks.cli import write_md_section
 
     path = tmp_path / "BENCHMARKS.md"
     write_md_section("attribution", "first", path)

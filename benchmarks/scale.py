@@ -1,13 +1,13 @@
 """Scale benchmark: a 200,000-image run store, attribution memory, and store throughput.
 
-``python -m montrage.bench.scale [--n-train 200000] [--checkpoints 20] [--dim 512] [--out DIR] [--write-md]``
+``python -m benchmarks.scale [--n-train 200000] [--checkpoints 20] [--dim 512] [--out DIR] [--write-md]``
 
 1. **Build** a synthetic run store through :meth:`RunStore.append` (one checkpoint at a time, as the
    monitor writes it): ``n_train`` training images, ``checkpoints`` checkpoints, one module of ``dim``
    float16 features (``StoreDims.feature_dtype='float16'``), one condition ('null') and one timestep,
    ``probes`` probes, 64 anchors, concept structure (images drift towards their concept over checkpoints).
 2. **Memory**: ``montrage attribute`` for the store's probes (query mode A) with each method, each in a
-   fresh subprocess (``python -m montrage.bench.scale score RUN --method M``), which reports its own peak
+   fresh subprocess (``python -m benchmarks.scale score RUN --method M``), which reports its own peak
    RSS (``VmHWM``; the parent also samples it with psutil every 0.1 s). Target < 2 GB.
 3. **Throughput**: write and read MB/s of the store's feature layout (checkpoint x train x 1 x 1 x dim,
    float16, one checkpoint per chunk along axis 0) for chunk rows 1024 / 8192 and codecs zstd (Zarr's
@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MD_TAG = "scale"
 MODULE = "mid_block"
 RSS_TARGET_MB = 2048
@@ -65,7 +65,7 @@ def build_store(run: Path, n_train: int = 200_000, checkpoints: int = 20, dim: i
                      feature_dims={MODULE: dim}, image_shape=(16, 16, 3), lora_names=["lora.A"], lora_shapes=[[256]],
                      feature_dtype=dtype)
     run_config = {"capture": {"modules": [MODULE], "conditions": ["null"], "timesteps": [400]},
-                  "base": "embedded", "resolution": 16, "synthetic": "montrage.bench.scale"}
+                  "base": "embedded", "resolution": 16, "synthetic": "benchmarks.scale"}
     train_meta = {S.ATTR_FILE_NAMES: names, S.ATTR_CAPTIONS: [f"an image by {c}" for c in cnames],
                   S.ATTR_CONCEPTS: cnames, S.ATTR_EXTRA: [{}] * n_train, S.ATTR_DATASET_FINGERPRINT: f"synthetic-{seed}"}
     probe_meta = {S.ATTR_PROMPTS: [f"an image by concept-{c:03d}" for c in pconcept],
@@ -146,7 +146,7 @@ def measure_scoring(run: Path, method: str, scheduler: Optional[str] = None, tim
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     out = run / f"scale_{method}{'_' + scheduler if scheduler else ''}.json"
-    cmd = [sys.executable, "-m", "montrage.bench.scale", "score", str(run), "--method", method, "--json-out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.scale", "score", str(run), "--method", method, "--json-out", str(out)]
     if scheduler:
         cmd += ["--scheduler", scheduler]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(REPO_ROOT))
@@ -272,7 +272,7 @@ def throughput(workdir: Path, n_rows: int = 200_000, checkpoints: int = 4, dim: 
 # ---------------------------------------------------------------------------------------------- report
 def markdown(res: Dict[str, Any]) -> str:
     b = res["build"]
-    lines = ["## Scale (`python -m montrage.bench.scale`)", "",
+    lines = ["## Scale (`python -m benchmarks.scale`)", "",
              f"Synthetic run store written through `RunStore.append`: {b['n_train']:,} training images, "
              f"{b['checkpoints']} checkpoints, one module of {b['dim']} {b['dtype']} features (1 condition, 1 timestep), "
              f"{b['probes']} probes, {b['concepts']} concepts: {b['train_features_raw_mb']:,.0f} MB of training "
@@ -326,9 +326,9 @@ def run(args: argparse.Namespace) -> int:
     md = markdown(res)
     print(md)
     if args.write_md:
-        from montrage.bench.cli import write_md_section
+        from benchmarks.cli import write_md_section
 
-        print(f"wrote section '{MD_TAG}' of {write_md_section(MD_TAG, md)}")
+        print(f"wrote section '{MD_TAG}' of {write_md_section(MD_TAG, md, args.write_md)}")
     if not args.keep:
         shutil.rmtree(store_run, ignore_errors=True)
     return 0 if all(m.get("rc") == 0 and m.get("peak_rss_mb", 1e9) < RSS_TARGET_MB for m in res["memory"]) else 1
@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["score"]:  # the measured child
-        ap = argparse.ArgumentParser(prog="python -m montrage.bench.scale score")
+        ap = argparse.ArgumentParser(prog="python -m benchmarks.scale score")
         ap.add_argument("run")
         ap.add_argument("--method", required=True)
         ap.add_argument("--scheduler", default=None)
@@ -345,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         a = ap.parse_args(argv[1:])
         print(json.dumps(score_child(a.run, a.method, a.scheduler, a.json_out)))
         return 0
-    ap = argparse.ArgumentParser(prog="python -m montrage.bench.scale", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n")[0])
     ap.add_argument("--n-train", type=int, default=200_000)
     ap.add_argument("--checkpoints", type=int, default=20)
     ap.add_argument("--dim", type=int, default=512)
@@ -359,7 +359,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="reuse the store of an earlier run in --out")
     ap.add_argument("--keep", action="store_true", help="keep the store (several GB) afterwards")
-    ap.add_argument("--write-md", action="store_true")
+    from benchmarks.cli import add_write_md_option
+
+    add_write_md_option(ap)
     return run(ap.parse_args(argv))
 
 

@@ -1,4 +1,4 @@
-from montrage.bench.realsize import measure
+from benchmarks.realsize import measure
 
 
 def test_realsize_measures_every_component_on_a_small_unet():

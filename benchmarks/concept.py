@@ -18,7 +18,7 @@ import numpy as np
 
 from montrage.analysis.attribute import attribute
 from montrage.analysis.base import QuerySet, available
-from montrage.bench import metrics as M
+from benchmarks import metrics as M
 from montrage.models.checkpoints import RunModel
 from montrage.models.sampling import generate
 from montrage.storage import RunStore
@@ -111,7 +111,7 @@ def run_concept_bench(run_dir: str | Path, out_dir: str | Path, n_per_split: int
 
 
 def run_concept(args) -> int:
-    from montrage.bench.cli import provenance_lines, write_md_section
+    from benchmarks.cli import provenance_lines, write_md_section
 
     run = Path(args.run) if getattr(args, "run", None) else Path(args.out) / "attribution" / "run"
     res = run_concept_bench(run, Path(args.out) / "concept", n_per_split=6 if args.quick else 16)
@@ -126,5 +126,5 @@ def run_concept(args) -> int:
             "- anchors (not comparable tasks): Concept-TRAK reports P@10 1.00 (ID) / 0.85 (OOD) on a synthetic "
             "shapes benchmark, D-TRAK 1.00 / 0.50.",
             "", res["markdown"]])
-        write_md_section("concept", body)
+        write_md_section("concept", body, args.write_md)
     return 0

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from montrage.bench import metrics as M
+from benchmarks import metrics as M
 
 
 def test_auc_hand_case():

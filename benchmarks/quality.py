@@ -4,7 +4,7 @@
 (b) a LoRA run like ``montrage demo`` (3 artists x 8 images, 400 steps, prior fraction 0.25; reused when
     it already exists): "a {object} by {artist}" for the run's objects x artists x 8 seeds -> accuracy of
     the prompted artist, of the prompted object, and of both.
-The judge is :func:`montrage.bench.classifier.train_classifier` on ``make_artists(3)`` renders.
+The judge is :func:`benchmarks.classifier.train_classifier` on ``make_artists(3)`` renders.
 Target: >= 80% on every figure.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from montrage.bench import metrics as M
-from montrage.bench.classifier import train_classifier
+from benchmarks import metrics as M
+from benchmarks.classifier import train_classifier
 from montrage.config import CaptureConfig, TrainConfig
 from montrage.data.synthetic import OBJECTS, make_artists, write_concept_dataset, write_prior_dataset
 from montrage.storage import schema as S

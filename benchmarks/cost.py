@@ -186,12 +186,12 @@ def cost_markdown(cost: Dict[str, object], tp: Dict[str, float]) -> str:
 
 def _publish(args, kind: str, title: str, seeds: str, md: str) -> None:
     """Print a benchmark's table and, with --write-md, (re)write its BENCHMARKS.md section."""
-    from montrage.bench.cli import provenance_lines, write_md_section
+    from benchmarks.cli import provenance_lines, write_md_section
 
     print(md)
     if args.write_md:
         heading = f"## {title}" + (" (--quick)" if args.quick else "")
-        write_md_section(kind, "\n".join([heading, "", provenance_lines(args, seeds), "", md]))
+        write_md_section(kind, "\n".join([heading, "", provenance_lines(args, seeds), "", md]), args.write_md)
 
 
 def run_cost(args) -> int:

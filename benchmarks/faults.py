@@ -1,6 +1,6 @@
 """Fault-injection benchmark: SIGKILL ``montrage train`` at random times and inside checkpoint writes.
 
-``montrage bench faults [--quick] [--out DIR] [--write-md]`` (or ``python -m montrage.bench.faults``).
+``montrage bench faults [--quick] [--out DIR] [--write-md]`` (or ``python -m benchmarks.faults``).
 
 Each trial launches ``python -m montrage.cli train`` on a tiny synthetic dataset as a subprocess into a
 fresh output folder and SIGKILLs it at a trigger chosen with a seeded RNG:
@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MD_TAG = "faults"
 MODES_CYCLE = ("in-write", "after-commit", "random", "in-write", "random", "creation", "in-write", "random",
                "after-commit", "in-write")
@@ -453,7 +453,7 @@ def run_faults_bench(args: argparse.Namespace) -> int:
     result = run_campaign(out / "work", n, settings, seed=seed)
     result["quick"] = quick
     if getattr(args, "write_md", False):
-        from montrage.bench.cli import provenance_lines
+        from benchmarks.cli import provenance_lines
 
         result["provenance"] = provenance_lines(argparse.Namespace(**{"kind": "faults", **vars(args)}),
                                                 f"kill plan {seed} (numpy default_rng), training --seed {settings.seed}")
@@ -463,20 +463,22 @@ def run_faults_bench(args: argparse.Namespace) -> int:
     print(md)
     print(f"wrote {out / 'faults.json'}")
     if getattr(args, "write_md", False):
-        from montrage.bench.cli import write_md_section
+        from benchmarks.cli import write_md_section
 
-        print(f"wrote section '{MD_TAG}' of {write_md_section(MD_TAG, md)}")
+        print(f"wrote section '{MD_TAG}' of {write_md_section(MD_TAG, md, args.write_md)}")
     tot = result["summary"]["total"]
     return 0 if tot["survived"] == tot["trials"] else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m montrage.bench.faults", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 trials of a 6-step run")
     ap.add_argument("--trials", type=int, default=None, help="number of trials (default 20; 3 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--write-md", action="store_true")
+    from benchmarks.cli import add_write_md_option
+
+    add_write_md_option(ap)
     return run_faults_bench(ap.parse_args(argv))
 
 

@@ -1,4 +1,8 @@
-"""``montrage bench KIND``: dispatch to the benchmarks, and (re)write their BENCHMARKS.md sections.
+"""``python -m benchmarks KIND`` (what ``montrage bench KIND`` runs in a checkout): dispatch to the
+benchmarks, and (re)write their BENCHMARKS.md sections.
+
+Relative paths (``--out``, ``--run``, ``--write-md PATH``) are the caller's: ``montrage bench`` runs this in the
+checkout root and passes its own working directory as ``MONTRAGE_CALLER_CWD``.
 
 To add a benchmark: write ``run_<kind>(args) -> int`` here (or in its own module) and register it in
 :data:`BENCHES`; with ``--write-md`` call :func:`write_md_section` with its ``<!-- bench:KIND -->`` body.
@@ -14,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS_MD = Path(os.environ.get("MONTRAGE_BENCHMARKS_MD") or REPO_ROOT / "BENCHMARKS.md")  # env: tests
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"  # the checkout's, never inside site-packages
 MD_TITLE = "# montrage benchmarks\n\nEach section is (re)written by `montrage bench KIND --write-md`; do not edit between the markers.\n"
 
 
@@ -43,7 +47,11 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--quick")
     if getattr(args, "out", None):
         parts += ["--out", str(args.out)]
-    if getattr(args, "write_md", False):
+    if getattr(args, "seed", None) is not None and args.kind not in ("list", "faults"):
+        parts += ["--seed", str(args.seed)]
+    if getattr(args, "dataset", None) and args.kind == "attribution":
+        parts += ["--dataset", str(args.dataset)]
+    if getattr(args, "write_md", None):
         parts.append("--write-md")
     threads = os.environ.get("OMP_NUM_THREADS")
     return (f"OMP_NUM_THREADS={threads} " if threads else "") + " ".join(parts)
@@ -60,8 +68,10 @@ def provenance_lines(args: argparse.Namespace, seeds: str) -> str:
     ])
 
 
-def write_md_section(kind: str, body: str, path: Path = BENCHMARKS_MD) -> Path:
-    """Replace (or append) the text between ``<!-- bench:KIND -->`` and ``<!-- /bench:KIND -->``."""
+def write_md_section(kind: str, body: str, path: Optional[Path] = None) -> Path:
+    """Replace (or append) the text between ``<!-- bench:KIND -->`` and ``<!-- /bench:KIND -->`` of ``path``
+    (default: the checkout's BENCHMARKS.md)."""
+    path = Path(path) if path is not None else BENCHMARKS_MD
     start, end = f"<!-- bench:{kind} -->", f"<!-- /bench:{kind} -->"
     block = f"{start}\n{body.strip()}\n{end}"
     text = path.read_text() if path.is_file() else MD_TITLE
@@ -78,7 +88,7 @@ def write_md_section(kind: str, body: str, path: Path = BENCHMARKS_MD) -> Path:
 
 # ----------------------------------------------------------------------------- benchmarks
 def run_attribution(args: argparse.Namespace) -> int:
-    from montrage.bench.attribution import FULL, QUICK, SIGN_CONVENTION, run_attribution_bench
+    from benchmarks.attribution import FULL, QUICK, SIGN_CONVENTION, run_attribution_bench
 
     out = Path(args.out) / ("attribution-quick" if args.quick else "attribution")  # runs of other settings never mix
     res = run_attribution_bench(out, quick=args.quick)
@@ -110,12 +120,12 @@ def run_attribution(args: argparse.Namespace) -> int:
             "",
             res["markdown"],
         ])
-        print(f"wrote section 'attribution' of {write_md_section('attribution', body)}")
+        print(f"wrote section 'attribution' of {write_md_section('attribution', body, args.write_md)}")
     return 0
 
 
 def run_quality(args: argparse.Namespace) -> int:
-    from montrage.bench.quality import run_quality_bench
+    from benchmarks.quality import run_quality_bench
 
     res = run_quality_bench(Path(args.out) / ("quality-quick" if args.quick else "quality"), quick=args.quick)
     print()
@@ -123,7 +133,7 @@ def run_quality(args: argparse.Namespace) -> int:
     if args.write_md:
         body = "\n".join(["## Embedded model quality gate" + (" (--quick)" if args.quick else ""), "",
                           provenance_lines(args, res["seeds"]), "", res["markdown"]])
-        print(f"wrote section 'quality' of {write_md_section('quality', body)}")
+        print(f"wrote section 'quality' of {write_md_section('quality', body, args.write_md)}")
     return 0 if res.get("passed", False) or args.quick else 1
 
 
@@ -136,25 +146,25 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_cost_bench(args: argparse.Namespace) -> int:
-    from montrage.bench.cost import run_cost
+    from benchmarks.cost import run_cost
 
     return run_cost(args)
 
 
 def run_overhead_bench(args: argparse.Namespace) -> int:
-    from montrage.bench.cost import run_overhead
+    from benchmarks.cost import run_overhead
 
     return run_overhead(args)
 
 
 def run_concept_bench(args: argparse.Namespace) -> int:
-    from montrage.bench.concept import run_concept
+    from benchmarks.concept import run_concept
 
     return run_concept(args)
 
 
 def run_faults(args: argparse.Namespace) -> int:
-    from montrage.bench.faults import run_faults_bench
+    from benchmarks.faults import run_faults_bench
 
     return run_faults_bench(args)
 
@@ -168,6 +178,41 @@ BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "overhead": run_overhead_bench,
     "faults": run_faults,
 }
+
+
+def caller_path(p: Optional[str]) -> Optional[Path]:
+    """A path argument as the caller meant it (``montrage bench`` runs us from the checkout root)."""
+    if p is None:
+        return None
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else Path(os.environ.get("MONTRAGE_CALLER_CWD") or Path.cwd()) / q
+
+
+def add_write_md_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--write-md", nargs="?", const=str(BENCHMARKS_MD), default=None, metavar="PATH",
+                    help="(re)write this benchmark's section of PATH (default: BENCHMARKS.md in the checkout root)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description="montrage benchmarks (run from a checkout; "
+                                 "`montrage bench KIND ...` runs this)")
+    ap.add_argument("kind", choices=sorted(BENCHES), help="which benchmark")
+    ap.add_argument("--run", default=None, help="concept: the run to use (default OUT/attribution/run)")
+    ap.add_argument("--quick", action="store_true", help="smaller settings that fit a test budget")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data, training, queries and bootstrap (default 0)")
+    ap.add_argument("--dataset", default="synthetic", choices=["synthetic", "typefaces"],
+                    help="attribution/concept: the training set (default synthetic)")
+    ap.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
+    add_write_md_option(ap)
+    return ap
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out = str(caller_path(args.out))
+    args.run = None if args.run is None else str(caller_path(args.run))
+    args.write_md = caller_path(args.write_md)
+    return run_bench(args)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from montrage.bench.concept import compositional_queries, precision_at_k
+from benchmarks.concept import compositional_queries, precision_at_k
 from montrage.storage import schema as S
 
 

@@ -4,7 +4,7 @@ montrage's overhead and total cost: a training step, the capture of one image (f
 timesteps and conditions, no grad), one probe generation (DDIM with guidance), and one per-sample
 gradient (what D-TRAK / TracIn pay per training image and timestep).
 
-    python -m montrage.bench.realsize [--small] [--out realsize.json]
+    python -m benchmarks.realsize [--small] [--out realsize.json]
 
 ``--small`` shrinks the UNet so the script runs on a CPU (tests); the real-size run needs a GPU.
 """
@@ -89,7 +89,7 @@ def measure(small: bool = False, batch: int = 4, dtype: str = "float32") -> Dict
     def train_step():
         with amp:
             t = torch.randint(0, 1000, (batch,), device=device)
-            loss = denoising_loss(unet, ddpm, x, torch.randn_like(x), t, hidden).mean()
+            loss = denoising_loss(comps.predict, ddpm, x, torch.randn_like(x), t, hidden).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -112,7 +112,7 @@ def measure(small: bool = False, batch: int = 4, dtype: str = "float32") -> Dict
 
     def per_sample_grad():  # one training image at one timestep, LoRA gradient (what gradient methods pay)
         with amp:
-            loss = denoising_loss(unet, ddpm, one, torch.randn_like(one), torch.tensor([500], device=device), h1).sum()
+            loss = denoising_loss(comps.predict, ddpm, one, torch.randn_like(one), torch.tensor([500], device=device), h1).sum()
         torch.autograd.grad(loss, params)
 
     step_s = _time(train_step, device)

@@ -1,6 +1,6 @@
 """``montrage bench attribution``: attribution quality of every registered scorer, with ground truth.
 
-One monitored LoRA run on :mod:`montrage.bench.datasets` data, then for each method variant:
+One monitored LoRA run on :mod:`benchmarks.datasets` data, then for each method variant:
 
 * between-concept ("a {object} by {artist}" probes): top-1 concept accuracy (concept score = mean of the
   artist's top-3 image scores, as in ``montrage attribute``) and ROC AUC of the right artist's images
@@ -16,7 +16,7 @@ One monitored LoRA run on :mod:`montrage.bench.datasets` data, then for each met
 * LDS: retrain the LoRA (no monitor) on ``lds_subsets`` seeded random halves of the training set, measure
   each probe's denoising loss (its final generation and prompt; fixed timesteps and noise) under each
   retrained model; LDS = mean over probes of spearman(-(sum of the probe's scores over the subset), loss)
-  (see :mod:`montrage.bench.metrics` for the sign convention).
+  (see :mod:`benchmarks.metrics` for the sign convention).
 
 Every figure gets a bootstrap 95% interval (resampled probes / queries), and each method a paired
 bootstrap difference to ``final-sim`` on the same resamples. Writes ``results.json``, ``results.md``
@@ -39,13 +39,13 @@ import torch
 from montrage.analysis.attribute import attribute, concept_scores, proportions
 from montrage.analysis.base import QuerySet, available
 from montrage.analysis.queries import probe_queries, training_queries
-from montrage.bench import metrics as M
-from montrage.bench.datasets import BenchData, BenchDataConfig, MixedSpec, build_bench_data
+from benchmarks import metrics as M
+from benchmarks.datasets import BenchData, BenchDataConfig, MixedSpec, build_bench_data
 from montrage.config import CaptureConfig, TrainConfig, to_dict
 from montrage.data.imagefolder import load_imagefolder
 from montrage.losses.diffusion import noised, per_sample_mse, training_target
 from montrage.models.checkpoints import RunModel
-from montrage.models.components import DiffusionComponents
+from montrage.models.components import Conditioning, DiffusionComponents
 from montrage.models.sampling import pixels_to_uint8, seeded_noise, uint8_to_pixels
 from montrage.storage import RunStore
 from montrage.storage import schema as S
@@ -156,7 +156,7 @@ def generate_blend(components: DiffusionComponents, prompts_a: Sequence[str], pr
         sched.set_timesteps(num_steps)
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([latents, latents]), t)
-            pu, pc = unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            pu, pc = components.predict(inp, t, Conditioning.cat([uncond, cond])).chunk(2)
             latents = sched.step(pu + guidance_scale * (pc - pu), t, latents).prev_sample
         return pixels_to_uint8(components.to_pixels(latents))
     finally:
@@ -184,7 +184,7 @@ def probe_losses(components: DiffusionComponents, images: np.ndarray, prompts: S
                 noise = seeded_noise([noise_seed * 1_000_003 + q * 131 + k for q in range(sl.start, sl.stop)],
                                      components.latent_shape).to(components.device)
                 tt = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=components.device)
-                pred = unet(noised(sched, x0, noise, tt), tt, encoder_hidden_states=hidden).sample
+                pred = components.predict(noised(sched, x0, noise, tt), tt, hidden)
                 out[sl] += per_sample_mse(pred, training_target(sched, x0, noise, tt)).double().cpu().numpy()
     finally:
         unet.train(was_training)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from montrage.bench.cost import measure_throughput
+from benchmarks.cost import measure_throughput
 
 
 def test_throughput_measures_the_scorer_against_a_plain_matmul(tmp_path):
