@@ -220,7 +220,7 @@ class TrainingMonitor(MontrageCallback):
                 self.store = RunStore.create_or_resume(self.output_dir, self.run_config, self.fingerprint(),
                                                        self._dims(), train_meta, probe_meta, self.anchor_indices,
                                                        train_images=self._read_images)
-                result = self.store.snapshot_steps.tolist()  # featurized or pending
+                result = self.store.steps.tolist()
             except Exception as exc:  # tell the other ranks instead of leaving them in the broadcast
                 error, result = exc, _portable(exc)
         recorded = self.ctx.broadcast(result)
