@@ -150,10 +150,14 @@ class Projector:
     """A fixed Gaussian random projection R (n_params x proj_dim), entries N(0, 1/proj_dim).
 
     R is never built as one tensor: the rows of each LoRA parameter are generated in blocks of at
-    most ~4M entries from a ``torch.Generator`` seeded by (seed, parameter name, block index), and
-    ``project`` accumulates ``g_block @ R_block``. The same seed and parameter names give the same R
-    on every call and in every process. Blocks are kept in memory up to ``cache_mb`` (later calls
-    reuse them); beyond that they are regenerated per call. E[<Rx, Ry>] = <x, y> (Johnson-Lindenstrauss).
+    most ~4M entries, ON the gradients' device (no host-to-device copy), from a ``torch.Generator`` of
+    that device seeded by (seed, parameter name, block index), and ``project`` accumulates
+    ``g_block @ R_block``. The same seed, parameter names and device *type* give the same R on every
+    call and in every process; CPU and CUDA generators differ, so stored gradient features record the
+    device type of their projection (``projection_device``) and are reused only with the same one.
+    Blocks are kept on their device up to ``cache_mb`` (later calls reuse them); beyond that they are
+    regenerated per call.
+    E[<Rx, Ry>] = <x, y> (Johnson-Lindenstrauss).
     """
 
     def __init__(self, shapes: Dict[str, Sequence[int]], proj_dim: int = DEFAULT_PROJ_DIM, seed: int = 0,
@@ -164,7 +168,7 @@ class Projector:
         self.proj_dim = int(proj_dim)
         self.seed = int(seed)
         self.rows_per_block = max(1, _BLOCK_ELEMS // self.proj_dim)
-        self._cache: Dict[Tuple[str, int], torch.Tensor] = {}
+        self._cache: Dict[Tuple[str, int, str], torch.Tensor] = {}
         self._cache_left = int(cache_mb * 2 ** 20)
 
     @classmethod
@@ -179,16 +183,17 @@ class Projector:
     def _block_seed(self, name: str, block: int) -> int:
         return (self.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + block) % (2 ** 63 - 1)
 
-    def block(self, name: str, block: int) -> torch.Tensor:
-        """Rows [block * rows_per_block, ...) of the projection of parameter ``name`` (CPU float32)."""
-        key = (name, block)
+    def block(self, name: str, block: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rows [block * rows_per_block, ...) of the projection of parameter ``name``, generated on ``device``."""
+        device = torch.device(device)
+        key = (name, block, str(device))
         hit = self._cache.get(key)
         if hit is not None:
             return hit
         size = math.prod(self.shapes[name])
         rows = min(self.rows_per_block, size - block * self.rows_per_block)
-        gen = torch.Generator().manual_seed(self._block_seed(name, block))
-        mat = torch.randn(rows, self.proj_dim, generator=gen).mul_(1.0 / math.sqrt(self.proj_dim))
+        gen = torch.Generator(device=device).manual_seed(self._block_seed(name, block))
+        mat = torch.randn(rows, self.proj_dim, generator=gen, device=device).mul_(1.0 / math.sqrt(self.proj_dim))
         nbytes = mat.numel() * 4
         if nbytes <= self._cache_left:
             self._cache[key] = mat
@@ -210,7 +215,7 @@ class Projector:
                 raise ScorerError(f"LoRA parameter {name} has {g.shape[1]} entries, the projection expects "
                                   f"{math.prod(shape)}")
             for b, r0 in enumerate(range(0, g.shape[1], self.rows_per_block)):
-                mat = self.block(name, b).to(device)
+                mat = self.block(name, b, device)
                 out += g[:, r0:r0 + mat.shape[0]] @ mat
         return out
 
