@@ -220,7 +220,7 @@ class TrainingMonitor(MontrageCallback):
                 self.store = RunStore.create_or_resume(self.output_dir, self.run_config, self.fingerprint(),
                                                        self._dims(), train_meta, probe_meta, self.anchor_indices,
                                                        train_images=self._read_images)
-                result = self.store.steps.tolist()
+                result = self.store.snapshot_steps.tolist()  # featurized or pending
             except Exception as exc:  # tell the other ranks instead of leaving them in the broadcast
                 error, result = exc, _portable(exc)
         recorded = self.ctx.broadcast(result)
@@ -242,10 +242,14 @@ class TrainingMonitor(MontrageCallback):
         if step == 0 and 0 not in self.state.recorded_steps:
             self.record_checkpoint(0)
 
-    def on_step_end(self, step: int, loss: Optional[float] = None) -> None:
+    def on_step_end(self, step: int, loss: Optional[float] = None, per_sample_losses: Any = None,
+                    timesteps: Any = None, indices: Any = None) -> None:
+        """``per_sample_losses``, ``timesteps`` and ``indices`` (training image of each batch item; fewer than
+        the batch: the rest are not training images) are stored as per-step signals, if given."""
         if self._inactive:
             return
         self.state.step = step
+        self._buffer_signals(step, per_sample_losses, timesteps, indices)
         if loss is not None:
             self.state.loss_sum += float(loss)
             self.state.loss_count += 1
@@ -265,6 +269,7 @@ class TrainingMonitor(MontrageCallback):
         self.close()
 
     def close(self) -> None:
+        self._finish_capture()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -272,6 +277,7 @@ class TrainingMonitor(MontrageCallback):
 
     def abort(self) -> None:
         """Drop whatever a failed capture appended past the commit marker, and release the lock."""
+        self._finish_capture(wait=False)  # a background worker still featurizes the committed snapshots
         if self.store is not None and self.store.writable:
             try:
                 self.store.discard_uncommitted()
@@ -318,6 +324,8 @@ class TrainingMonitor(MontrageCallback):
             return
         if self._t0 is None:
             self._t0 = time.time()
+        if self.capture_mode != "inline":
+            return self._record_snapshot(step)
         parts = self.ctx.gather(self.capture_local())  # rank 0 gets every shard, the others None
         losses = self.ctx.gather((self.state.loss_sum, self.state.loss_count))
         error: Optional[BaseException] = None
@@ -390,3 +398,131 @@ class TrainingMonitor(MontrageCallback):
             self.state.recorded_steps = recorded
         if self._t0 is not None:
             self._t0 = time.time()
+
+    # ---------------------------------------------------------------- capture modes: snapshot in the loop
+    capture_mode: str = "inline"
+    capture_threads: Optional[int] = 1
+    capture_device: str = "cpu"
+    capture_nice: int = 19
+    wait_on_close: bool = True
+    _worker: Optional[Any] = None
+    _signal_rows: Optional[List[tuple]] = None
+
+    def configure_capture(self, mode: str = "background", threads: Optional[int] = 1, device: str = "cpu",
+                          nice: int = 19, wait_on_close: bool = True) -> "TrainingMonitor":
+        """Where featurizing happens (call before training starts).
+
+        ``inline``: at each checkpoint, in the loop (the loop waits). ``background``: the loop commits a snapshot
+        (LoRA weights, step, running loss, lr, per-step signals: what exists only then) and goes on; a worker
+        process with its own copy of the frozen base featurizes it with ``threads`` CPU threads at ``nice``
+        (or on ``device``), and :meth:`close` waits for it unless ``wait_on_close=False``. ``deferred``:
+        snapshots only; ``montrage capture RUN`` (or ``montrage attribute``) featurizes afterwards. Every mode
+        writes the same store. Background and deferred need a base the worker can reload (embedded or a local
+        diffusers folder) and ``record_lora``; otherwise capture stays inline, with a warning.
+        """
+        if mode not in S.CAPTURE_MODES:
+            raise ConfigError(f"capture mode {mode!r} is not one of {list(S.CAPTURE_MODES)}")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"capture threads must be >= 1, got {threads}")
+        if mode != "inline":
+            why = None
+            if not self.capture.record_lora:
+                why = "CaptureConfig.record_lora is False, so no snapshot holds the LoRA weights"
+            elif locate_base(self.components.base, self._unet()) is None:
+                why = (f"the base model ({self.components.base!r}) cannot be reloaded by another process (not "
+                       "'embedded' nor a local diffusers folder)")
+            if why:
+                log.warning("montrage: capturing inline instead of %s: %s", mode, why)
+                mode = "inline"
+        self.capture_mode, self.capture_threads, self.capture_device = mode, threads, device
+        self.capture_nice, self.wait_on_close = nice, wait_on_close
+        return self
+
+    def _buffer_signals(self, step: int, per_sample_losses: Any, timesteps: Any, indices: Any) -> None:
+        """Keep the batch's per-sample losses, timesteps and image indices until the next snapshot."""
+        if per_sample_losses is None or (self.state.recorded_steps and step <= max(self.state.recorded_steps)):
+            return  # nothing given, or a step a resumed run replays (its rows are committed already)
+
+        def arr(x: Any, dtype: str) -> np.ndarray:
+            x = x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+            return np.asarray(x).reshape(-1).astype(dtype)
+
+        loss = arr(per_sample_losses, "float32")
+        n = len(loss)
+
+        def padded(x: Any) -> np.ndarray:
+            out = np.full(n, -1, np.int64)
+            if x is not None:
+                v = arr(x, "int64")[:n]
+                out[: len(v)] = v  # batch items past the given indices (e.g. prior images): -1
+            return out
+
+        if self._signal_rows is None:
+            self._signal_rows = []
+        self._signal_rows.append((step, padded(indices), padded(timesteps), loss))
+
+    def _take_signals(self) -> Optional[Dict[str, np.ndarray]]:
+        rows, self._signal_rows = self._signal_rows or [], None
+        if not rows:
+            return None
+        return {S.SIGNAL_STEP: np.concatenate([np.full(len(r[3]), r[0], np.int64) for r in rows]),
+                S.SIGNAL_INDEX: np.concatenate([r[1] for r in rows]),
+                S.SIGNAL_TIMESTEP: np.concatenate([r[2] for r in rows]),
+                S.SIGNAL_LOSS: np.concatenate([r[3] for r in rows])}
+
+    def _snapshot(self, step: int, losses: List[tuple], signals: List[Optional[Dict[str, np.ndarray]]]):
+        from montrage.storage.store import SnapshotRecord
+
+        total, count = sum(s for s, _ in losses), sum(c for _, c in losses)
+        given = [s for s in signals if s]
+        merged = {k: np.concatenate([s[k] for s in given]) for k in given[0]} if given else None
+        flat = flatten(lora_state(self.components.unet))[0] if self.capture.record_lora else None
+        return SnapshotRecord(step=step, wall_time=self.state.elapsed_before + time.time() - self._t0,
+                              train_loss=total / count if count else None, lora=flat,
+                              learning_rate=current_learning_rate(self.optimizer), signals=merged)
+
+    def _record_snapshot(self, step: int) -> None:
+        """Commit the snapshot of ``step`` and hand featurizing to the worker (a collective, cheap)."""
+        losses = self.ctx.gather((self.state.loss_sum, self.state.loss_count))
+        signals = self.ctx.gather(self._take_signals())
+        error: Optional[BaseException] = None
+        if self.ctx.is_main:
+            try:
+                self.store.append_snapshot(self._snapshot(step, losses, signals))
+                if self.capture_mode == "background":
+                    self._wake_worker()
+                log.info("montrage: snapshot of step %d recorded (%s capture)", step, self.capture_mode)
+            except Exception as exc:  # reaches every rank below, so none waits forever
+                error = exc
+        status = self.ctx.broadcast(None if error is None else _portable(error))
+        if error is not None:
+            raise error
+        if isinstance(status, BaseException):
+            raise status
+        self.state.recorded_steps.append(step)
+        self.state.loss_sum, self.state.loss_count = 0.0, 0
+
+    def _wake_worker(self) -> None:
+        from montrage.callbacks.background import BackgroundCapture
+
+        if self._worker is None:
+            self._worker = BackgroundCapture(self.output_dir, self.capture_threads, self.capture_device,
+                                             self.capture_nice)
+            self._worker.start()
+        self._worker.notify()
+
+    def _finish_capture(self, wait: bool = True) -> None:
+        """Training is over (or failed): let the worker finish; wait for it unless told not to."""
+        if not self.ctx.is_main or self.capture_mode == "inline":
+            return
+        if self.capture_mode == "background" and self._worker is None and wait and self.wait_on_close \
+                and RunStore.exists(self.output_dir) and RunStore.open(self.output_dir).pending_steps:
+            self._wake_worker()  # a resumed run whose snapshots a killed worker left pending
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            worker.finish(wait=wait and self.wait_on_close)
+        elif self.capture_mode == "deferred" and RunStore.exists(self.output_dir):
+            pending = RunStore.open(self.output_dir).pending_steps
+            if pending:
+                log.info("montrage: %d checkpoint(s) snapshotted, not featurized yet: run `montrage capture %s` "
+                         "(`montrage attribute` does it too)", len(pending), self.output_dir)

@@ -113,6 +113,24 @@ def attribution_path(method: str, step: int, query_set: str) -> str:
     """Where the scores of one query set (``QuerySet.key``) at one step live: sets never overwrite each other."""
     return f"{ATTRIBUTION}/{method}/{int(step)}/{query_set}"
 
+# ---------------------------------------------------------------- capture modes: snapshot vs featurized state
+# A checkpoint is first a *snapshot* (checkpoints/*, lora/weights, signals/*: what exists only inside the training
+# loop) and later *featurized* (*/features/*, */loss, probes/images: a deterministic function of the snapshot).
+# Two writers, two markers, two zarr.json files: the training loop commits snapshots in the checkpoints group's
+# attributes; the featurizer (inline, a background worker or `montrage capture`) commits featurized checkpoints
+# in the root's committed_checkpoints. Readers see featurized checkpoints only.
+ATTR_SNAPSHOTS = "snapshot_checkpoints"  # checkpoints group attr: snapshot commit marker
+ATTR_SIGNAL_ROWS = "signal_rows"  # checkpoints group attr: committed rows of signals/* (written with the marker)
+CAPTURE_LOCK_FILENAME = ".montrage.capture.lock"  # one featurizer at a time (the training loop holds LOCK_FILENAME)
+CAPTURE_MODES = ("inline", "background", "deferred")
+SIGNALS = "signals"  # per-step signals recorded in the loop, one row per (step, batch item)
+SIGNAL_STEP = "step"  # (sample,) int64 optimizer step
+SIGNAL_INDEX = "train_index"  # (sample,) int64 training image index; -1: not a training image (e.g. prior)
+SIGNAL_TIMESTEP = "timestep"  # (sample,) int64 diffusion timestep drawn for it
+SIGNAL_LOSS = "loss"  # (sample,) float32 its per-sample training loss (no extra forward pass)
+SIGNAL_ARRAYS = ((SIGNAL_STEP, "int64"), (SIGNAL_INDEX, "int64"), (SIGNAL_TIMESTEP, "int64"), (SIGNAL_LOSS, "float32"))
+DIM_SAMPLE = "sample"
+SIGNAL_ROWS_PER_CHUNK = 65536
 
 # ---------------------------------------------------------------- gradient features (`montrage featurize`)
 # Projected per-sample LoRA gradients of every training image at stored checkpoints, written once (by `montrage

@@ -198,6 +198,7 @@ class RunStore:
             os.close(fd)
 
     def close(self) -> None:
+        self.release_featurizer()
         self._release_lock(self._lock_fd)
         self._lock_fd = None
 
@@ -298,11 +299,21 @@ class RunStore:
         self._trim_uncommitted()
 
     def _trim_uncommitted(self) -> None:
-        n = self.n_checkpoints
-        for arr in self._appendable_arrays():
-            if arr.shape[0] > n:
+        # snapshot arrays past the snapshot marker; featurized arrays past the commit marker only when no
+        # featurizer (background worker, `montrage capture`) is at work: claim_featurizer trims those
+        m = self.n_snapshots
+        for arr in self._snapshot_arrays():
+            if arr.shape[0] > m:
                 log.warning("dropping a partial checkpoint left in %s by an interrupted writer", arr.path)
-                arr.resize((n,) + arr.shape[1:])
+                arr.resize((m,) + arr.shape[1:])
+        if getattr(self, "_capture_fd", None) is not None:
+            self._trim_featurized()  # this process is the featurizer (inline capture)
+            return
+        try:
+            self.claim_featurizer()
+        except StoreLockedError:
+            return
+        self.release_featurizer()
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -529,6 +540,186 @@ class RunStore:
             raise StoreError(f"no scores at {path} in {self.run_dir}; run `montrage attribute` first")
         arr = root[path]
         return arr[...], list(arr.attrs[S.ATTR_QUERY_IDS])
+
+    # ------------------------------------------------------------------ capture modes: snapshot vs featurized
+    # The training loop writes snapshot arrays + the checkpoints group's marker; the featurizer writes featurized
+    # arrays + the root's committed_checkpoints. Each zarr.json has exactly one writing process.
+    def refresh(self) -> "RunStore":
+        """Re-read the root attributes: another process (the featurizer) may have committed checkpoints since."""
+        self.root = zarr.open_group(self.store_path(self.run_dir), mode="r+" if self.writable else "r")
+        return self
+
+    @property
+    def n_snapshots(self) -> int:
+        """Checkpoints whose snapshot (step, loss, lr, LoRA weights) is committed; the ones past
+        :attr:`n_checkpoints` are pending featurization and invisible to readers."""
+        attrs = self.root[S.CHECKPOINTS].attrs  # read from disk on every access (not cached like the root's)
+        return max(int(attrs.get(S.ATTR_SNAPSHOTS, 0)), self.n_checkpoints)
+
+    @property
+    def snapshot_steps(self) -> np.ndarray:
+        """Steps of every committed snapshot, featurized or pending."""
+        return self.root[f"{S.CHECKPOINTS}/{S.STEP}"][: self.n_snapshots]
+
+    @property
+    def pending_steps(self) -> List[int]:
+        """Steps snapshotted by the training loop but not featurized yet."""
+        n, m = self.n_checkpoints, self.n_snapshots
+        return [int(s) for s in self.root[f"{S.CHECKPOINTS}/{S.STEP}"][n:m]] if m > n else []
+
+    def _snapshot_arrays(self) -> List[zarr.Array]:
+        ck = self.root[S.CHECKPOINTS]
+        return [ck[name] for name in (S.STEP, S.WALL_TIME, S.TRAIN_LOSS, S.LEARNING_RATE) if name in ck] + \
+            [self.root[f"{S.LORA}/{S.WEIGHTS}"]]
+
+    def _featurized_arrays(self) -> List[zarr.Array]:
+        out = []
+        for kind in S.FEATURE_KINDS:
+            out += [self.root[S.feature_path(kind, m)] for m in self.modules]
+            out.append(self.root[f"{kind}/{S.LOSS}"])
+        return out + [self.root[f"{S.PROBES}/{S.IMAGES}"]]
+
+    @staticmethod
+    def _put_row(arr: zarr.Array, index: int, value: Any, grow: bool = True) -> None:
+        """Write row ``index`` of ``arr`` (explicitly indexed: rows a killed writer left past a marker are
+        overwritten, never appended after)."""
+        if grow and arr.shape[0] != index + 1:
+            arr.resize((index + 1,) + tuple(arr.shape[1:]))
+        arr[index] = np.asarray(value, dtype=arr.dtype)
+
+    def append_snapshot(self, snap: "SnapshotRecord") -> int:
+        """Commit one checkpoint's snapshot (the training loop's part); returns its index. Featurize it later
+        with :meth:`write_featurized` + :meth:`commit_featurized`."""
+        self._require_writable()
+        m = self.n_snapshots
+        ck = self.root[S.CHECKPOINTS]
+        if m and int(ck[S.STEP][m - 1]) >= snap.step:
+            raise StoreError(f"checkpoint step {snap.step} is not after the last recorded step {int(ck[S.STEP][m - 1])}")
+        values = {S.STEP: snap.step, S.WALL_TIME: snap.wall_time,
+                  S.TRAIN_LOSS: np.nan if snap.train_loss is None else snap.train_loss,
+                  S.LEARNING_RATE: np.nan if snap.learning_rate is None else snap.learning_rate}
+        for name, value in values.items():
+            if name in ck:
+                self._put_row(ck[name], m, value)
+        lora_arr = self.root[f"{S.LORA}/{S.WEIGHTS}"]
+        self._put_row(lora_arr, m, snap.lora if snap.lora is not None else np.full(lora_arr.shape[1:], np.nan))
+        rows = self._append_signals(snap.signals)
+        ck.attrs.update({S.ATTR_SNAPSHOTS: m + 1, S.ATTR_SIGNAL_ROWS: rows})  # the snapshot marker, last
+        return m
+
+    def _append_signals(self, signals: Optional[Dict[str, np.ndarray]]) -> int:
+        """Write per-step signal rows after the committed ones; returns the new committed row count."""
+        done = int(self.root[S.CHECKPOINTS].attrs.get(S.ATTR_SIGNAL_ROWS, 0))
+        if not signals or not len(signals.get(S.SIGNAL_STEP, ())):
+            return done
+        if S.SIGNALS not in self.root:
+            g = self.root.create_group(S.SIGNALS)
+            for name, dtype in S.SIGNAL_ARRAYS:
+                g.create_array(name, shape=(0,), chunks=(S.SIGNAL_ROWS_PER_CHUNK,), dtype=dtype,
+                               dimension_names=(S.DIM_SAMPLE,))
+        g = self.root[S.SIGNALS]
+        k = len(signals[S.SIGNAL_STEP])
+        for name, dtype in S.SIGNAL_ARRAYS:
+            arr = g[name]
+            arr.resize((done + k,))
+            arr[done: done + k] = np.asarray(signals[name], dtype=dtype).reshape(k)
+        return done + k
+
+    def step_signals(self) -> Dict[str, np.ndarray]:
+        """The per-step signals recorded inside the training loop, committed rows only: name -> (sample,) arrays
+        (``step``, ``train_index`` (-1: not a training image), ``timestep``, ``loss``). Empty arrays when none."""
+        rows = int(self.root[S.CHECKPOINTS].attrs.get(S.ATTR_SIGNAL_ROWS, 0))
+        if S.SIGNALS not in self.root or rows == 0:
+            return {name: np.zeros(0, dtype) for name, dtype in S.SIGNAL_ARRAYS}
+        g = self.root[S.SIGNALS]
+        return {name: g[name][:rows] for name, _ in S.SIGNAL_ARRAYS}
+
+    def read_snapshot(self, index: int) -> "SnapshotRecord":
+        """The snapshot of checkpoint ``index`` (featurized or pending): what the featurizer starts from."""
+        if not 0 <= index < self.n_snapshots:
+            raise CheckpointNotFoundError(f"no snapshot {index} in {self.run_dir} ({self.n_snapshots} recorded)")
+        ck = self.root[S.CHECKPOINTS]
+        loss = float(ck[S.TRAIN_LOSS][index])
+        lr = float(ck[S.LEARNING_RATE][index]) if S.LEARNING_RATE in ck else float("nan")
+        return SnapshotRecord(step=int(ck[S.STEP][index]), wall_time=float(ck[S.WALL_TIME][index]),
+                              train_loss=None if loss != loss else loss,
+                              lora=self.root[f"{S.LORA}/{S.WEIGHTS}"][index],
+                              learning_rate=None if lr != lr else lr)
+
+    # the featurizer's side
+    @classmethod
+    def open_featurizer(cls, run_dir: str | Path) -> "RunStore":
+        """Open to featurize pending snapshots (a background worker, `montrage capture`): takes the capture lock
+        only, so a training loop may keep appending snapshots meanwhile."""
+        store = cls.open(run_dir)
+        store = cls(store.run_dir, zarr.open_group(cls.store_path(run_dir), mode="r+"), writable=True)
+        store.claim_featurizer()
+        return store
+
+    def claim_featurizer(self) -> None:
+        """Become the store's one featurizer (capture lock) and drop featurized rows a killed featurizer left
+        past ``committed_checkpoints``. Idempotent."""
+        if getattr(self, "_capture_fd", None) is not None:
+            return
+        path = self.run_dir / S.CAPTURE_LOCK_FILENAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(f"the checkpoints of {self.run_dir} are being featurized by another process (lock "
+                                   f"{S.CAPTURE_LOCK_FILENAME}: a background capture worker or `montrage capture`); "
+                                   "wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._capture_fd = fd
+        self.refresh()
+        self._trim_featurized()
+
+    def _trim_featurized(self) -> None:
+        n = self.n_checkpoints
+        for arr in self._featurized_arrays():
+            if arr.shape[0] > n:
+                log.warning("dropping a partial checkpoint left in %s by an interrupted featurizer", arr.path)
+                arr.resize((n,) + tuple(arr.shape[1:]))
+
+    def release_featurizer(self) -> None:
+        self._release_lock(getattr(self, "_capture_fd", None))
+        self._capture_fd = None
+
+    def reserve_featurized(self, count: int) -> None:
+        """Size the featurized arrays for ``count`` checkpoints, so that several processes can then write
+        different checkpoints' regions (:meth:`write_featurized` with ``grow=False``) without touching metadata."""
+        for arr in self._featurized_arrays():
+            if arr.shape[0] < count:
+                arr.resize((count,) + tuple(arr.shape[1:]))
+
+    def write_featurized(self, index: int, rec: CheckpointRecord, grow: bool = True) -> None:
+        """Write checkpoint ``index``'s features, losses and probe images (not yet visible: see commit_featurized)."""
+        for kind in S.FEATURE_KINDS:
+            for module in self.modules:
+                self._put_row(self.root[S.feature_path(kind, module)], index, rec.features[kind][module], grow)
+            self._put_row(self.root[f"{kind}/{S.LOSS}"], index, rec.losses[kind], grow)
+        self._put_row(self.root[f"{S.PROBES}/{S.IMAGES}"], index, rec.probe_images, grow)
+
+    def commit_featurized(self, count: int, nonfinite: Sequence[int] = ()) -> None:
+        """Make the first ``count`` checkpoints visible to readers: one root attribute update (the marker)."""
+        commit: Dict[str, Any] = {S.ATTR_COMMITTED: int(count)}
+        if nonfinite:
+            commit[S.ATTR_NONFINITE] = sorted(set(self.nonfinite_checkpoints) | {int(i) for i in nonfinite})
+        self.root.attrs.update(commit)
+
+
+@dataclass
+class SnapshotRecord:
+    """What the training loop hands over at a checkpoint; everything featurized is a function of it."""
+
+    step: int
+    wall_time: float
+    train_loss: Optional[float]
+    lora: Optional[np.ndarray]  # (n_params,) float32
+    learning_rate: Optional[float] = None
+    signals: Optional[Dict[str, np.ndarray]] = None  # schema.SIGNAL_* -> (rows,) per-step signals since the last one
 
 
 class GradientFeatures:
