@@ -145,3 +145,16 @@ def test_sdxl_folder_loads_both_text_encoders(tmp_path, comps):
     t = torch.tensor([1, 2, 3])
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict(x, t, a), comps.predict(x, t, b))
+
+
+def test_concept_trak_gradients_with_inversion(comps):
+    """Concept-TRAK's DDIM inversion, DPS residuals and concept utility all call the UNet through predict."""
+    from montrage.analysis.concept_trak import concept_gradients
+    from montrage.models.lora import add_lora
+
+    add_lora(comps.unet, LoraSettings(rank=2, target_modules=("to_q", "to_v")), seed=0)
+    gt, gq = concept_gradients(comps, _images(2), PROMPTS[:2], [1, 2], _images(1, 5), ["a ring by artist-0"], [3],
+                               "by artist-0", timesteps=(200, 600), noise_seed=0, proj_dim=8, inversion=True,
+                               inversion_steps=3)
+    assert gt.shape == (2, 8) and gq.shape == (1, 8)
+    assert np.isfinite(gt).all() and np.isfinite(gq).all() and np.abs(gt).max() > 0 and np.abs(gq).max() > 0
