@@ -107,7 +107,8 @@ def _load_builtin() -> None:
     """Import the modules whose scorers register themselves (kept lazy: they pull in torch.func etc.)."""
     import importlib
 
-    for mod in ("montrage.analysis.scorers", "montrage.analysis.gradient_scorers", "montrage.analysis.concept_trak"):
+    for mod in ("montrage.analysis.scorers", "montrage.analysis.gradient_scorers", "montrage.analysis.concept_trak",
+                "montrage.analysis.text_baseline", "montrage.analysis.fused"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
