@@ -158,3 +158,26 @@ def test_concept_trak_gradients_with_inversion(comps):
                                inversion_steps=3)
     assert gt.shape == (2, 8) and gq.shape == (1, 8)
     assert np.isfinite(gt).all() and np.isfinite(gq).all() and np.abs(gt).max() > 0 and np.abs(gq).max() > 0
+
+
+@pytest.mark.slow
+def test_montrage_train_and_attribute_on_an_sdxl_folder(tmp_path):
+    """End to end on an SDXL-shaped base folder: train + record, then a feature and a gradient method."""
+    from dataclasses import replace
+
+    from montrage.analysis.attribute import attribute
+    from montrage.data.synthetic import write_concept_dataset
+    from montrage.storage import RunStore
+    from montrage.training import train
+    from tests.conftest import tiny_configs
+
+    folder = write_tiny_sdxl(tmp_path / "sdxl")
+    data = write_concept_dataset(tmp_path / "data", n_artists=2, images_per_artist=2)
+    cfg, cap = tiny_configs(steps=2, every=1)
+    train(data, tmp_path / "run", base=str(folder), cfg=cfg, progress=False,
+          capture=replace(cap, modules=("mid_block",), probe_steps=2, anchors=2))
+    store = RunStore.open(tmp_path / "run")
+    assert list(store.steps) == [0, 1, 2] and np.isfinite(store.features("train", "mid_block")).all()
+    for method in ("montrage-unsupervised", "tracin"):
+        res = attribute(tmp_path / "run", method, progress=False, write_store=False)
+        assert np.isfinite(np.asarray(res.scores)).all()
