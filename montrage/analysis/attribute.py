@@ -7,11 +7,15 @@ JSON contract (``montrage attribute --out FILE.json``)::
      "queries": [{"id": str, "prompt": str, "seed": int|null, "image": str|null,
                   "concept_scores": {concept: score}, "concept_proportions": {concept: share},
                   "predicted_concept": str|null,
+                  "query_kind": "prompt"|"image", "channels": {channel: weight}|null,
                   "top": [{"train_index": int, "file_name": str, "concept": str, "score": float}]}]}
 
 ``concept_scores`` aggregate a concept's training images (mean of its top-3 scores); proportions are
 the softmax of those scores in units of the query's score spread over all training images (shares for
 mixed prompts; every concept keeps a positive share, see :func:`proportions`).
+``query_kind`` is "prompt" when the query carries a prompt, else "image"; ``channels`` are the channels and
+fitted weights the fused ``montrage`` / ``montrage-final`` model used for that query (its fitted model for
+that query kind; null for other methods).
 The full (query x train) matrix is written to the store at ``score_path`` (``<query_set>`` is the query set's
 key, so scores of other query sets at the same step are kept; ``RunStore.attributions()`` lists them).
 """
@@ -123,6 +127,7 @@ def build_payload(store: RunStore, method: str, step: int, scores: np.ndarray, q
     meta = store.train_meta
     files, concepts = meta[S.ATTR_FILE_NAMES], meta[S.ATTR_CONCEPTS]
     per_concept = concept_scores(scores, concepts)
+    info = options.get("_query_info") or [{} for _ in range(len(queries))]
     out_queries = []
     for qi in range(len(queries)):
         cs = {c: float(v[qi]) for c, v in per_concept.items()}
@@ -134,6 +139,8 @@ def build_payload(store: RunStore, method: str, step: int, scores: np.ndarray, q
             "expected_concept": queries.concepts[qi] if queries.concepts else "",
             "concept_scores": cs, "concept_proportions": proportions(cs, spread),
             "predicted_concept": max(cs, key=cs.get) if cs else None,
+            "query_kind": info[qi].get("query_kind") or ("prompt" if queries.prompts[qi].strip() else "image"),
+            "channels": info[qi].get("channels"),
             "top": [{"train_index": int(i), "file_name": files[i], "concept": concepts[i],
                      "score": float(scores[qi, i])} for i in order],
         })

@@ -73,8 +73,9 @@ def _factory(**kw):
 
 
 _SCORERS: Sequence[dict] = (
-    dict(name="montrage", kinds=("sim", "move", "loss"), learned=True,
-         description="similarity, co-movement and loss co-descent over all checkpoints, learned weights (attribution loss)"),
+    dict(name="montrage-dynamics", kinds=("sim", "move", "loss"), learned=True,
+         description="similarity, co-movement and loss co-descent over all checkpoints, learned weights (attribution "
+         "loss): the representation channels of montrage alone"),
     dict(name="montrage-unsupervised", kinds=("sim", "move", "loss"),
          description="the same channels with equal weights (no attribution model)"),
     dict(name="final-sim", kinds=("sim",), final_only=True,

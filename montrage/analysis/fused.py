@@ -1,0 +1,391 @@
+"""The fused attribution model behind ``montrage``: every channel the run records, combined per query kind.
+
+Channels of a (query j, training image i) pair, each standardised per query across training images
+(z-score over i, so channels of any unit can be added):
+
+* ``rep/<condition>/<group>``: the training-dynamics channels (:mod:`montrage.analysis.kernel`) averaged
+  per group -- ``sim-final`` (the attributed checkpoint), ``sim-path`` (earlier checkpoints), ``move``
+  (co-movement), ``loss`` (loss co-descent) -- under the null prompt, and, when the query has a prompt,
+  also under its prompt (the store's ``caption`` condition);
+* ``grad/dtrak``: D-TRAK at the attributed checkpoint; ``grad/tracin/k<k>``: per-timestep normalised
+  gradient dot products of the training loss at each checkpoint k (TracIn's terms, unweighted: the model
+  learns their weights). Training-side gradients are the features stored with the run
+  (:mod:`montrage.analysis.gradient_features`); query gradients are taken under the query's prompt, or the
+  null prompt when the query is an image only;
+* ``pixel``: cosine of centred pixels.
+
+score_raw(j, i) = sum_c w_c z_c(j, i) with w_c >= 0, score = sigmoid(a (score_raw - b)), fitted with the
+attribution loss (:mod:`montrage.losses.attribution`) SEPARATELY for the two query kinds: ``prompt``
+(``QuerySet.prompts[j] != ''``) and ``image`` (no prompt). Supervision, no extra labels: the run's anchor
+training images, *perturbed* (a 1-2 pixel shift, colour jitter, pixel noise; exact copies would make
+pixels look perfect) and scored as queries -- target 1 for the image itself, 0.5 for its concept's
+other images, 0 otherwise. When the run's model cannot be loaded (e.g. a synthetic store), the stored
+anchor trajectories (a second noise draw, no perturbation) supervise the representation channels alone.
+Channels that cannot be computed for a run (no LoRA weights, no training images) are left out, and the
+JSON of ``montrage attribute`` lists per query the channels and weights used.
+
+``montrage-final`` is the same model restricted to the attributed checkpoint (``rep/*/sim-final``,
+``grad/dtrak``, ``grad/tracin/k<last>``, ``pixel``): the dynamics ablation. Concept queries
+(``--concept PHRASE``): score(prompt with the phrase) - score(prompt without it), Concept-TRAK's utility
+direction, answered by the same fitted model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from montrage.analysis.base import QuerySet, ScoringContext, register
+from montrage.analysis.model import supervision_targets
+from montrage.errors import MontrageError, ScorerError
+
+log = logging.getLogger(__name__)
+
+PROMPT, IMAGE = "prompt", "image"
+MAX_FIT_ANCHORS = 32
+FIT_STEPS = 400
+FIT_SEED_OFFSET = 700_000  # noise draws of the perturbed anchors (distinct from probes / training queries)
+WEIGHT_DECAY = 1e-3
+MODEL_VERSION = 1
+
+
+def query_kind(prompt: str) -> str:
+    return PROMPT if prompt.strip() else IMAGE
+
+
+def subset(q: QuerySet, idx: Sequence[int], prompts: Optional[Sequence[str]] = None) -> QuerySet:
+    idx = list(idx)
+    pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
+    return QuerySet(ids=pick(q.ids), images=q.images[idx], prompts=list(prompts) if prompts is not None else pick(q.prompts),
+                    seeds=pick(q.seeds), item_seeds=pick(q.item_seeds),
+                    probe_indices=[q.probe_indices[i] for i in idx] if q.probe_indices is not None else None,
+                    concepts=pick(q.concepts), meta=pick(q.meta))
+
+
+def perturb(images: np.ndarray, seed: int) -> np.ndarray:
+    """Deterministic small perturbations: shift by 1-2 pixels (edge padding), brightness/colour jitter, noise."""
+    rng = np.random.default_rng(seed)
+    out = np.empty_like(images)
+    for n, im in enumerate(images):
+        dy, dx = rng.choice([-2, -1, 1, 2], 2)
+        h, w = im.shape[:2]
+        pad = np.pad(im.astype(np.float32), ((2, 2), (2, 2), (0, 0)), mode="edge")
+        x = pad[2 + dy: 2 + dy + h, 2 + dx: 2 + dx + w]
+        x = x * rng.uniform(0.9, 1.1) * rng.uniform(0.95, 1.05, size=3) + rng.normal(0.0, 6.0, size=x.shape)
+        out[n] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return out
+
+
+def standardise(values: np.ndarray) -> np.ndarray:
+    """Per query (row), z-score across training images; constant or non-finite rows -> 0."""
+    v = np.asarray(values, np.float64)
+    v = np.where(np.isfinite(v), v, np.nan)
+    mean = np.nanmean(v, axis=-1, keepdims=True) if v.shape[-1] else v
+    std = np.nanstd(v, axis=-1, keepdims=True) if v.shape[-1] else v
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (v - mean) / std
+    return np.where(np.isfinite(z), z, 0.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- channels
+def _sub(ctx: ScoringContext, queries: QuerySet, **options) -> ScoringContext:
+    """A context for other queries sharing the model, cache and options of ``ctx``."""
+    sub = ScoringContext(store=ctx.store, queries=queries, checkpoint=ctx.checkpoint, condition=ctx.condition,
+                         device=ctx.device, progress=False, options={**ctx.options, **options},
+                         _model=ctx._model, _cache=ctx._cache)
+    return sub
+
+
+def _rep_groups(dyn, final_only: bool) -> Dict[str, np.ndarray]:
+    last = dyn.K - 1
+    masks = {"sim-final": [c.kind == "sim" and c.k == last for c in dyn.channels]}
+    if not final_only:
+        masks.update({"sim-path": [c.kind == "sim" and c.k < last for c in dyn.channels],
+                      "move": [c.kind == "move" for c in dyn.channels],
+                      "loss": [c.kind == "loss" for c in dyn.channels]})
+    return {g: np.asarray(m, bool) for g, m in masks.items() if any(m)}
+
+
+def rep_channels(ctx: ScoringContext, condition: str, final_only: bool) -> Dict[str, np.ndarray]:
+    from montrage.analysis.scorers import query_trajectory
+    from montrage.analysis.trajectories import Dynamics
+
+    if condition not in ctx.store.conditions:
+        return {}
+    dyn = ctx.cached(f"dyn/{condition}/{ctx.checkpoint}/sim,move,loss",
+                     lambda: Dynamics(ctx.store, condition, ctx.checkpoint, ("sim", "move", "loss")))
+    q = query_trajectory(_with_condition(ctx, condition))
+    out = {}
+    for g, mask in _rep_groups(dyn, final_only).items():
+        out[f"rep/{condition}/{g}"] = dyn.score(q, mask / mask.sum())
+    return out
+
+
+def _with_condition(ctx: ScoringContext, condition: str) -> ScoringContext:
+    sub = _sub(ctx, ctx.queries)
+    sub.condition = condition
+    return sub
+
+
+def grad_channels(ctx: ScoringContext, final_only: bool) -> Dict[str, np.ndarray]:
+    from montrage.analysis.gradient_scorers import (GradientSettings, dtrak_combine, query_gradients,
+                                                   tracin_checkpoints, train_gradients)
+    from montrage.analysis.gradients import normalize_rows
+
+    s = GradientSettings.from_ctx(ctx)
+    k = ctx.checkpoint
+    out = {"grad/dtrak": dtrak_combine(train_gradients(ctx, k, "sqnorm", s), query_gradients(ctx, k, "sqnorm", s),
+                                       float(ctx.options.get("dtrak_lambda", 0.1)))}
+    for kk in ([k] if final_only else tracin_checkpoints(k)):
+        gt, gq = train_gradients(ctx, kk, "denoise", s), query_gradients(ctx, kk, "denoise", s)
+        out[f"grad/tracin/k{kk}"] = np.einsum("qtd,ntd->qn", normalize_rows(gq), normalize_rows(gt))
+    return out
+
+
+def pixel_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:
+    from montrage.analysis.scorers import PixelScorer
+
+    return {"pixel": PixelScorer().score(ctx)}
+
+
+def _try(name: str, fn, ctx: ScoringContext) -> Dict[str, np.ndarray]:
+    """A channel family, or nothing when the run cannot provide it (remembered per context)."""
+    key = f"fused/unavailable/{name}"
+    if ctx._cache.get(key):
+        return {}
+    try:
+        return fn()
+    except (MontrageError, OSError, KeyError) as exc:
+        log.info("montrage: %s channels unavailable for this run (%s)", name, exc)
+        ctx._cache[key] = True
+        return {}
+
+
+def channel_values(ctx: ScoringContext, kind: str, final_only: bool, families: Sequence[str] = ("rep", "grad", "pixel")
+                   ) -> Dict[str, np.ndarray]:
+    """Raw channel values {name: (Q, N)} of ctx.queries, all of one kind."""
+    out: Dict[str, np.ndarray] = {}
+    if "rep" in families:
+        for cond in (("null", "caption") if kind == PROMPT else ("null",)):
+            out.update(_try(f"rep/{cond}", lambda: rep_channels(ctx, cond, final_only), ctx))
+    if "grad" in families:
+        out.update(_try("grad", lambda: grad_channels(ctx, final_only), ctx))
+    if "pixel" in families:
+        out.update(_try("pixel", lambda: pixel_channel(ctx), ctx))
+    if not out:
+        raise ScorerError("montrage: no attribution channel could be computed for this run (no recorded features, "
+                          "LoRA weights or training images)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the model
+@dataclass
+class FusedModel:
+    kind: str
+    channels: List[str]
+    weights: np.ndarray
+    scale: float = 1.0
+    bias: float = 0.0
+    supervision: str = ""
+    history: List[float] = field(default_factory=list)
+
+    def raw(self, values: Dict[str, np.ndarray]) -> np.ndarray:
+        missing = [c for c in self.channels if c not in values]
+        if missing:
+            raise ScorerError(f"montrage: channels {missing} were fitted but are not available for these queries")
+        return sum(np.float32(w) * standardise(values[c]) for c, w in zip(self.channels, self.weights))
+
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        return (1.0 / (1.0 + np.exp(-self.scale * (raw - self.bias)))).astype(np.float32)
+
+    def used(self) -> Dict[str, float]:
+        return {c: round(float(w), 6) for c, w in zip(self.channels, self.weights)}
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "channels": self.channels, "weights": [float(w) for w in self.weights],
+                "scale": self.scale, "bias": self.bias, "supervision": self.supervision}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FusedModel":
+        return cls(d["kind"], list(d["channels"]), np.asarray(d["weights"], np.float64), float(d["scale"]),
+                   float(d["bias"]), d.get("supervision", ""))
+
+
+def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str, steps: int = FIT_STEPS,
+        lr: float = 0.05) -> FusedModel:
+    """Non-negative channel weights + calibration minimising the attribution loss on (A, N) supervision."""
+    import torch
+
+    from montrage.losses.attribution import attribution_loss
+
+    names = sorted(values)
+    feats = torch.from_numpy(np.stack([standardise(values[c]) for c in names])).double()  # (C, A, N)
+    y = torch.from_numpy(target).double()
+    theta = torch.zeros(len(names), dtype=torch.float64, requires_grad=True)
+    log_scale = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([theta, log_scale, bias], lr=lr)
+    history = []
+    for _ in range(steps):
+        w = torch.nn.functional.softplus(theta)
+        raw = torch.einsum("c,can->an", w, feats)
+        cal = torch.sigmoid(log_scale.exp() * (raw - bias))
+        loss = attribution_loss(raw, cal, y) + WEIGHT_DECAY * (w ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+    w = torch.nn.functional.softplus(theta).detach().numpy()
+    return FusedModel(kind, names, w, float(log_scale.detach().exp()), float(bias.detach()), supervision, history)
+
+
+def _anchors(store, seed: int = 0) -> List[int]:
+    idx = list(store.anchor_indices)
+    if len(idx) > MAX_FIT_ANCHORS:
+        pick = np.linspace(0, len(idx) - 1, MAX_FIT_ANCHORS).round().astype(int)
+        idx = [idx[i] for i in pick]
+    return idx
+
+
+def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tuple[Dict[str, np.ndarray], np.ndarray, str]:
+    """Channel values of the supervision queries and their targets (A, N)."""
+    from montrage.analysis.gradients import training_images
+
+    store = ctx.store
+    anchors = _anchors(store)
+    if not anchors:
+        raise ScorerError("montrage learns from anchors, but this run recorded none (CaptureConfig.anchors=0); "
+                          "use montrage-unsupervised")
+    n = len(store.train_meta["file_names"])
+    target = supervision_targets(anchors, np.arange(n), store.concepts)
+    captions = list(store.train_meta.get("captions") or [""] * n)
+    try:
+        ts = ctx.cached("grad/training_images", lambda: training_images(store))
+        ctx.model  # noqa: B018  (the run's model must load to re-encode perturbed anchors)
+    except (MontrageError, OSError) as exc:
+        log.info("montrage: supervising with the stored anchor trajectories (%s)", exc)
+        return stored_anchor_values(ctx, anchors, kind, final_only), target, "stored anchors (second noise draw)"
+    images = perturb(ts.images[anchors], seed=1234)
+    prompts = [captions[i] if kind == PROMPT else "" for i in anchors]
+    q = QuerySet(ids=[f"anchor-{i}" for i in anchors], images=images, prompts=prompts, seeds=[None] * len(anchors),
+                 item_seeds=[FIT_SEED_OFFSET + i for i in anchors], concepts=[store.concepts[i] for i in anchors])
+    sub = _sub(ctx, q, query_mode="B")
+    values = channel_values(sub, kind, final_only)
+    if ctx._model is None:
+        ctx._model = sub._model
+    return values, target, f"{len(anchors)} perturbed anchors (shift, colour jitter, noise), concept labels"
+
+
+def stored_anchor_values(ctx: ScoringContext, anchors: Sequence[int], kind: str, final_only: bool
+                         ) -> Dict[str, np.ndarray]:
+    """Representation channels of the anchors as recorded during training (no model needed)."""
+    from montrage.analysis.trajectories import Dynamics, QueryTrajectory, anchor_trajectory
+
+    store = ctx.store
+    pos = [store.anchor_indices.index(i) for i in anchors]
+    out: Dict[str, np.ndarray] = {}
+    for cond in (("null", "caption") if kind == PROMPT else ("null",)):
+        if cond not in store.conditions:
+            continue
+        dyn = ctx.cached(f"dyn/{cond}/{ctx.checkpoint}/sim,move,loss",
+                         lambda: Dynamics(store, cond, ctx.checkpoint, ("sim", "move", "loss")))
+        qa = anchor_trajectory(store, cond, ctx.checkpoint)
+        qa = QueryTrajectory({m: v[:, pos] for m, v in qa.features.items()}, qa.losses[:, pos])
+        for g, mask in _rep_groups(dyn, final_only).items():
+            out[f"rep/{cond}/{g}"] = dyn.score(qa, mask / mask.sum())
+    return out
+
+
+def _model_path(ctx: ScoringContext, name: str, kind: str):
+    store = ctx.store
+    ident = json.dumps([MODEL_VERSION, name, kind, int(store.steps[ctx.checkpoint]), store.n_checkpoints,
+                        _anchors(store), sorted((k, str(v)) for k, v in ctx.options.items()
+                                                if k in ("proj_dim", "proj_seed", "grad_timesteps", "dtrak_lambda"))])
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return store.run_dir / "montrage-models" / f"{name}-{kind}-{key}.json"
+
+
+def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) -> FusedModel:
+    """The fitted model of one query kind: from the context cache, the run folder, or fitted now (and saved)."""
+    def make() -> FusedModel:
+        path = _model_path(ctx, name, kind)
+        if path.is_file():
+            try:
+                return FusedModel.from_json(json.loads(path.read_text()))
+            except (ValueError, KeyError):
+                pass
+        values, target, how = supervision_values(ctx, kind, final_only)
+        model = fit(values, target, kind, how)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(model.to_json(), indent=1))
+            tmp.replace(path)
+        except OSError as exc:
+            log.info("montrage: fitted model not saved (%s)", exc)
+        return model
+
+    return ctx.cached(f"fused/model/{name}/{kind}/{ctx.checkpoint}", make)
+
+
+# ---------------------------------------------------------------------------------------------- the scorer
+@dataclass
+class FusedScorer:
+    name: str
+    description: str
+    final_only: bool = False
+
+    def _score_kind(self, ctx: ScoringContext, idx: List[int], kind: str, prompts: Sequence[str]) -> Tuple[np.ndarray, FusedModel]:
+        model = fitted_model(ctx, self.name, kind, self.final_only)
+        families = {c.split("/")[0] for c in model.channels}
+        values = channel_values(_sub(ctx, subset(ctx.queries, idx, prompts)), kind, self.final_only, tuple(families))
+        return model.raw(values), model
+
+    def _raw(self, ctx: ScoringContext, prompts: Sequence[str]) -> Tuple[np.ndarray, List[dict]]:
+        n = len(ctx.store.train_meta["file_names"])
+        raw = np.zeros((len(prompts), n), np.float32)
+        info: List[dict] = [{} for _ in prompts]
+        for kind in (PROMPT, IMAGE):
+            idx = [i for i, p in enumerate(prompts) if query_kind(p) == kind]
+            if not idx:
+                continue
+            r, model = self._score_kind(ctx, idx, kind, [prompts[i] for i in idx])
+            raw[idx] = r
+            for i in idx:
+                info[i] = {"query_kind": kind, "channels": model.used()}
+        return raw, info
+
+    def score(self, ctx: ScoringContext) -> np.ndarray:
+        q = ctx.queries
+        concept = ctx.options.get("concept")
+        if isinstance(concept, str) and concept.strip():
+            from montrage.losses.concept import concept_prompts
+
+            pairs = [concept_prompts(p, concept.strip()) for p in q.prompts]
+            with_c, info = self._raw(ctx, [c for c, _ in pairs])
+            without, _ = self._raw(ctx, [m for _, m in pairs])
+            for i, (c, m) in enumerate(pairs):
+                info[i] = {**info[i], "concept_prompts": [c, m]}
+            ctx.options["_query_info"] = info
+            return (with_c - without).astype(np.float32)
+        raw, info = self._raw(ctx, list(q.prompts))
+        ctx.options["_query_info"] = info
+        out = np.empty_like(raw)
+        for kind in (PROMPT, IMAGE):
+            idx = [i for i, p in enumerate(q.prompts) if query_kind(p) == kind]
+            if idx:
+                out[idx] = fitted_model(ctx, self.name, kind, self.final_only).calibrate(raw[idx])
+        return out
+
+
+register("montrage")(lambda: FusedScorer(
+    "montrage", "the fused attribution model: representation trajectories (null prompt, and the query's prompt when "
+    "known), co-movement, loss co-descent, gradient kernels per checkpoint (D-TRAK, TracIn terms) and pixels, "
+    "per-query standardised, weights fitted per query kind (prompt / image only) with the attribution loss"))
+register("montrage-final")(lambda: FusedScorer(
+    "montrage-final", "the fused model restricted to the attributed checkpoint (no trajectory channels): the "
+    "dynamics ablation of montrage", final_only=True))
