@@ -48,6 +48,9 @@ def as_training_set(obj: Any, resolution: int, image_column: str = "image", capt
         return obj
     if isinstance(obj, (str, Path)):
         return load_imagefolder(obj, resolution, lazy=True)
+    if isinstance(getattr(obj, "column_names", None), Mapping):
+        raise DataError(f"got a dataset dictionary with splits {', '.join(map(str, obj.column_names))}; pass one "
+                        f"split, e.g. data['train']")
     if hasattr(obj, "column_names") and hasattr(obj, "__getitem__"):
         return _from_dataset(obj, resolution, image_column, caption_column, concept_column)
     if hasattr(obj, "__len__") and hasattr(obj, "__getitem__"):

@@ -119,6 +119,8 @@ def test_dataset_without_caption_column_names_its_columns_and_the_fix():
         as_training_set(ds, R, image_column="picture", caption_column="prompt")
     with pytest.raises(DataError, match="caption_column="):
         as_training_set([{"image": _pil(0), "caption": "a"}], R)
+    with pytest.raises(DataError, match=r"splits train.*data\['train'\]"):
+        as_training_set(datasets.DatasetDict({"train": ds}), R)
     with pytest.raises(DataError, match="uint8"):
         as_training_set([{"image": np.zeros((R, R, 3), np.float32), "text": "a"}], R).images[0]
 
