@@ -1,7 +1,8 @@
-"""A small CNN that recognises the object and the artist of a synthetic image.
+"""Small CNNs that recognise the object and the artist of a synthetic image, or the character and face of a glyph.
 
-It is the judge of the quality gate: trained on the generator's own renders with noise and
-colour-jitter augmentation (without it, it under-scores correct but grainy samples).
+They are the judges of the quality gate: trained on the generator's own renders (the synthetic artists, or
+glyphs rendered from the fonts) with noise and colour-jitter augmentation (without it, a judge under-scores
+correct but grainy samples).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from montrage.data import typefaces as TF
 from montrage.data.synthetic import OBJECTS, ArtistStyle, generic_sample, render
 
 
@@ -94,3 +96,46 @@ def train_classifier(artists: Sequence[ArtistStyle] = (), resolution: int = 16, 
         loss.backward()
         opt.step()
     return ShapeArtistClassifier(net, [a.name for a in artists])
+
+
+@dataclass
+class TypefaceClassifier:
+    """Judge of glyph generations: which character, in which face."""
+
+    net: _Net
+    faces: List[str]
+    characters: List[str]
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 3) -> (character index, face index) arrays."""
+        self.net.eval()
+        x = torch.from_numpy(np.ascontiguousarray(images)).float().permute(0, 3, 1, 2) / 127.5 - 1
+        lc, lf = self.net(x)
+        return lc.argmax(1).numpy(), lf.argmax(1).numpy()
+
+
+def train_typeface_classifier(faces: Sequence[str] = TF.DEFAULT_FACES,
+                              characters: Sequence[str] = TF.DEFAULT_CHARACTERS, resolution: int = 16,
+                              steps: int = 1500, per_pair: int = 40, seed: int = 0) -> TypefaceClassifier:
+    """Train on fresh glyph renders (their own seed space, never the training images) of every face x character."""
+    faces, characters = list(faces), list(characters)
+    g = torch.Generator().manual_seed(seed)
+    imgs, recs = TF.render_pairs([(f, c) for f in faces for c in characters], per_pair=per_pair,
+                                 resolution=resolution, seed=1_000_003 + seed)
+    x = torch.from_numpy(imgs).float().permute(0, 3, 1, 2) / 127.5 - 1
+    yc = torch.tensor([characters.index(r.object) for r in recs])
+    yf = torch.tensor([faces.index(r.concept) for r in recs])
+    with torch.random.fork_rng():  # seeded initial weights, global RNG untouched
+        torch.manual_seed(seed)
+        net = _Net(len(characters), len(faces))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    ce = nn.CrossEntropyLoss()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        lc, lf = net(_augment(x[idx], g))
+        loss = ce(lc, yc[idx]) + ce(lf, yf[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return TypefaceClassifier(net, faces, characters)

@@ -49,7 +49,7 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--out", str(args.out)]
     if getattr(args, "seed", None) is not None and args.kind not in ("list", "faults"):
         parts += ["--seed", str(args.seed)]
-    if getattr(args, "dataset", None) and args.kind == "attribution":
+    if getattr(args, "dataset", None) and args.kind in ("attribution", "quality"):
         parts += ["--dataset", str(args.dataset)]
     if getattr(args, "write_md", None):
         parts.append("--write-md")
@@ -127,13 +127,17 @@ def run_attribution(args: argparse.Namespace) -> int:
 def run_quality(args: argparse.Namespace) -> int:
     from benchmarks.quality import run_quality_bench
 
-    res = run_quality_bench(Path(args.out) / ("quality-quick" if args.quick else "quality"), quick=args.quick)
+    dataset = getattr(args, "dataset", None) or "synthetic"
+    name = "quality" if dataset == "synthetic" else f"quality-{dataset}"
+    res = run_quality_bench(Path(args.out) / (name + ("-quick" if args.quick else "")), quick=args.quick,
+                            dataset=dataset, seed=getattr(args, "seed", None))
     print()
     print(res["markdown"])
     if args.write_md:
-        body = "\n".join(["## Embedded model quality gate" + (" (--quick)" if args.quick else ""), "",
+        title = "## Embedded model quality gate" + ("" if dataset == "synthetic" else f" ({dataset})")
+        body = "\n".join([title + (" (--quick)" if args.quick else ""), "",
                           provenance_lines(args, res["seeds"]), "", res["markdown"]])
-        print(f"wrote section 'quality' of {write_md_section('quality', body, args.write_md)}")
+        print(f"wrote section '{name}' of {write_md_section(name, body, args.write_md)}")
     return 0 if res.get("passed", False) or args.quick else 1
 
 
