@@ -37,6 +37,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modules", default=",".join(c.modules), help=f"UNet modules to capture (default {','.join(c.modules)})")
     p.add_argument("--pooling-grid", type=int, default=c.pooling_grid, help=f"spatial pooling grid side (default {c.pooling_grid})")
     p.add_argument("--no-monitor", action="store_true", help="the same fine-tuning without the callback (overhead comparisons)")
+    p.add_argument("--capture", default="background", choices=["inline", "background", "deferred"],
+                   help="where checkpoints are featurized: background (default: a worker process, the loop only "
+                   "snapshots), inline (in the loop), deferred (snapshots only; `montrage capture` or "
+                   "`montrage attribute` featurizes later). All give the same store")
+    p.add_argument("--capture-threads", type=int, default=1,
+                   help="CPU threads of the background capture worker (default 1)")
     p.add_argument("--no-store-images", action="store_true",
                    help="keep only the training images' paths and sha256 hashes in the run, not their pixels "
                    "(large sets; the images must then stay unchanged where they are)")
@@ -59,8 +65,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, capture = _configs(args)
     res = train(args.data, args.output, base=args.base, cfg=cfg, capture=capture, probes_file=args.probes,
                 prior_dir=args.prior_data, monitor=not args.no_monitor, progress=not args.quiet,
-                store_images=not args.no_store_images)
-    print(f"trained steps {res.start_step}->{res.steps} in {res.wall_time_s:.1f} s; LoRA: {res.final_lora}")
+                store_images=not args.no_store_images, capture_mode=args.capture,
+                capture_threads=args.capture_threads)
+    saved = f" (LoRA saved after {res.lora_saved_s:.1f} s)" if res.lora_saved_s is not None else ""
+    print(f"trained steps {res.start_step}->{res.steps} in {res.wall_time_s:.1f} s{saved}; LoRA: {res.final_lora}")
     return 0
 
 
@@ -72,8 +80,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _featurize_pending(args: argparse.Namespace) -> None:
+    """Checkpoints snapshotted but not featurized yet (background or deferred capture): featurize them, or wait
+    for the worker doing it, saying so, before reading the run."""
+    from montrage.capture import ensure_featurized
+
+    ensure_featurized(args.run, progress=not args.quiet)
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from montrage.capture import capture_run
+
+    res = capture_run(args.run, num_processes=args.num_processes, threads=args.threads, device=args.device,
+                      dask_scheduler=args.dask_scheduler, progress=not args.quiet)
+    if not res.pending_before:
+        print(f"{args.run}: nothing to featurize (no pending checkpoint)")
+    else:
+        print(f"featurized {len(res.featurized)} checkpoint(s) (steps {res.featurized}) in {res.seconds:.1f} s on "
+              f"{args.dask_scheduler or f'{res.processes} process(es)'}")
+    return 0
+
+
 def cmd_attribute(args: argparse.Namespace) -> int:
     from montrage.analysis.attribute import attribute, between_concept_accuracy, write_json
+
+    _featurize_pending(args)
 
     options = {"query_mode": args.query_mode}
     if args.concept:
@@ -101,6 +132,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from montrage.analysis.attribute import write_json
     from montrage.analysis.compare import compare
 
+    _featurize_pending(args)
     plot = Path(args.plot) if args.plot else Path(args.run) / f"compare_{args.method}.png"
     res = compare(args.run, args.method, args.from_step, args.to_step, plot=plot, progress=not args.quiet)
     out = Path(args.out) if args.out else Path(args.run) / f"compare_{args.method}.json"
@@ -117,6 +149,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from montrage.report import build_report
 
+    _featurize_pending(args)
     path = build_report(args.run, method=args.method, out=args.out, progress=not args.quiet)
     print(f"report: {path}")
     return 0
@@ -263,6 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="montrage", help="scorer (default montrage)")
     p.add_argument("--out", default=None, help="HTML output (default RUN/report.html)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("capture", help="featurize checkpoints the training loop only snapshotted (--capture deferred, "
+                       "or left by a killed worker); resumable",
+                       description="Featurize every pending checkpoint of RUN (training images, anchors, probes under "
+                       "each snapshot's LoRA weights) and commit them in order. Re-run after an interruption to resume.")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="local processes sharing the checkpoints (each writes its own; rank 0 commits in order)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default 1: bit-identical to "
+                   "inline and background capture)")
+    p.add_argument("--device", default="cpu", help="torch device of every process (default cpu)")
+    p.add_argument("--dask-scheduler", default=None, metavar="ADDR",
+                   help="featurize on a dask.distributed cluster (tcp://host:8786, or 'local'); workers need the "
+                   "run folder at the same path")
+    p.set_defaults(func=cmd_capture)
 
     p = sub.add_parser("featurize", help="record the training images' projected LoRA gradients in the run "
                        "(dtrak/tracin/montrage then cost one query's gradients); resumable")

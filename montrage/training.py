@@ -39,6 +39,8 @@ class TrainResult:
     start_step: int
     wall_time_s: float
     final_lora: Path
+    lora_saved_s: Optional[float] = None  # from the first step until the final LoRA was saved (before waiting
+    #                                       for background capture): what the capture mode keeps fast
 
 
 def _resume_file(output_dir: Path, step: int) -> Path:
@@ -63,8 +65,9 @@ def _save_resume(output_dir: Path, step: int, unet, opt, sched, monitor: Optiona
 
 
 def step_batch(step: int, rank: int, cfg: TrainConfig, train: TrainingSet, prior: Optional[TrainingSet],
-               components: DiffusionComponents):
-    """Images, captions, noise and timesteps of optimizer step ``step`` on ``rank``: a pure function."""
+               components: DiffusionComponents, with_indices: bool = False):
+    """Images, captions, noise and timesteps of optimizer step ``step`` on ``rank``: a pure function.
+    ``with_indices``: also the training-image index of each batch item (prior images are not listed)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7919 + rank)
     n_prior = int(round(cfg.batch_size * cfg.prior_fraction)) if prior is not None else 0
     idx = torch.randint(0, len(train), (cfg.batch_size - n_prior,), generator=g).tolist()
@@ -80,14 +83,18 @@ def step_batch(step: int, rank: int, cfg: TrainConfig, train: TrainingSet, prior
     latent_shape = (len(images),) + components.latent_shape
     noise = torch.randn(latent_shape, generator=g)
     t = torch.randint(0, components.noise_scheduler.config.num_train_timesteps, (len(images),), generator=g)
-    return pixels, captions, noise, t
+    return (pixels, captions, noise, t, idx) if with_indices else (pixels, captions, noise, t)
 
 
 def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", cfg: Optional[TrainConfig] = None,
           capture: Optional[CaptureConfig] = None, probes_file: Optional[str | Path] = None,
           prior_dir: Optional[str | Path] = None, monitor: bool = True, accelerator=None,
-          progress: bool = True, store_images: bool = True) -> TrainResult:
+          progress: bool = True, store_images: bool = True, capture_mode: str = "background",
+          capture_threads: Optional[int] = 1) -> TrainResult:
     """Fine-tune a LoRA on ``data_dir`` into ``output_dir``; re-running the same call resumes.
+
+    ``capture_mode``: where checkpoints are featurized (see :meth:`TrainingMonitor.configure_capture`): by
+    default a background worker with ``capture_threads`` CPU threads, so the loop only snapshots.
 
     ``store_images=False`` keeps only the training images' paths and hashes in the run (large sets).
     """
@@ -125,6 +132,8 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
                   "resolution": resolution, "world_size": ctx.world_size}  # the LoRA config: read from the model
     mon = (TrainingMonitor(output_dir, components, train_set, probes, capture, run_config, accelerator, optimizer=opt,
                            store_images=store_images) if monitor else None)
+    if mon is not None:
+        mon.configure_capture(capture_mode, threads=capture_threads)
 
     start = 0
     if ctx.is_main:
@@ -150,13 +159,16 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
         bar = tqdm(range(start + 1, cfg.steps + 1), disable=not (progress and ctx.is_main), desc="train LoRA",
                    initial=start, total=cfg.steps)
         for step in bar:
-            pixels, captions, noise, t = step_batch(step, ctx.rank, cfg, train_set, prior, components)
+            pixels, captions, noise, t, idx = step_batch(step, ctx.rank, cfg, train_set, prior, components,
+                                                         with_indices=True)
             dev = accelerator.device
             latents = components.to_latents(pixels.to(dev))
             hidden = components.encode_prompts(captions)
             weights = min_snr_weights(components.noise_scheduler, t.to(dev), cfg.snr_gamma)
             predict = lambda x, tt, c: components.predict(x, tt, c, unet=model)  # noqa: E731 (the prepared model)
-            loss = denoising_loss(predict, components.noise_scheduler, latents, noise.to(dev), t.to(dev), hidden, weights).mean()
+            per_sample = denoising_loss(predict, components.noise_scheduler, latents, noise.to(dev), t.to(dev), hidden,
+                                        weights)
+            loss = per_sample.mean()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -164,18 +176,19 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
             opt.zero_grad(set_to_none=True)
             loss_value = float(loss.detach())
             if mon is not None:
-                mon.on_step_end(step, loss_value)
+                mon.on_step_end(step, loss_value, per_sample_losses=per_sample.detach(), timesteps=t, indices=idx)
             if step % every == 0 and step < cfg.steps and ctx.is_main:
                 _save_resume(output_dir, step, components.unet, opt, sched, mon)
             bar.set_postfix(loss=f"{loss_value:.4f}")
         if mon is not None:
-            mon.on_train_end(cfg.steps)
+            mon.on_train_end(cfg.steps, wait=False)  # the last snapshot; featurizing may still run in the background
         final = output_dir / S.FINAL_LORA_FILENAME
         if ctx.is_main:
             save_file({k: v.contiguous() for k, v in lora_state(components.unet).items()}, final)
             _save_resume(output_dir, cfg.steps, components.unet, opt, sched, mon)
+        lora_saved_s = time.time() - t0
     finally:
         if mon is not None:
-            mon.close()  # releases the store lock also when training dies
+            mon.close()  # waits for background capture; releases the store lock also when training dies
     ctx.barrier()
-    return TrainResult(output_dir, cfg.steps, start, time.time() - t0, final)
+    return TrainResult(output_dir, cfg.steps, start, time.time() - t0, final, lora_saved_s)

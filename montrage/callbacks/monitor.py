@@ -259,14 +259,20 @@ class TrainingMonitor(MontrageCallback):
     def on_checkpoint(self, step: int) -> None:
         self.record_checkpoint(step)
 
-    def on_train_end(self, step: int) -> None:
-        """Record ``step`` (unless already recorded) and close the store."""
+    def on_train_end(self, step: int, wait: bool = True) -> None:
+        """Record ``step`` (unless already recorded) and close the store. ``wait=False``: do not wait for a
+        background capture here (:meth:`close` waits later; e.g. save the final LoRA first)."""
         if self._inactive:
             return
         self.state.step = step
         self.record_checkpoint(step)
         self._ended = True
-        self.close()
+        if wait:
+            self.close()
+        elif self.store is not None:
+            self.store.close()  # the store lock; the worker keeps the capture lock until it is done
+            self.store = None
+            self._opened = False
 
     def close(self) -> None:
         self._finish_capture()

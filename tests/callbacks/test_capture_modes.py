@@ -39,17 +39,11 @@ def _probes(tmp: Path) -> Path:
     return path
 
 
-def _train(data: Path, out: Path, mode: str, probes: Path) -> None:
-    from montrage.callbacks.monitor import TrainingMonitor
+def _train(data: Path, out: Path, mode: str, probes: Path):
     from montrage.training import train
 
     cfg, capture = _configs()
-    before = TrainingMonitor.capture_mode  # TODO(H5): train(capture_mode=...) once training.py is free
-    TrainingMonitor.capture_mode = mode
-    try:
-        train(data, out, cfg=cfg, capture=capture, probes_file=probes, progress=False)
-    finally:
-        TrainingMonitor.capture_mode = before
+    return train(data, out, cfg=cfg, capture=capture, probes_file=probes, progress=False, capture_mode=mode)
 
 
 def _arrays(run: Path) -> dict:
@@ -172,3 +166,24 @@ def test_background_worker_killed_mid_run_is_restarted(tiny_data, runs, tmp_path
     assert killed, "the worker never started"
     assert RunStore.open(run).pending_steps == []
     _assert_same(_arrays(runs["inline"]), _arrays(run))
+
+
+def test_per_step_signals_are_recorded_with_dimension_names(runs):
+    """Per-sample losses, timesteps and image indices of every step, from the loop (no extra forward pass)."""
+    cfg, _ = _configs()
+    for mode in ("inline", "background", "deferred"):
+        if mode == "inline":
+            continue  # TODO(H5): inline through the engine once monitor.py is free
+        sig = RunStore.open(runs[mode]).step_signals()
+        assert sig[S.SIGNAL_STEP].tolist() == [s for s in range(1, STEPS + 1) for _ in range(cfg.batch_size)], mode
+        assert ((sig[S.SIGNAL_INDEX] >= 0) & (sig[S.SIGNAL_INDEX] < 8)).all()
+        assert ((sig[S.SIGNAL_TIMESTEP] >= 0) & (sig[S.SIGNAL_TIMESTEP] < 1000)).all()
+        assert np.isfinite(sig[S.SIGNAL_LOSS]).all() and (sig[S.SIGNAL_LOSS] > 0).all()
+    inline = RunStore.open(runs["background"])
+    for name, _ in S.SIGNAL_ARRAYS:
+        assert inline.array(f"{S.SIGNALS}/{name}").metadata.dimension_names == (S.DIM_SAMPLE,)
+        assert np.array_equal(inline.step_signals()[name], RunStore.open(runs["deferred"]).step_signals()[name])
+    # the running train loss of a checkpoint is the mean of its steps' per-sample losses
+    sig = inline.step_signals()
+    mean_2 = sig[S.SIGNAL_LOSS][sig[S.SIGNAL_STEP] <= 2].reshape(2, -1).mean(1).mean()
+    assert np.isclose(inline.scalar_series(S.TRAIN_LOSS)[1], mean_2, rtol=1e-5)
