@@ -40,6 +40,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 
 from montrage import CaptureConfig, LoraSettings, TrainingMonitor, add_lora, load_base, load_imagefolder
+from montrage.data.probes import load_probe_file
 from montrage.losses.diffusion import training_target
 from montrage.models.lora import lora_state
 from montrage.models.sampling import uint8_to_pixels
@@ -62,6 +63,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpointing_steps", type=int, default=100, help="montrage checkpoint (and save_state) interval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe_steps", type=int, default=25, help="DDIM steps of montrage's probe generations")
+    p.add_argument("--capture_modules", default=None, help="UNet modules montrage records, comma-separated "
+                   "(default: montrage's CaptureConfig)")
+    p.add_argument("--capture_timesteps", default=None, help="timesteps montrage records at, comma-separated")
+    p.add_argument("--probes_file", default=None, help="montrage probes (jsonl with prompt, seed); default: derived "
+                   "from the captions and concepts")
     p.add_argument("--use-save-state-hook", dest="use_save_state_hook", action="store_true",
                    help="record montrage checkpoints from accelerator.save_state instead of on_step_end")
     return p.parse_args(argv)
@@ -103,8 +109,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                          f"{args.train_batch_size} on each of {accelerator.num_processes} process(es); lower it")
     scheduler = components.noise_scheduler
 
-    capture = CaptureConfig(every_n_steps=args.checkpointing_steps, probe_steps=args.probe_steps)
-    monitor = TrainingMonitor(output_dir, components, training_set, capture=capture,  # montrage
+    extra = {}
+    if args.capture_modules:
+        extra["modules"] = tuple(args.capture_modules.split(","))
+    if args.capture_timesteps:
+        extra["timesteps"] = tuple(int(t) for t in args.capture_timesteps.split(","))
+    capture = CaptureConfig(every_n_steps=args.checkpointing_steps, probe_steps=args.probe_steps, **extra)
+    probes = load_probe_file(args.probes_file) if args.probes_file else None
+    monitor = TrainingMonitor(output_dir, components, training_set, probes=probes, capture=capture,  # montrage
                               accelerator=accelerator, optimizer=optimizer)
     step = 0
     if args.use_save_state_hook:
