@@ -60,8 +60,9 @@ def main(argv) -> None:
 
     def both_ranks(step, rank, *args, **kwargs):
         parts = [real(step, r, *args, **kwargs) for r in range(WORLD)]
-        return (torch.cat([p[0] for p in parts]), sum((p[1] for p in parts), []),
-                torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]))
+        out = (torch.cat([p[0] for p in parts]), sum((p[1] for p in parts), []),
+               torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]))
+        return out + (sum((list(p[4]) for p in parts), []),) if kwargs.get("with_indices") else out
 
     T.step_batch = both_ranks
     try:
