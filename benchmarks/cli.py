@@ -88,40 +88,9 @@ def write_md_section(kind: str, body: str, path: Optional[Path] = None) -> Path:
 
 # ----------------------------------------------------------------------------- benchmarks
 def run_attribution(args: argparse.Namespace) -> int:
-    from benchmarks.attribution import FULL, QUICK, SIGN_CONVENTION, run_attribution_bench
+    from benchmarks.attribution import run_from_cli
 
-    out = Path(args.out) / ("attribution-quick" if args.quick else "attribution")  # runs of other settings never mix
-    res = run_attribution_bench(out, quick=args.quick)
-    print()
-    print(res["markdown"])
-    if args.write_md:
-        s = QUICK if args.quick else FULL
-        d = res["data"]
-        seeds = (f"data {s.data.seed}, training {s.seed}, LDS subsets {res['lds']['subset_seeds']}, "
-                 f"LDS noise {res['lds']['noise_seed']}, bootstrap {s.bootstrap_seed} ({s.n_bootstrap} resamples)")
-        skipped = "".join(f"\n- skipped `{m}`: {why}" for m, why in res["skipped"].items())
-        t = res["timings_s"]
-        body = "\n".join([
-            "## Attribution quality" + (" (--quick)" if args.quick else ""),
-            "",
-            provenance_lines(args, seeds),
-            f"- setup: {d['n_artists']} artists (hard pairs: same palette and background, different stroke) x "
-            f"{d['per_artist']} images, each a unique (colour, object); one monitored LoRA run of {s.steps} steps "
-            f"(lr {s.lr}, batch {s.batch_size}, prior fraction {s.prior_fraction}), checkpoints at steps "
-            f"{d['checkpoint_steps']}; probes {d['probes']}; {d['n_mixed']} mixed generations "
-            f"(prompt-embedding blends, alpha in {d['alphas']})",
-            f"- LDS: {res['lds']['subsets']} retrained random halves ({res['lds']['steps']} steps each, no monitor); "
-            f"{SIGN_CONVENTION}",
-            f"- timings (s): data {t.get('data')}, monitored training {t.get('train_monitored')}, queries "
-            f"{t.get('queries')}, scoring {t.get('scoring')}, LDS retraining + losses "
-            f"{t.get('lds_retrain_and_losses')}, metrics {t.get('metrics')}, total {t.get('total')}" + skipped,
-            "- anchors from the literature (not comparable tasks, for scale): D-TRAK reports LDS .28-.33 for "
-            "Stable-Diffusion LoRA on ArtBench; CLIP-similarity baselines about .07.",
-            "",
-            res["markdown"],
-        ])
-        print(f"wrote section 'attribution' of {write_md_section('attribution', body, args.write_md)}")
-    return 0
+    return run_from_cli(args)
 
 
 def run_quality(args: argparse.Namespace) -> int:
@@ -156,7 +125,7 @@ def run_cost_bench(args: argparse.Namespace) -> int:
 
 
 def run_overhead_bench(args: argparse.Namespace) -> int:
-    from benchmarks.cost import run_overhead
+    from benchmarks.overhead import run_overhead
 
     return run_overhead(args)
 
@@ -207,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dataset", default="synthetic", choices=["synthetic", "typefaces"],
                     help="attribution/concept: the training set (default synthetic)")
     ap.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
+    ap.add_argument("--prepare", action="store_true", help="attribution: only build the cached run, queries and "
+                    "LDS retrains of this (dataset, seed); a later run without --prepare re-scores from them")
     add_write_md_option(ap)
     return ap
 

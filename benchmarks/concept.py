@@ -1,11 +1,13 @@
 """Concept-level attribution benchmark (Concept-TRAK issue): object vs artist concept of one generation.
 
-On a recorded benchmark run (``montrage bench attribution`` writes one), generate compositional prompts
-"a {colour} {object} by {artist}", in-distribution (the triple is a training caption) and out of
-distribution (the triple never appears in training), then ask each method which training images gave
-(a) the *object* (ground truth: training images of that object, any artist) and (b) the *artist* style
-(ground truth: that artist's images). Metric: precision@10. Concept-TRAK gets the concept phrase
-(the object word, or "by {artist}"); whole-image methods give one ranking for both questions.
+On a recorded benchmark run (``montrage bench attribution --dataset D --seed N`` writes one), generate
+compositional prompts, in-distribution (a training caption: synthetic "a {colour} {object} by {artist}",
+typefaces "the letter {c} in {face}") and out of distribution (a combination never in training), then ask each
+method which training images gave (a) the *object* (ground truth: training images of that object, any artist)
+and (b) the *artist* style (ground truth: that artist's images). Metric: precision@10. Concept-level methods
+get the concept phrase (the object word, or "by {artist}" / "in {face}"): ``concept-trak`` and the fused
+``montrage`` model's concept answer (``montrage attribute --concept``: score with the phrase minus score
+without it), shown as ``montrage --concept``; whole-image methods give one ranking for both questions.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from montrage.storage import RunStore
 from montrage.storage import schema as S
 
 METHODS = ("concept-trak", "montrage", "final-sim", "tracin", "dtrak")
+CONCEPT_METHODS = ("concept-trak", "montrage")  # answer a concept phrase (montrage: its --concept mode)
 PROMPT = "a {colour} {object} by {artist}"
 SEED0 = 400_000
+TARGETS = {"artist ID": 0.80, "artist OOD": 0.70}
 
 
 def precision_at_k(scores: np.ndarray, relevant: np.ndarray, k: int = 10) -> np.ndarray:
@@ -36,18 +40,29 @@ def precision_at_k(scores: np.ndarray, relevant: np.ndarray, k: int = 10) -> np.
 
 
 def compositional_queries(store: RunStore, n_per_split: int, seed: int) -> Dict[str, List[dict]]:
+    """ID: training (colour, object, artist) triples / (character, face) pairs; OOD: combinations never trained."""
     meta = store.train_meta
     extra, concepts = meta[S.ATTR_EXTRA], meta[S.ATTR_CONCEPTS]
-    seen = {(e["colour"], e["object"], c) for e, c in zip(extra, concepts)}
-    colours = sorted({e["colour"] for e in extra})
-    objects = sorted({e["object"] for e in extra})
-    artists = sorted(set(concepts))
     rng = np.random.default_rng(seed)
-    ind = sorted(seen)
-    ood = [(c, o, a) for c in colours for o in objects for a in artists if (c, o, a) not in seen]
     pick = lambda xs: [xs[i] for i in rng.choice(len(xs), min(n_per_split, len(xs)), replace=False)]  # noqa: E731
-    return {split: [{"colour": c, "object": o, "artist": a, "prompt": PROMPT.format(colour=c, object=o, artist=a)}
-                    for c, o, a in pick(xs)] for split, xs in (("ID", ind), ("OOD", ood))}
+    artists = sorted(set(concepts))
+    if all("colour" in e for e in extra):  # the synthetic artists
+        seen = {(e["colour"], e["object"], c) for e, c in zip(extra, concepts)}
+        colours = sorted({e["colour"] for e in extra})
+        objects = sorted({e["object"] for e in extra})
+        ind = sorted(seen)
+        ood = [(c, o, a) for c in colours for o in objects for a in artists if (c, o, a) not in seen]
+        return {split: [{"colour": c, "object": o, "artist": a, "phrase": f"by {a}",
+                         "prompt": PROMPT.format(colour=c, object=o, artist=a)} for c, o, a in pick(xs)]
+                for split, xs in (("ID", ind), ("OOD", ood))}
+    from montrage.data.typefaces import caption  # typefaces: object = character, artist = face
+
+    seen = {(e["object"], c) for e, c in zip(extra, concepts)}
+    objects = sorted({e["object"] for e in extra})
+    ind = sorted(seen)
+    ood = [(o, a) for o in objects for a in artists if (o, a) not in seen]
+    return {split: [{"object": o, "artist": a, "phrase": f"in {a}", "prompt": caption(a, o)} for o, a in pick(xs)]
+            for split, xs in (("ID", ind), ("OOD", ood))}
 
 
 def run_concept_bench(run_dir: str | Path, out_dir: str | Path, n_per_split: int = 16, seed: int = 0,
@@ -57,7 +72,7 @@ def run_concept_bench(run_dir: str | Path, out_dir: str | Path, n_per_split: int
     t0 = time.time()
     store = RunStore.open(run_dir)
     meta = store.train_meta
-    objects = np.array([e["object"] for e in meta[S.ATTR_EXTRA]])
+    objects = np.array([str(e["object"]) for e in meta[S.ATTR_EXTRA]])
     artists = np.array(meta[S.ATTR_CONCEPTS])
     model = RunModel(store.run_config)
     comps = model.set_weights(store.lora_weights(store.n_checkpoints - 1), tag=store.n_checkpoints - 1)
@@ -65,6 +80,7 @@ def run_concept_bench(run_dir: str | Path, out_dir: str | Path, n_per_split: int
     splits = compositional_queries(store, n_per_split, seed)
     cache: dict = {}
     rows: Dict[str, Dict[str, dict]] = {}
+    per_item: Dict[str, Dict[str, np.ndarray]] = {}
     for split, qs in splits.items():
         prompts = [q["prompt"] for q in qs]
         seeds = [SEED0 + i + (1000 if split == "OOD" else 0) for i in range(len(qs))]
@@ -77,12 +93,13 @@ def run_concept_bench(run_dir: str | Path, out_dir: str | Path, n_per_split: int
             if method not in available():
                 continue
             for concept in ("object", "artist"):
-                if method == "concept-trak":
+                label = f"{method} --concept" if method in CONCEPT_METHODS else method
+                if method in CONCEPT_METHODS:
                     per_query = []
                     for i, q in enumerate(qs):  # each query has its own concept phrase
                         one = QuerySet(ids=[queries.ids[i]], images=images[i:i + 1], prompts=[prompts[i]],
                                        seeds=[seeds[i]], item_seeds=[queries.item_seeds[i]])
-                        phrase = q["object"] if concept == "object" else f"by {q['artist']}"
+                        phrase = q["object"] if concept == "object" else q["phrase"]
                         per_query.append(attribute(run_dir, method, queries=one, options={"concept": phrase},
                                                    write_store=False, progress=False, store=store,
                                                    ctx_cache=cache).scores[0])
@@ -94,37 +111,61 @@ def run_concept_bench(run_dir: str | Path, out_dir: str | Path, n_per_split: int
                                                store=store, ctx_cache=cache).scores
                     scores = cache[key]
                 p = precision_at_k(scores, rel[concept])
+                per_item.setdefault(label, {})[f"{concept} {split}"] = p
                 lo, hi = M.bootstrap_ci(lambda idx: float(p[idx].mean()), len(p), n_boot, seed)
-                rows.setdefault(method, {})[f"{concept} {split}"] = {"value": float(p.mean()), "ci": [lo, hi],
-                                                                     "n": int(len(p))}
+                rows.setdefault(label, {})[f"{concept} {split}"] = {"value": float(p.mean()), "ci": [lo, hi],
+                                                                    "n": int(len(p))}
     cols = ["object ID", "object OOD", "artist ID", "artist OOD"]
     md = ["| method | " + " | ".join(f"P@10 {c}" for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for method, r in rows.items():
         md.append(f"| {method} | " + " | ".join(
             f"{r[c]['value']:.2f} [{r[c]['ci'][0]:.2f}, {r[c]['ci'][1]:.2f}]" if c in r else "n/a" for c in cols) + " |")
-    result = {"run": str(run_dir), "splits": splits, "rows": rows, "markdown": "\n".join(md),
-              "seconds": round(time.time() - t0, 1), "chance": {
-                  "object": float(np.mean([np.mean(objects == o) for o in set(objects)])),
-                  "artist": float(np.mean([np.mean(artists == a) for a in set(artists)]))}}
+    # the fused model's concept answer against Concept-TRAK, paired on the same queries
+    a, b = "montrage --concept", "concept-trak --concept"
+    comparison = {}
+    if a in per_item and b in per_item:
+        md += ["", f"`{a}` - `{b}`, paired bootstrap difference of P@10 [95% CI], and the targets "
+               f"(artist P@10 ID >= {TARGETS['artist ID']:.2f}, OOD >= {TARGETS['artist OOD']:.2f}, above Concept-TRAK):",
+               "", "| | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        cells, verdict = [], []
+        for c in cols:
+            d, lo, hi = M.paired_difference(per_item[a][c], per_item[b][c], n_boot, seed)
+            comparison[c] = {"diff": d, "ci": [lo, hi]}
+            cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+        md.append("| difference | " + " | ".join(cells) + " |")
+        for c, t in TARGETS.items():
+            v = rows[a][c]["value"]
+            ok = v >= t and comparison[c]["ci"][0] > 0
+            verdict.append(f"{c}: {v:.2f} (target {t:.2f}: " + ("met" if v >= t else f"missed by {t - v:.2f}")
+                           + ("; above Concept-TRAK" if comparison[c]["ci"][0] > 0 else "; not above Concept-TRAK "
+                              "(interval includes 0 or below)") + ")" + ("" if ok else " **miss**"))
+        md += ["", "- verdict: " + "; ".join(verdict)]
     (out_dir / "concept.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def run_concept(args) -> int:
+    from benchmarks.attribution import run_dir_for
     from benchmarks.cli import provenance_lines, write_md_section
 
-    run = Path(args.run) if getattr(args, "run", None) else Path(args.out) / "attribution" / "run"
-    res = run_concept_bench(run, Path(args.out) / "concept", n_per_split=6 if args.quick else 16)
+    dataset, seed = getattr(args, "dataset", "synthetic") or "synthetic", int(getattr(args, "seed", 0) or 0)
+    run = Path(args.run) if getattr(args, "run", None) else run_dir_for(args.out, dataset, seed, args.quick) / "run"
+    if not (run / "store.zarr").exists():
+        print(f"error: no benchmark run at {run}; run `montrage bench attribution --dataset {dataset} --seed {seed}"
+              f"{' --quick' if args.quick else ''}` first (or pass --run)")
+        return 2
+    res = run_concept_bench(run, Path(args.out) / f"concept-{dataset}-seed{seed}", n_per_split=6 if args.quick else 16,
+                            seed=seed)
     print(res["markdown"])
     if args.write_md:
         body = "\n".join([
-            "## Concept-level attribution (Concept-TRAK)" + (" (--quick)" if args.quick else ""), "",
-            provenance_lines(args, "query selection 0, generation seeds 400000+"),
+            f"## Concept-level attribution (Concept-TRAK), {dataset}" + (" (--quick)" if args.quick else ""), "",
+            provenance_lines(args, f"query selection {seed}, generation seeds 400000+"),
             f"- run: `{run}` (the attribution benchmark's monitored run); {len(res['splits']['ID'])} in-distribution "
-            f"and {len(res['splits']['OOD'])} out-of-distribution prompts `{PROMPT}`; chance P@10: object "
+            f"and {len(res['splits']['OOD'])} out-of-distribution prompts; chance P@10: object "
             f"{res['chance']['object']:.2f}, artist {res['chance']['artist']:.2f}; {res['seconds']} s",
             "- anchors (not comparable tasks): Concept-TRAK reports P@10 1.00 (ID) / 0.85 (OOD) on a synthetic "
             "shapes benchmark, D-TRAK 1.00 / 0.50.",
             "", res["markdown"]])
-        write_md_section("concept", body, args.write_md)
+        write_md_section("concept" if dataset == "synthetic" else f"concept-{dataset}", body, args.write_md)
     return 0
