@@ -51,7 +51,8 @@ class QualitySettings:
     prior_fraction: float = 0.25
     seeds_per_prompt: int = 8
     classifier_steps: int = 1500
-    sample_steps: int = CaptureConfig().probe_steps
+    sample_steps: int = 25  # DDIM steps (the gate's own, fixed: probe settings of CaptureConfig may change)
+    sampler: str = "ddim"  # or "dpm++2m"; the probes of CaptureConfig use CaptureConfig().probe_sampler
     guidance_scale: float = CaptureConfig().guidance_scale
     data_seed: int = 0
     prior_seed: int = 1
@@ -145,7 +146,7 @@ def _synthetic_gate(out: Path, s: QualitySettings, quick: bool, run_dir: Optiona
     base = load_base("embedded")
     prompts = [f"a {o}" for o in OBJECTS for _ in range(s.seeds_per_prompt)]
     objs = [o for o in OBJECTS for _ in range(s.seeds_per_prompt)]
-    imgs = generate(base, prompts, [s.sample_seed0 + i for i in range(len(prompts))], num_steps=s.sample_steps,
+    imgs = generate(base, prompts, [s.sample_seed0 + i for i in range(len(prompts))], num_steps=s.sample_steps, sampler=s.sampler,
                     guidance_scale=s.guidance_scale)
     pred_obj, _ = judge.predict(imgs)
     base_ok = np.array([OBJECTS[p] == o for p, o in zip(pred_obj, objs)], dtype=np.float64)
@@ -186,7 +187,7 @@ def _synthetic_gate(out: Path, s: QualitySettings, quick: bool, run_dir: Optiona
         echo(f"    note: the judge does not know artists {unknown}; they count as misses")
     combos = [(a, o) for a in concepts for o in objects for _ in range(s.seeds_per_prompt)]
     imgs = generate(comps, [f"a {o} by {a}" for a, o in combos],
-                    [s.sample_seed0 + 10_000 + i for i in range(len(combos))], num_steps=s.sample_steps,
+                    [s.sample_seed0 + 10_000 + i for i in range(len(combos))], num_steps=s.sample_steps, sampler=s.sampler,
                     guidance_scale=s.guidance_scale)
     po, pa = judge.predict(imgs)
     art_ok = np.array([judge.artists[p] == a for p, (a, _) in zip(pa, combos)], dtype=np.float64)
@@ -200,8 +201,8 @@ def _synthetic_gate(out: Path, s: QualitySettings, quick: bool, run_dir: Optiona
                "lora_object_accuracy": _fig(obj_ok, s), "lora_both_accuracy": _fig(art_ok * obj_ok, s)}
     passed, rows = _gate_table(figures)
     md = "\n".join([f"Synthetic artists. LoRA run: {source}; {len(concepts)} artists x objects {objects} x "
-                    f"{s.seeds_per_prompt} seeds; base: {len(OBJECTS)} objects x {s.seeds_per_prompt} seeds; DDIM "
-                    f"{s.sample_steps} steps, guidance {s.guidance_scale}. Gate: **{'PASSED' if passed else 'FAILED'}**.",
+                    f"{s.seeds_per_prompt} seeds; base: {len(OBJECTS)} objects x {s.seeds_per_prompt} seeds; "
+                    f"{s.sampler} {s.sample_steps} steps, guidance {s.guidance_scale}. Gate: **{'PASSED' if passed else 'FAILED'}**.",
                     "", *rows, "",
                     "Base object accuracy per object: " + ", ".join(f"{o} {v:.2f}" for o, v in base_per_object.items()),
                     f"Timings (s): {timings}"])
@@ -263,7 +264,7 @@ def _typeface_gate(out: Path, s: QualitySettings, quick: bool, echo: Callable[[s
         load_file(str(run / S.FINAL_LORA_FILENAME)))
     combos = [(f, c) for f in faces for c in chars for _ in range(s.seeds_per_prompt)]
     imgs = generate(comps, [TF.caption(f, c) for f, c in combos],
-                    [s.sample_seed0 + 10_000 + i for i in range(len(combos))], num_steps=s.sample_steps,
+                    [s.sample_seed0 + 10_000 + i for i in range(len(combos))], num_steps=s.sample_steps, sampler=s.sampler,
                     guidance_scale=s.guidance_scale)
     pc, pf = judge.predict(imgs)
     face_ok = np.array([faces[p] == f for p, (f, _) in zip(pf, combos)], dtype=np.float64)
@@ -280,8 +281,8 @@ def _typeface_gate(out: Path, s: QualitySettings, quick: bool, echo: Callable[[s
     passed, rows = _gate_table(figures)
     md = "\n".join([f"Typefaces (real glyphs of matplotlib's fonts, `montrage.data.typefaces`). LoRA run: {source}; "
                     f"prompts \"the letter {{c}} in {{face}}\" for {len(faces)} faces x {len(chars)} characters x "
-                    f"{s.seeds_per_prompt} seeds; judge: CNN on fresh renders of the same faces and characters; DDIM "
-                    f"{s.sample_steps} steps, guidance {s.guidance_scale}. Gate: **{'PASSED' if passed else 'FAILED'}**.",
+                    f"{s.seeds_per_prompt} seeds; judge: CNN on fresh renders of the same faces and characters; "
+                    f"{s.sampler} {s.sample_steps} steps, guidance {s.guidance_scale}. Gate: **{'PASSED' if passed else 'FAILED'}**.",
                     "", *rows, "",
                     "Face accuracy per face: " + ", ".join(f"{f} {v:.2f}" for f, v in per_face.items()),
                     f"Timings (s): {timings}"])

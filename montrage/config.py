@@ -13,6 +13,7 @@ from typing import Any, Optional, Tuple
 from montrage.errors import ConfigError
 
 CONDITIONS = ("null", "caption")
+PROBE_SAMPLERS = ("ddim", "dpm++2m")  # montrage.models.sampling.SAMPLERS
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -104,7 +105,9 @@ class CaptureConfig:
     batch_size: int = _f(64, "images per capture forward pass")
     anchors: int = _f(64, "training images also recorded with a second noise draw (supervise the attribution model)")
     every_n_steps: int = _f(100, "record a checkpoint every N optimizer steps (plus step 0 and the end)")
-    probe_steps: int = _f(25, "DDIM steps for probe generations")
+    probe_steps: int = _f(10, "solver steps for probe generations (DPM-Solver++ 2M at 10 steps lands closer to "
+                          "DDIM at 25 than DDIM at 50 does, mean 3.8 grey levels, at 2.5x fewer UNet calls)")
+    probe_sampler: str = _f("dpm++2m", "probe sampler: 'dpm++2m' (DPM-Solver++ 2M) or 'ddim'")
     guidance_scale: float = _f(1.5, "classifier-free guidance for probes (>=3 gives LoRA samples a colour cast)")
     record_lora: bool = _f(True, "store the LoRA adapter weights of each checkpoint")
 
@@ -122,6 +125,8 @@ class CaptureConfig:
         if bad or not self.conditions:
             raise ConfigError(f"CaptureConfig.conditions must be a non-empty subset of {CONDITIONS}, got {self.conditions}")
         _positive(self, "pooling_grid", "batch_size", "every_n_steps", "probe_steps")
+        if self.probe_sampler not in PROBE_SAMPLERS:
+            raise ConfigError(f"CaptureConfig.probe_sampler must be one of {PROBE_SAMPLERS}, got {self.probe_sampler!r}")
         if self.anchors < 0:
             raise ConfigError("CaptureConfig.anchors must be >= 0")
         if self.projection_dim < 0:

@@ -51,7 +51,7 @@ def test_probes_are_deterministic_given_lora_weights(tiny_run):
     cap = st.capture
     meta = st.probe_meta
     again = generate(comps, meta[S.ATTR_PROMPTS], meta[S.ATTR_SEEDS], num_steps=cap["probe_steps"],
-                     guidance_scale=cap["guidance_scale"])
+                     guidance_scale=cap["guidance_scale"], sampler=cap["probe_sampler"])
     stored = st.probe_images(1)
     assert np.abs(again.astype(int) - stored.astype(int)).max() <= 1
 

@@ -104,7 +104,8 @@ def worker_main(argv: Optional[List[str]] = None) -> int:
             featurize_share(args.run, args.share, args.world, args.start, args.end, args.threads, args.device,
                             on_done=lambda k, bad: print(f"done {k} {int(bad)}", flush=True))
             return 0
-        store = RunStore.open_featurizer(args.run)
+        # a worker left by an earlier (killed) training process may still be finishing: wait for it
+        store = RunStore.open_featurizer(args.run, wait=args.follow)
         try:
             engine = _engine(store, args.threads, args.device)
             report = lambda k, step: log.info("featurized checkpoint %d (step %d)", k, step)  # noqa: E731
@@ -145,6 +146,7 @@ class BackgroundCapture:
         self.max_restarts = max_restarts
         self.restarts = 0
         self.proc: Optional[subprocess.Popen] = None
+        self.failed = False  # gave up restarting: the snapshots stay pending for `montrage capture`
         self._log = None
 
     def start(self) -> None:
@@ -160,27 +162,36 @@ class BackgroundCapture:
     def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc is not None else None
 
-    def _restart_if_dead(self) -> None:
+    def _restart_if_dead(self) -> bool:
+        """True when a worker is running (restarted if it had died); False once it died too often: training goes
+        on and the snapshots stay pending (never an error inside the training loop)."""
         if self.proc is not None and self.proc.poll() is None:
-            return
+            return True
+        if self.failed:
+            return False
         if self.proc is not None:
             if self.restarts >= self.max_restarts:
-                raise CaptureError(f"the background capture worker of {self.run_dir} died {self.restarts + 1} times "
-                                   f"(exit {self.proc.returncode}; see {self.run_dir / WORKER_LOG}); the snapshots are "
-                                   f"safe: featurize them with `montrage capture {self.run_dir}`")
+                self.failed = True
+                log.error("montrage: the background capture worker of %s died %d times (exit %s; see %s); training "
+                          "goes on, the snapshots stay pending: `montrage capture %s` featurizes them",
+                          self.run_dir, self.restarts + 1, self.proc.returncode, self.run_dir / WORKER_LOG,
+                          self.run_dir)
+                return False
             self.restarts += 1
             log.warning("montrage: the background capture worker exited (code %s); restarting it (it resumes from "
                         "the last featurized checkpoint)", self.proc.returncode)
         self.start()
+        return True
 
     def notify(self) -> None:
         """A snapshot was committed: wake the worker (restarting it if it died)."""
-        self._restart_if_dead()
+        if not self._restart_if_dead():
+            return
         try:
             self.proc.stdin.write(b"\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            self._restart_if_dead()
+            self._restart_if_dead()  # it died meanwhile: the new one catches up by itself
 
     def finish(self, wait: bool = True, progress: bool = True, poll_s: float = 1.0) -> None:
         """No more snapshots: close the pipe; with ``wait``, wait until every snapshot is featurized."""
@@ -210,7 +221,10 @@ class BackgroundCapture:
                 continue
             if not pending:
                 break
-            self._restart_if_dead()  # it died with work left: a new one resumes (and ends at EOF)
+            if not self._restart_if_dead():  # it died with work left: a new one resumes (and ends at EOF)
+                raise CaptureError(f"training finished, but the background capture of {self.run_dir} failed with "
+                                   f"{len(pending)} checkpoint(s) pending (see {self.run_dir / WORKER_LOG}); the "
+                                   f"snapshots are safe: `montrage capture {self.run_dir}` featurizes them")
             self.proc.stdin.close()
         if self._log is not None:
             self._log.close()

@@ -92,7 +92,7 @@ class CaptureEngine:
     def from_store(cls, store: RunStore, components: DiffusionComponents,
                    threads: Optional[int] = DEFAULT_THREADS) -> "CaptureEngine":
         """An engine that featurizes ``store``'s snapshots exactly as the training loop would have."""
-        capture = from_dict(CaptureConfig, store.capture)
+        capture = from_dict(CaptureConfig, {"probe_sampler": "ddim", **store.capture})  # older runs: DDIM
         tm, pm = store.train_meta, store.probe_meta
         probes = [Probe(prompt=p, seed=int(s)) for p, s in zip(pm.get(S.ATTR_PROMPTS, []), pm.get(S.ATTR_SEEDS, []))]
         return cls(components, training_image_reader(store), tm.get(S.ATTR_CAPTIONS, []), probes, capture,

@@ -21,6 +21,7 @@ def run_probes(components: DiffusionComponents, extractor: FeatureExtractor, pro
     """Generate probes ``indices`` and featurize the generations exactly as training images are."""
     chosen = [probes[i] for i in indices]
     images = generate(components, [p.prompt for p in chosen], [p.seed for p in chosen],
-                      num_steps=capture.probe_steps, guidance_scale=capture.guidance_scale)
+                      num_steps=capture.probe_steps, guidance_scale=capture.guidance_scale,
+                      sampler=capture.probe_sampler)
     feats = extractor.extract(images, [p.prompt for p in chosen], probe_item_seeds(indices))
     return images, feats

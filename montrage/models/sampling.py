@@ -1,4 +1,4 @@
-"""DDIM sampling with classifier-free guidance, deterministic given per-sample seeds."""
+"""Sampling with classifier-free guidance (DDIM or DPM-Solver++ 2M), deterministic given per-sample seeds."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -30,9 +30,28 @@ def uint8_to_pixels(images: np.ndarray) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
+SAMPLERS = ("ddim", "dpm++2m")
+
+
+def sample_scheduler(components: DiffusionComponents, sampler: str = "ddim"):
+    """A fresh scheduler for ``sampler``: 'ddim' (the components' own) or 'dpm++2m' (DPM-Solver++ 2M, a
+    second-order multistep ODE solver: about the same samples in 10-15 steps as DDIM in 25)."""
+    if sampler == "ddim":
+        return components.sample_scheduler
+    if sampler == "dpm++2m":
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config,
+                                                       algorithm_type="dpmsolver++", solver_order=2)
+    from montrage.errors import ConfigError
+
+    raise ConfigError(f"unknown sampler {sampler!r}; known: {list(SAMPLERS)}")
+
+
 @torch.no_grad()
 def generate(components: DiffusionComponents, prompts: Sequence[str], seeds: Sequence[int],
-             num_steps: int = 25, guidance_scale: float = 1.5, batch_size: int = 64) -> np.ndarray:
+             num_steps: int = 25, guidance_scale: float = 1.5, batch_size: int = 64,
+             sampler: str = "ddim") -> np.ndarray:
     """Sample one image per (prompt, seed); returns uint8 (N, H, W, 3).
 
     Runs in eval mode and restores the UNet's previous mode; does not touch the global RNG.
@@ -40,7 +59,7 @@ def generate(components: DiffusionComponents, prompts: Sequence[str], seeds: Seq
     unet = components.unet
     was_training = unet.training
     unet.eval()
-    sched = components.sample_scheduler
+    sched = sample_scheduler(components, sampler)
     device = components.device
     out = []
     try:

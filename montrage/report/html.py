@@ -284,7 +284,7 @@ def _summary_section(store: RunStore, info: dict, colors: Dict[str, str], train_
         ("capture", e(f"modules {feat}; timesteps {capture.get('timesteps')}; conditions "
                       f"{capture.get('conditions')}; pooling {capture.get('pooling_grid')}x{capture.get('pooling_grid')}; "
                       f"projection {capture.get('projection_dim') or 'none'}; every {capture.get('every_n_steps')} steps; "
-                      f"probes with {capture.get('probe_steps')} DDIM steps, guidance {capture.get('guidance_scale')}")),
+                      f"probes with {capture.get('probe_steps')} {capture.get('probe_sampler', 'ddim')} steps, guidance {capture.get('guidance_scale')}")),
         ("cost of capture", e(cost)),
         ("store size", e(f"{info['size_total']} ({', '.join(f'{k} {v}' for k, v in info['size'].items())})")),
         ("non-finite checkpoints", e(info["nonfinite_checkpoints"] or "none")),

@@ -648,15 +648,16 @@ class RunStore:
 
     # the featurizer's side
     @classmethod
-    def open_featurizer(cls, run_dir: str | Path) -> "RunStore":
+    def open_featurizer(cls, run_dir: str | Path, wait: bool = False) -> "RunStore":
         """Open to featurize pending snapshots (a background worker, `montrage capture`): takes the capture lock
-        only, so a training loop may keep appending snapshots meanwhile."""
+        only, so a training loop may keep appending snapshots meanwhile. ``wait``: block until another
+        featurizer is done instead of raising StoreLockedError."""
         store = cls.open(run_dir)
         store = cls(store.run_dir, zarr.open_group(cls.store_path(run_dir), mode="r+"), writable=True)
-        store.claim_featurizer()
+        store.claim_featurizer(wait=wait)
         return store
 
-    def claim_featurizer(self) -> None:
+    def claim_featurizer(self, wait: bool = False) -> None:
         """Become the store's one featurizer (capture lock) and drop featurized rows a killed featurizer left
         past ``committed_checkpoints``. Idempotent."""
         if getattr(self, "_capture_fd", None) is not None:
@@ -664,7 +665,7 @@ class RunStore:
         path = self.run_dir / S.CAPTURE_LOCK_FILENAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise StoreLockedError(f"the checkpoints of {self.run_dir} are being featurized by another process (lock "

@@ -105,7 +105,11 @@ def test_capture_on_two_processes_equals_one(runs, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(runs["deferred"], one)
     shutil.copytree(runs["deferred"], two)
-    assert capture_run(one, num_processes=1, progress=False).featurized == [0, 2, 4]
+    from montrage.cli import main
+
+    assert main(["--quiet", "capture", str(one)]) == 0  # `montrage capture RUN`: one process
+    assert RunStore.open(one).steps.tolist() == [0, 2, 4]
+    assert capture_run(one, progress=False).pending_before == 0  # nothing left: a no-op
     res = capture_run(two, num_processes=2, progress=False)
     assert res.featurized == [0, 2, 4] and res.processes == 2
     _assert_same(_arrays(one), _arrays(two))
@@ -187,3 +191,21 @@ def test_per_step_signals_are_recorded_with_dimension_names(runs):
     sig = inline.step_signals()
     mean_2 = sig[S.SIGNAL_LOSS][sig[S.SIGNAL_STEP] <= 2].reshape(2, -1).mean(1).mean()
     assert np.isclose(inline.scalar_series(S.TRAIN_LOSS)[1], mean_2, rtol=1e-5)
+
+
+def test_loss_trajectory_channel_groups_the_loop_losses_by_image_and_interval(runs):
+    from montrage.analysis.step_signals import loss_trajectory
+
+    st = RunStore.open(runs["background"])
+    sig = st.step_signals()
+    traj = loss_trajectory(st)
+    assert traj.intervals.tolist() == [[0, 2], [2, 4]] and traj.loss.shape == (2, 8)
+    for k, (lo, hi) in enumerate(traj.intervals):
+        for i in range(8):
+            rows = (sig[S.SIGNAL_INDEX] == i) & (sig[S.SIGNAL_STEP] > lo) & (sig[S.SIGNAL_STEP] <= hi)
+            assert traj.count[k, i] == rows.sum()
+            if rows.any():
+                assert np.isclose(traj.loss[k, i], sig[S.SIGNAL_LOSS][rows].mean(), rtol=1e-6)
+            else:
+                assert np.isnan(traj.loss[k, i])
+    assert traj.count.sum() == len(sig[S.SIGNAL_STEP])  # no prior images in this run: every row is an image

@@ -1,0 +1,181 @@
+"""``montrage bench overhead``: what the monitor costs training, per capture mode, measured side by side.
+
+One process, the same data, steps, cadence and seed; runs alternated (plain, background, inline, ...) so that
+a change in machine load hits every mode alike. Reported ratios (targets from issue 11):
+
+- time until the final LoRA is saved, monitored (default mode) / plain: <= 1.05
+- the whole ``train`` call including all capture (the background worker finished) / plain: <= 1.30
+- deferred: ``montrage capture --num-processes 2`` vs 1 process on the same snapshots (faster is the target)
+
+plus a per-item breakdown of one checkpoint's capture (seconds per training image, anchor and probe), which
+``bench cost`` reports too.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+MODES = ("background", "inline", "deferred")
+
+
+def timed_training(data: Path, out: Path, steps: int, every: int, prior: Optional[Path], mode: Optional[str],
+                   seed: int = 0) -> Dict[str, float]:
+    """One fresh run; ``mode`` None = no monitor. Seconds until the final LoRA was saved, and in all."""
+    from montrage.config import CaptureConfig, TrainConfig
+    from montrage.training import train
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    res = train(data, out, cfg=TrainConfig(steps=steps, prior_fraction=0.25 if prior else 0.0, seed=seed),
+                capture=CaptureConfig(every_n_steps=every), prior_dir=prior, monitor=mode is not None,
+                progress=False, capture_mode=mode or "inline")
+    total = time.perf_counter() - t0
+    setup = total - res.wall_time_s  # model loading, store creation: before the first step
+    return {"total_s": total, "lora_saved_s": setup + float(res.lora_saved_s), "setup_s": setup}
+
+
+def timed_capture(run: Path, copy_to: Path, processes: int) -> float:
+    from montrage.capture import capture_run
+
+    shutil.rmtree(copy_to, ignore_errors=True)
+    shutil.copytree(run, copy_to)
+    t0 = time.perf_counter()
+    res = capture_run(copy_to, num_processes=processes, progress=False)
+    if res.pending_before == 0 or len(res.featurized) != res.pending_before:
+        raise RuntimeError(f"capture of {copy_to} featurized {res.featurized} of {res.pending_before}")
+    return time.perf_counter() - t0
+
+
+def capture_breakdown(run: Path, repeats: int = 1) -> Dict[str, float]:
+    """Seconds of one checkpoint's capture per item (1 CPU thread, the capture engine on the run's last
+    snapshot): training images and anchors per image (all conditions and timesteps), probes per probe
+    (generation + featurization)."""
+    from montrage.callbacks.capture import CaptureEngine, lora_layout, rebuild_components, unflatten
+    from montrage.callbacks.probes import run_probes
+    from montrage.models.features import TRAIN_SEED_OFFSET
+    from montrage.models.sampling import generate
+    from montrage.storage import RunStore
+
+    store = RunStore.open(run)
+    engine = CaptureEngine.from_store(store, rebuild_components(store))
+    snap = store.read_snapshot(store.n_snapshots - 1)
+    names, shapes = lora_layout(store)
+    cap = engine.capture
+    out: Dict[str, float] = {"conditions": len(cap.conditions), "timesteps": len(cap.timesteps),
+                             "probe_steps": cap.probe_steps, "probe_sampler": cap.probe_sampler}
+    with engine.lora_weights(unflatten(snap.lora, names, shapes)):
+        from montrage.callbacks.capture import torch_threads
+
+        with torch_threads(engine.threads):
+            n = len(engine.captions)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                engine._extract(list(range(n)), TRAIN_SEED_OFFSET)
+            out["train_image_s"] = (time.perf_counter() - t0) / repeats / max(n, 1)
+            probes = engine.probes
+            idx = list(range(len(probes)))
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                generate(engine.components, [p.prompt for p in probes], [p.seed for p in probes],
+                         num_steps=cap.probe_steps, guidance_scale=cap.guidance_scale, sampler=cap.probe_sampler)
+            out["probe_generation_s"] = (time.perf_counter() - t0) / repeats / max(len(probes), 1)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                run_probes(engine.components, engine.extractor, probes, idx, cap)
+            out["probe_s"] = (time.perf_counter() - t0) / repeats / max(len(probes), 1)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                generate(engine.components, [p.prompt for p in probes], [p.seed for p in probes], num_steps=25,
+                         guidance_scale=cap.guidance_scale, sampler="ddim")
+            out["probe_generation_ddim25_s"] = (time.perf_counter() - t0) / repeats / max(len(probes), 1)
+    out["train_images"], out["anchors"], out["probes"] = n, len(engine.anchor_indices), len(probes)
+    out["checkpoint_s"] = out["train_image_s"] * (n + out["anchors"]) + out["probe_s"] * len(probes)
+    return out
+
+
+def measure_overhead(root: Path, steps: int = 400, every: Optional[int] = None, repeats: int = 2,
+                     modes=MODES) -> Dict[str, object]:
+    from montrage.config import CaptureConfig
+    from montrage.data.synthetic import write_concept_dataset, write_prior_dataset
+
+    every = every or CaptureConfig().every_n_steps
+    data = write_concept_dataset(root / "data", n_artists=3, images_per_artist=8, seed=0)
+    prior = write_prior_dataset(root / "prior", 32, seed=1)
+    runs: Dict[str, List[Dict[str, float]]] = {"plain": [], **{m: [] for m in modes}}
+    for r in range(repeats):
+        for mode in ("plain",) + tuple(modes):
+            if mode == "deferred" and r:
+                continue  # one deferred run gives the snapshots both capture timings use
+            runs[mode].append(timed_training(data, root / f"{mode}{r}", steps, every, prior,
+                                             None if mode == "plain" else mode))
+    med = {m: {k: float(np.median([x[k] for x in v])) for k in v[0]} for m, v in runs.items() if v}
+    res: Dict[str, object] = {"steps": steps, "every_n_steps": every, "checkpoints": steps // every + 1,
+                              "repeats": repeats, "runs": runs, "median": med}
+    plain = med["plain"]
+    res["ratios"] = {m: {"lora_saved": med[m]["lora_saved_s"] / plain["lora_saved_s"],
+                         "total": med[m]["total_s"] / plain["total_s"]} for m in modes}
+    if "deferred" in modes:
+        one = [timed_capture(root / "deferred0", root / f"capture1-{r}", 1) for r in range(repeats)]
+        two = [timed_capture(root / "deferred0", root / f"capture2-{r}", 2) for r in range(repeats)]
+        res["deferred_capture"] = {"one_process_s": float(np.median(one)), "two_processes_s": float(np.median(two)),
+                                   "speedup": float(np.median(one) / np.median(two)), "runs_one": one, "runs_two": two}
+    res["capture_breakdown"] = capture_breakdown(root / "deferred0" if "deferred" in modes else root / "inline0")
+    return res
+
+
+def overhead_markdown(res: Dict[str, object]) -> str:
+    med, ratios = res["median"], res["ratios"]
+    plain = med["plain"]
+    lines = [f"{res['steps']} steps, a checkpoint every {res['every_n_steps']} ({res['checkpoints']} checkpoints), "
+             f"medians of {res['repeats']} alternated runs (deferred: 1).", "",
+             "| mode | final LoRA saved s | whole train call s | LoRA saved / plain | whole / plain |",
+             "|---|---|---|---|---|",
+             f"| no monitor | {plain['lora_saved_s']:.1f} | {plain['total_s']:.1f} | 1.000 | 1.000 |"]
+    for m, r in ratios.items():
+        note = " (default)" if m == "background" else (" (snapshots only)" if m == "deferred" else "")
+        lines.append(f"| {m}{note} | {med[m]['lora_saved_s']:.1f} | {med[m]['total_s']:.1f} | "
+                     f"{r['lora_saved']:.3f} | {r['total']:.3f} |")
+    if "background" in ratios:
+        b = ratios["background"]
+        lines += ["", f"Targets: LoRA saved / plain {b['lora_saved']:.3f} (<= 1.05: "
+                  f"{'met' if b['lora_saved'] <= 1.05 else 'missed'}); whole train call / plain {b['total']:.3f} "
+                  f"(<= 1.30: {'met' if b['total'] <= 1.30 else 'missed'})."]
+    d = res.get("deferred_capture")
+    if d:
+        lines += ["", f"Deferred: `montrage capture` of the {res['checkpoints']} snapshots took "
+                  f"{d['one_process_s']:.1f} s on 1 process and {d['two_processes_s']:.1f} s on 2 "
+                  f"(`--num-processes 2`): x{d['speedup']:.2f}."]
+    lines += ["", capture_breakdown_markdown(res["capture_breakdown"])]
+    return "\n".join(lines)
+
+
+def capture_breakdown_markdown(b: Dict[str, float]) -> str:
+    return (f"Capture per checkpoint (1 CPU thread): {b['checkpoint_s']:.2f} s = {b['train_images']} training "
+            f"images + {b['anchors']} anchors x {1000 * b['train_image_s']:.1f} ms each ({b['conditions']} "
+            f"condition(s) x {b['timesteps']} timesteps) + {b['probes']} probes x {1000 * b['probe_s']:.1f} ms each "
+            f"({b['probe_sampler']} {b['probe_steps']} steps: generation {1000 * b['probe_generation_s']:.1f} ms; "
+            f"with DDIM 25 steps the generation took {1000 * b['probe_generation_ddim25_s']:.1f} ms).")
+
+
+def run_overhead(args) -> int:
+    from benchmarks.cli import provenance_lines, write_md_section
+
+    root = Path(args.out) / ("overhead-quick" if args.quick else "overhead")
+    res = measure_overhead(root, steps=100 if args.quick else 400, every=25 if args.quick else None,
+                           repeats=1 if args.quick else 2)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.json").write_text(json.dumps(res, indent=2, default=float))
+    md = overhead_markdown(res)
+    print(md)
+    if args.write_md:
+        heading = "## Callback overhead by capture mode" + (" (--quick)" if args.quick else "")
+        note = ("- note: the 2 CPU cores were shared with other work while this ran; the ratios compare runs "
+                "alternated in one process, so shared load hits every mode alike, but they are noisy")
+        write_md_section("overhead", "\n".join([heading, "", provenance_lines(args, "training 0"), note, "", md]),
+                         args.write_md)
+    return 0
