@@ -40,23 +40,6 @@ def timed_training(data: Path, out: Path, steps: int, monitor: bool, every: int,
     return time.perf_counter() - t0
 
 
-def measure_overhead(root: Path, steps: int = 400, every: Optional[int] = None, repeats: int = 1) -> Dict[str, object]:
-    """Training wall time with vs without the monitor, same data, steps and seed; alternated runs."""
-    from montrage.config import CaptureConfig
-    from montrage.data.synthetic import write_prior_dataset
-
-    every = every or CaptureConfig().every_n_steps
-    data = _dataset(root / "data", 3, 8)
-    prior = write_prior_dataset(root / "prior", 32, seed=1)
-    with_cb, without = [], []
-    for r in range(repeats):
-        without.append(timed_training(data, root / f"plain{r}", steps, False, every, prior))
-        with_cb.append(timed_training(data, root / f"monitored{r}", steps, True, every, prior))
-    a, b = float(np.median(with_cb)), float(np.median(without))
-    return {"steps": steps, "every_n_steps": every, "checkpoints": steps // every + 1, "with_s": a, "without_s": b,
-            "ratio": a / b, "overhead_pct": 100 * (a / b - 1), "runs_with": with_cb, "runs_without": without}
-
-
 _SCORE_SNIPPET = r"""
 import json, resource, sys, time, numpy as np
 from montrage.analysis.attribute import attribute
@@ -294,17 +277,4 @@ def run_cost(args) -> int:
     (root / "results.json").write_text(json.dumps({"cost": cost, "throughput": tp, "gradient_features": grad},
                                                   indent=2))
     _publish(args, "cost", "Cost", "training 0, throughput data 0", md)
-    return 0
-
-
-def run_overhead(args) -> int:
-    root = Path(args.out) / "overhead"
-    res = measure_overhead(root, steps=100 if args.quick else 400, every=25 if args.quick else None,
-                           repeats=1 if args.quick else 2)
-    (root / "results.json").parent.mkdir(parents=True, exist_ok=True)
-    (root / "results.json").write_text(json.dumps(res, indent=2))
-    md = (f"| steps | checkpoint every | checkpoints | without callback s | with callback s | ratio | overhead |\n"
-          f"|---|---|---|---|---|---|---|\n| {res['steps']} | {res['every_n_steps']} | {res['checkpoints']} | "
-          f"{res['without_s']:.1f} | {res['with_s']:.1f} | {res['ratio']:.3f} | {res['overhead_pct']:.1f}% |")
-    _publish(args, "overhead", "Callback overhead", "training 0", md)
     return 0

@@ -77,6 +77,17 @@ def capture_breakdown(run: Path, repeats: int = 1) -> Dict[str, float]:
             for _ in range(repeats):
                 engine._extract(list(range(n)), TRAIN_SEED_OFFSET)
             out["train_image_s"] = (time.perf_counter() - t0) / repeats / max(n, 1)
+            if len(cap.conditions) > 1:  # what the caption condition costs (scorers reading it: see the README)
+                from dataclasses import replace
+
+                from montrage.models.features import FeatureExtractor
+
+                null_only = FeatureExtractor(engine.components, replace(cap, conditions=("null",)))
+                images = engine.read_images(list(range(n)))
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    null_only.extract(images, [""] * n, list(range(n)))
+                out["train_image_null_only_s"] = (time.perf_counter() - t0) / repeats / max(n, 1)
             probes = engine.probes
             idx = list(range(len(probes)))
             t0 = time.perf_counter()
@@ -125,7 +136,35 @@ def measure_overhead(root: Path, steps: int = 400, every: Optional[int] = None, 
         res["deferred_capture"] = {"one_process_s": float(np.median(one)), "two_processes_s": float(np.median(two)),
                                    "speedup": float(np.median(one) / np.median(two)), "runs_one": one, "runs_two": two}
     res["capture_breakdown"] = capture_breakdown(root / "deferred0" if "deferred" in modes else root / "inline0")
+    res["timestep_signal"] = timestep_signal(root / "deferred0" if "deferred" in modes else root / "inline0")
     return res
+
+
+def timestep_signal(run: Path) -> Dict[str, Dict[str, float]]:
+    """Which captured timesteps carry attribution signal: between-concept top-1 accuracy of the run's
+    single-concept probes when each is matched (cosine of z-normalised features, null condition, last
+    checkpoint) to its nearest training image using one module at one timestep."""
+    from montrage.storage import RunStore
+    from montrage.storage import schema as S
+
+    st = RunStore.open(run)
+    concepts = np.asarray(st.concepts)
+    expected = np.asarray(st.probe_meta.get(S.ATTR_CONCEPTS, []))
+    keep = np.flatnonzero([bool(c) and c in set(concepts) for c in expected])
+    c = st.conditions.index("null")
+    out: Dict[str, Dict[str, float]] = {}
+    for m in st.modules:
+        tr = st.features(S.TRAIN, m, -1)[:, c]  # (n, T, F)
+        pr = st.features(S.PROBES, m, -1)[keep, c]
+        for ti, t in enumerate(st.timesteps):
+            mu, sd = tr[:, ti].mean(0), tr[:, ti].std(0) + 1e-6
+            a = (tr[:, ti] - mu) / sd
+            b = (pr[:, ti] - mu) / sd
+            a /= np.linalg.norm(a, axis=1, keepdims=True) + 1e-12
+            b /= np.linalg.norm(b, axis=1, keepdims=True) + 1e-12
+            top = (b @ a.T).argmax(1)
+            out.setdefault(m, {})[str(t)] = float((concepts[top] == expected[keep]).mean()) if len(keep) else float("nan")
+    return out
 
 
 def overhead_markdown(res: Dict[str, object]) -> str:
@@ -151,14 +190,23 @@ def overhead_markdown(res: Dict[str, object]) -> str:
                   f"{d['one_process_s']:.1f} s on 1 process and {d['two_processes_s']:.1f} s on 2 "
                   f"(`--num-processes 2`): x{d['speedup']:.2f}."]
     lines += ["", capture_breakdown_markdown(res["capture_breakdown"])]
+    ts = res.get("timestep_signal")
+    if ts:
+        steps = list(next(iter(ts.values())))
+        lines += ["", "Which timesteps carry signal: between-concept top-1 of the single-concept probes matched to "
+                  "their nearest training image by one module at one timestep (null condition, last checkpoint):", "",
+                  "| module | " + " | ".join(f"t={t}" for t in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+        lines += [f"| {m} | " + " | ".join(f"{v[t]:.2f}" for t in steps) + " |" for m, v in ts.items()]
     return "\n".join(lines)
 
 
 def capture_breakdown_markdown(b: Dict[str, float]) -> str:
+    null = (f"; the null condition alone {1000 * b['train_image_null_only_s']:.1f} ms"
+            if "train_image_null_only_s" in b else "")
     return (f"Capture per checkpoint (1 CPU thread): {b['checkpoint_s']:.2f} s = {b['train_images']} training "
             f"images + {b['anchors']} anchors x {1000 * b['train_image_s']:.1f} ms each ({b['conditions']} "
-            f"condition(s) x {b['timesteps']} timesteps) + {b['probes']} probes x {1000 * b['probe_s']:.1f} ms each "
-            f"({b['probe_sampler']} {b['probe_steps']} steps: generation {1000 * b['probe_generation_s']:.1f} ms; "
+            f"condition(s) x {b['timesteps']} timesteps{null}) + {b['probes']} probes x {1000 * b['probe_s']:.1f} ms "
+            f"each ({b['probe_sampler']} {b['probe_steps']} steps: generation {1000 * b['probe_generation_s']:.1f} ms; "
             f"with DDIM 25 steps the generation took {1000 * b['probe_generation_ddim25_s']:.1f} ms).")
 
 
