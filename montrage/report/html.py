@@ -271,7 +271,9 @@ def _summary_section(store: RunStore, info: dict, colors: Dict[str, str], train_
         ("concepts", concept_cell),
         ("probes", f"{info['probes']} ({e(', '.join(f'{k or chr(8212)}: {n}' for k, n in kinds.items()))}); "
                    f"anchors {info['anchors']}"),
-        ("checkpoints", f"{len(steps)} at steps {e(steps)}"),
+        ("checkpoints", f"{len(steps)} at steps {e(steps)}" + (
+            e(f"; pending (snapshot only, not in this report until `montrage capture`): {info['pending_checkpoints']}")
+            if info.get("pending_checkpoints") else "")),
         ("training", e(f"{train.get('steps')} steps, batch {train.get('batch_size')}, lr {train.get('lr')}, "
                        f"warm-up {train.get('warmup_steps')}, prior fraction {train.get('prior_fraction')}, "
                        f"seed {train.get('seed')}, processes {cfg.get('world_size', 1)}") if train else

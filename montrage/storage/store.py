@@ -301,11 +301,7 @@ class RunStore:
     def _trim_uncommitted(self) -> None:
         # snapshot arrays past the snapshot marker; featurized arrays past the commit marker only when no
         # featurizer (background worker, `montrage capture`) is at work: claim_featurizer trims those
-        m = self.n_snapshots
-        for arr in self._snapshot_arrays():
-            if arr.shape[0] > m:
-                log.warning("dropping a partial checkpoint left in %s by an interrupted writer", arr.path)
-                arr.resize((m,) + arr.shape[1:])
+        self._trim(self._snapshot_arrays(), self.n_snapshots, "writer")
         if getattr(self, "_capture_fd", None) is not None:
             self._trim_featurized()  # this process is the featurizer (inline capture)
             return
@@ -604,7 +600,7 @@ class RunStore:
         lora_arr = self.root[f"{S.LORA}/{S.WEIGHTS}"]
         self._put_row(lora_arr, m, snap.lora if snap.lora is not None else np.full(lora_arr.shape[1:], np.nan))
         rows = self._append_signals(snap.signals)
-        ck.attrs.update({S.ATTR_SNAPSHOTS: m + 1, S.ATTR_SIGNAL_ROWS: rows})  # the snapshot marker, last
+        ck.update_attributes({S.ATTR_SNAPSHOTS: m + 1, S.ATTR_SIGNAL_ROWS: rows})  # the snapshot marker: one write
         return m
 
     def _append_signals(self, signals: Optional[Dict[str, np.ndarray]]) -> int:
@@ -678,10 +674,13 @@ class RunStore:
         self._trim_featurized()
 
     def _trim_featurized(self) -> None:
-        n = self.n_checkpoints
-        for arr in self._featurized_arrays():
+        self._trim(self._featurized_arrays(), self.n_checkpoints, "featurizer")
+
+    @staticmethod
+    def _trim(arrays: List[zarr.Array], n: int, who: str) -> None:
+        for arr in arrays:
             if arr.shape[0] > n:
-                log.warning("dropping a partial checkpoint left in %s by an interrupted featurizer", arr.path)
+                log.warning("dropping a partial checkpoint left in %s by an interrupted %s", arr.path, who)
                 arr.resize((n,) + tuple(arr.shape[1:]))
 
     def release_featurizer(self) -> None:
@@ -708,7 +707,7 @@ class RunStore:
         commit: Dict[str, Any] = {S.ATTR_COMMITTED: int(count)}
         if nonfinite:
             commit[S.ATTR_NONFINITE] = sorted(set(self.nonfinite_checkpoints) | {int(i) for i in nonfinite})
-        self.root.attrs.update(commit)
+        self.root.update_attributes(commit)  # one metadata write (attrs.update writes once per key)
 
 
 @dataclass
