@@ -593,10 +593,12 @@ def run_dir_for(out: str | Path, dataset: str, seed: int, quick: bool) -> Path:
 
 def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Optional[AttributionBenchSettings] = None,
                           echo: Callable[[str], None] = print, dataset: str = "synthetic", seed: int = 0,
-                          prepare_only: bool = False) -> dict:
+                          prepare_only: bool = False, rescore: Optional[Sequence[str]] = None) -> dict:
     """Run the attribution benchmark of one (dataset, seed) into ``out_dir``; returns the results (also
     ``results.json``). The monitored run, the generated queries and the LDS retrains are cached there;
-    ``prepare_only`` builds just those (no scoring), so scorers can be re-scored later without retraining."""
+    ``prepare_only`` builds just those (no scoring), so scorers can be re-scored later without retraining;
+    ``rescore`` (method names): recompute only these, and reuse the saved scores of every other method that were
+    computed on exactly these queries (``scores/<method>.npz``)."""
     s = settings or settings_for(dataset, seed, quick)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -637,8 +639,19 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
     errors: Dict[str, str] = {}
     score_times: Dict[str, Dict[str, float]] = {}
     (out / "scores").mkdir(exist_ok=True)
+    qkey = _digest(*[[q.ids, q.prompts] for q in queries.values()], *[q.images for q in queries.values()])
+    reused_scores: List[str] = []
     for m in methods:
         scores[m], score_times[m] = {}, {}
+        saved = out / "scores" / f"{m}.npz"
+        if rescore is not None and m not in rescore and saved.is_file():
+            z = np.load(saved)
+            if "_queries" in z.files and str(z["_queries"]) == qkey:
+                scores[m] = {q: (z[q] if q in z.files else None) for q in queries}
+                score_times[m] = {q: float(z["_seconds"][i]) for i, q in enumerate(queries)} if "_seconds" in z.files else {}
+                reused_scores.append(m)
+                echo(f"    {m:<24} reused saved scores")
+                continue
         try:
             for qname, qs in queries.items():
                 t1 = time.time()
@@ -648,7 +661,10 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
         except Exception as exc:  # one failing method must not sink a long benchmark
             log.exception("scorer %s failed", m)
             errors[m] = f"{type(exc).__name__}: {exc}"
-        np.savez_compressed(out / "scores" / f"{m}.npz", **{k: a for k, a in scores[m].items() if a is not None})
+        if m not in errors:
+            np.savez_compressed(saved, _queries=np.array(qkey),
+                                _seconds=np.array([score_times[m].get(q, np.nan) for q in queries]),
+                                **{k: a for k, a in scores[m].items() if a is not None})
         echo(f"    {m:<24} {sum(score_times[m].values()):7.1f} s" + (f"  ERROR {errors[m]}" if m in errors else ""))
     timings["scoring_per_method"] = score_times
     stage("scoring", t0)
@@ -712,7 +728,7 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
         "lds": {"subsets": len(subsets), "subset_seeds": [sd for sd, _ in subsets], "fraction": s.lds_fraction,
                 "steps": lds_cfg.steps, "timesteps": list(s.lds_timesteps), "noise_seed": LDS_NOISE_SEED,
                 "queries": "caption", "sign_convention": SIGN_CONVENTION, "reused_from_cache": int(reused)},
-        "timings_s": timings, "methods": entries, "dynamics_ablation": ablation,
+        "timings_s": timings, "methods": entries, "dynamics_ablation": ablation, "reused_scores": reused_scores,
         "excluded": {m: "concept-level method, scored by `bench concept`" for m in s.exclude if m in available()}
         if s.methods is None else {},
     }
@@ -798,7 +814,9 @@ def _setup_lines(res: dict) -> List[str]:
         f"losses of the caption queries at timesteps {res['lds']['timesteps']}; {SIGN_CONVENTION}",
         f"- timings (s): data {t.get('data')}, monitored training {t.get('train_monitored')}, queries "
         f"{t.get('queries')}, scoring {t.get('scoring')}, LDS retraining + losses {t.get('lds_retrain_and_losses')}, "
-        f"metrics {t.get('metrics')}, total {t.get('total')} (cached stages count their reuse only)",
+        f"metrics {t.get('metrics')}, total {t.get('total')} (cached stages count their reuse only)"
+        + (f"; scores reused from an earlier scoring of the same queries: {', '.join(res['reused_scores'])}"
+           if res.get("reused_scores") else ""),
     ]
 
 
@@ -860,8 +878,10 @@ def run_from_cli(args) -> int:
     dataset, seed, quick = getattr(args, "dataset", "synthetic") or "synthetic", int(getattr(args, "seed", 0) or 0), \
         bool(args.quick)
     out = run_dir_for(args.out, dataset, seed, quick)
+    rescore = getattr(args, "rescore", None)
     res = run_attribution_bench(out, quick=quick, dataset=dataset, seed=seed,
-                                prepare_only=bool(getattr(args, "prepare", False)))
+                                prepare_only=bool(getattr(args, "prepare", False)),
+                                rescore=None if rescore is None else [m for m in rescore.split(",") if m])
     if "prepared" in res:
         print(f"prepared {res['prepared']} (run, queries, LDS retrains); timings {res['timings_s']}")
         return 0

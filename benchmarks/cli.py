@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description="montrage benchmarks (run from a checkout; "
                                  "`montrage bench KIND ...` runs this)")
     ap.add_argument("kind", choices=sorted(BENCHES), help="which benchmark")
-    ap.add_argument("--run", default=None, help="concept: the run to use (default OUT/attribution/run)")
+    ap.add_argument("--run", default=None, help="concept: the run to use (default: the attribution run of --dataset "
+                    "and --seed under OUT); cost: measure only the stored gradient features on this run")
     ap.add_argument("--quick", action="store_true", help="smaller settings that fit a test budget")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data, training, queries and bootstrap (default 0)")
     ap.add_argument("--dataset", default="synthetic", choices=["synthetic", "typefaces"],
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     ap.add_argument("--prepare", action="store_true", help="attribution: only build the cached run, queries and "
                     "LDS retrains of this (dataset, seed); a later run without --prepare re-scores from them")
+    ap.add_argument("--rescore", default=None, metavar="M1,M2",
+                    help="attribution: recompute only these methods' scores, reuse the saved scores of the others "
+                    "(computed on the same queries)")
     add_write_md_option(ap)
     return ap
 

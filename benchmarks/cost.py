@@ -268,6 +268,13 @@ def _publish(args, kind: str, title: str, seeds: str, md: str) -> None:
 
 def run_cost(args) -> int:
     root = Path(args.out) / "cost"
+    if getattr(args, "run", None):  # only the stored-gradient-feature figures, on a given run (e.g. a bench run)
+        grad = measure_gradient_features(Path(args.run))
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "gradient_features.json").write_text(json.dumps(grad, indent=2))
+        _publish(args, "cost-gradients", "Cost of stored gradient features", "the run's",
+                 f"Run: `{args.run}`.\n\n" + gradient_markdown(grad))
+        return 0
     sizes = ((2, 6), (4, 15)) if args.quick else ((3, 8), (10, 24))
     cost = measure_cost(root, sizes=sizes, steps=60 if args.quick else 200)
     largest = max(cost["sizes"].values(), key=lambda v: v["train_images"])["train_images"]

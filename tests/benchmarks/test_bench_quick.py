@@ -95,6 +95,11 @@ def test_rescore_reuses_run_queries_and_lds_models(tiny_bench, tmp_path):
     assert again["data"]["checkpoint_steps"] == res["data"]["checkpoint_steps"]
     assert again["methods"]["pixel"]["metrics"] == res["methods"]["pixel"]["metrics"]  # deterministic
     assert again["timings_s"]["train_monitored"] < res["timings_s"]["train_monitored"]
+    # re-scoring one method reuses the saved scores of the others (same queries)
+    third = run_attribution_bench(copy, settings=dataclasses.replace(TINY, methods=("pixel", "text-only")),
+                                  rescore=["text-only"], echo=lambda _m: None)
+    assert third["reused_scores"] == ["pixel"]
+    assert third["methods"]["text-only"]["metrics"] == res["methods"]["text-only"]["metrics"]
 
 
 def _results(values, diffs):
