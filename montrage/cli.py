@@ -21,8 +21,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="embedded", help="'embedded' (default) or a local diffusers pipeline folder")
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the base model's)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"optimizer steps (default: from the data, {D.DEFAULT_EPOCHS:.0f} passes over the images x "
-                   f"resolution / the base's when above it, in [{D.DEFAULT_MIN_STEPS}, {D.DEFAULT_MAX_STEPS}]; "
+                   help=f"optimizer steps (default: from the data, {D.DEFAULT_EPOCHS:.0f} passes over the images, x "
+                   f"sqrt(resolution / the base's) when above it, in [{D.DEFAULT_MIN_STEPS}, {D.DEFAULT_MAX_STEPS}]; "
                    "see README 'Training defaults')")
     p.add_argument("--batch-size", type=int, default=t.batch_size, help=f"images per step (default {t.batch_size})")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {D.DEFAULT_LR} on the "
