@@ -50,7 +50,10 @@ MAX_FIT_ANCHORS = 32
 FIT_STEPS = 400
 FIT_SEED_OFFSET = 700_000  # noise draws of the perturbed anchors (distinct from probes / training queries)
 WEIGHT_DECAY = 1e-3
-MODEL_VERSION = 1
+RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
+CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
+CONCEPT_WEIGHT = 3.0
+MODEL_VERSION = 2
 
 
 def query_kind(prompt: str) -> str:
@@ -78,6 +81,16 @@ def perturb(images: np.ndarray, seed: int) -> np.ndarray:
         x = x * rng.uniform(0.9, 1.1) * rng.uniform(0.95, 1.05, size=3) + rng.normal(0.0, 6.0, size=x.shape)
         out[n] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     return out
+
+
+def augment_prompt(prompt: str, rng: np.random.Generator) -> str:
+    """A prompt-known supervision query's prompt: its caption with one word dropped (3+ words), so an exact
+    caption match cannot stand in for every other channel when the weights are fitted."""
+    words = prompt.split()
+    if len(words) < 3:
+        return prompt
+    drop = int(rng.integers(len(words)))
+    return " ".join(w for i, w in enumerate(words) if i != drop)
 
 
 def standardise(values: np.ndarray) -> np.ndarray:
@@ -215,16 +228,24 @@ class FusedModel:
                    float(d["bias"]), d.get("supervision", ""))
 
 
-def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str, steps: int = FIT_STEPS,
-        lr: float = 0.05) -> FusedModel:
-    """Non-negative channel weights + calibration minimising the attribution loss on (A, N) supervision."""
+def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str,
+        concepts: Optional[Sequence[str]] = None, steps: int = FIT_STEPS, lr: float = 0.05) -> FusedModel:
+    """Non-negative channel weights + calibration minimising the attribution loss on (A, N) supervision, plus
+    (with training-image ``concepts``) the between-concept ranking term: each supervision query's own concept
+    (that of its target-1 image) should have the best concept score."""
     import torch
 
-    from montrage.losses.attribution import attribution_loss
+    from montrage.losses.attribution import attribution_loss, concept_ranking_loss
 
     names = sorted(values)
     feats = torch.from_numpy(np.stack([standardise(values[c]) for c in names])).double()  # (C, A, N)
     y = torch.from_numpy(target).double()
+    members = own = None
+    labels = sorted(set(concepts or []) - {""})
+    if len(labels) >= 2:
+        members = torch.tensor(np.array([[c == lab for c in concepts] for lab in labels]))
+        own = torch.tensor([labels.index(concepts[int(j)]) if row.max() >= 1.0 and concepts[int(j)] else -1
+                            for row, j in zip(target, target.argmax(1))])
     theta = torch.zeros(len(names), dtype=torch.float64, requires_grad=True)
     log_scale = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
@@ -234,7 +255,9 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
         w = torch.nn.functional.softplus(theta)
         raw = torch.einsum("c,can->an", w, feats)
         cal = torch.sigmoid(log_scale.exp() * (raw - bias))
-        loss = attribution_loss(raw, cal, y) + WEIGHT_DECAY * (w ** 2).sum()
+        loss = attribution_loss(raw, cal, y, temperature=RANK_TEMPERATURE) + WEIGHT_DECAY * (w ** 2).sum()
+        if members is not None:
+            loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(raw, members, own, temperature=CONCEPT_TEMPERATURE)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -270,14 +293,16 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tupl
         log.info("montrage: supervising with the stored anchor trajectories (%s)", exc)
         return stored_anchor_values(ctx, anchors, kind, final_only), target, "stored anchors (second noise draw)"
     images = perturb(ts.images[anchors], seed=1234)
-    prompts = [captions[i] if kind == PROMPT else "" for i in anchors]
+    rng = np.random.default_rng(4321)
+    prompts = [augment_prompt(captions[i], rng) if kind == PROMPT else "" for i in anchors]
     q = QuerySet(ids=[f"anchor-{i}" for i in anchors], images=images, prompts=prompts, seeds=[None] * len(anchors),
                  item_seeds=[FIT_SEED_OFFSET + i for i in anchors], concepts=[store.concepts[i] for i in anchors])
     sub = _sub(ctx, q, query_mode="B")
     values = channel_values(sub, kind, final_only)
     if ctx._model is None:
         ctx._model = sub._model
-    return values, target, f"{len(anchors)} perturbed anchors (shift, colour jitter, noise), concept labels"
+    return values, target, (f"{len(anchors)} perturbed anchors (shift, colour jitter, noise"
+                            f"{'; caption with one word dropped' if kind == PROMPT else ''}), concept labels")
 
 
 def stored_anchor_values(ctx: ScoringContext, anchors: Sequence[int], kind: str, final_only: bool
@@ -319,7 +344,7 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
             except (ValueError, KeyError):
                 pass
         values, target, how = supervision_values(ctx, kind, final_only)
-        model = fit(values, target, kind, how)
+        model = fit(values, target, kind, how, ctx.store.concepts)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

@@ -27,7 +27,7 @@ import numpy as np
 from montrage.analysis.base import QuerySet, ScoringContext
 from montrage.analysis.gradient_scorers import (GradientSettings, checkpoint_components, projector,
                                                tracin_checkpoints)
-from montrage.analysis.gradients import projected_gradients, training_images
+from montrage.analysis.gradients import Projector, projected_gradients, training_images
 from montrage.errors import ScorerError, StoreError
 from montrage.models.features import TRAIN_SEED_OFFSET
 from montrage.storage import RunStore
@@ -52,7 +52,8 @@ def feature_settings(ctx: ScoringContext, s: GradientSettings) -> dict:
 
     return {"version": FEATURE_VERSION, "timesteps": [int(t) for t in s.timesteps], "noise_seed": int(s.noise_seed),
             "proj_dim": int(s.proj_dim), "proj_seed": int(s.proj_seed),
-            "projection_device": torch.device(ctx.device).type, "lora": _lora_layout(ctx.store),
+            "projection": Projector.KIND, "projection_device": torch.device(ctx.device).type,
+            "lora": _lora_layout(ctx.store),
             "train_seed_offset": int(TRAIN_SEED_OFFSET), "prompts": "captions"}
 
 

@@ -4,9 +4,9 @@ Both read the training images from the run store and rebuild the model at stored
 from the LoRA weights in the store. Options (``ctx.options``):
 
 - ``grad_timesteps``: diffusion timesteps of the gradients (default: the run's capture timesteps)
-- ``proj_dim`` (1024), ``proj_seed`` (0): the random projection; ``proj_cache_mb`` (256): memory for
-  keeping generated projection blocks between calls (the embedded model's full 1024-wide projection
-  is ~450 MB; what does not fit is regenerated on every call, ~1 s per 100M entries on one core)
+- ``proj_dim`` (1024), ``proj_seed`` (0): the random projection (a CountSketch generated on the gradients'
+  device, see :class:`~montrage.analysis.gradients.Projector`); ``proj_cache_mb`` (256): memory for keeping
+  its generated blocks between calls
 - ``grad_batch_size`` (32): items per vmap call
 - ``dtrak_lambda`` (0.1): D-TRAK damping, relative to the mean diagonal of G^T G
 """

@@ -3,6 +3,8 @@
 Two terms: a squared error on the calibrated score (so scores read as MONTRAGE-style soft ground
 truth, e.g. proportions) and a listwise ranking term per query (softmax cross-entropy between the
 target distribution and the raw combined similarity), because attribution is consumed as a ranking.
+:func:`concept_ranking_loss` adds the between-concept view: attribution is also read per concept (the
+mean of a concept's top training-image scores), so the query's own concept should win that ranking.
 """
 from __future__ import annotations
 
@@ -28,3 +30,23 @@ def attribution_loss(raw: torch.Tensor, calibrated: torch.Tensor, target: torch.
     """MSE(calibrated, target) + rank_weight * listwise ranking loss on ``raw``; all (Q, N)."""
     mse = (calibrated - target).pow(2).mean()
     return mse + rank_weight * listwise_ranking_loss(raw, target, temperature)
+
+
+def concept_scores_soft(raw: torch.Tensor, members: torch.Tensor, top: int = 3) -> torch.Tensor:
+    """(Q, C) concept scores: the mean of each concept's ``top`` best raw scores (members: (C, N) bool)."""
+    cols = []
+    for c in range(members.shape[0]):
+        sub = raw[:, members[c]]
+        cols.append(sub.topk(min(top, sub.shape[1]), dim=1).values.mean(1))
+    return torch.stack(cols, 1)
+
+
+def concept_ranking_loss(raw: torch.Tensor, members: torch.Tensor, target: torch.Tensor, top: int = 3,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """Mean over queries with a concept (``target`` >= 0, an index into members' rows) of the cross-entropy
+    of the softmax over concept scores (:func:`concept_scores_soft`) against the query's own concept."""
+    ok = target >= 0
+    if not bool(ok.any()) or members.shape[0] < 2:
+        return raw.sum() * 0.0
+    logp = torch.log_softmax(concept_scores_soft(raw[ok], members, top) / temperature, dim=-1)
+    return -logp.gather(1, target[ok].long()[:, None]).mean()

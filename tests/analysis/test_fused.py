@@ -24,7 +24,7 @@ def planted_values(targets, n, kind, seed):
     for c in CHANNELS:
         v = rng.normal(size=(len(targets), n))
         if c == informative:
-            v[np.arange(len(targets)), targets] += 4.0
+            v[np.arange(len(targets)), targets] += 5.0
         else:  # a distractor that points at the wrong image
             v[np.arange(len(targets)), (np.asarray(targets) + 1) % n] += 1.5
         out[c] = v.astype(np.float32)

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import torch
 
 from montrage.losses.attribution import attribution_loss, listwise_ranking_loss, shifted_cosine
@@ -32,3 +33,18 @@ def test_loss_zero_mse_term_when_calibrated_matches():
     t = torch.tensor([[0.2, 0.8]])
     only_rank = listwise_ranking_loss(t, t)
     torch.testing.assert_close(attribution_loss(t, t, t), only_rank)
+
+
+def test_concept_ranking_loss_prefers_the_own_concept_and_skips_unlabelled():
+    from montrage.losses.attribution import concept_ranking_loss, concept_scores_soft
+
+    members = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    raw = torch.tensor([[3.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 3.0]])
+    np.testing.assert_allclose(concept_scores_soft(raw, members, top=1).numpy(), [[3.0, 0.0], [0.0, 3.0]])
+    good = concept_ranking_loss(raw, members, torch.tensor([0, 1]))
+    bad = concept_ranking_loss(raw, members, torch.tensor([1, 0]))
+    assert good < bad
+    assert float(concept_ranking_loss(raw, members, torch.tensor([-1, -1]))) == 0.0
+    raw.requires_grad_(True)
+    concept_ranking_loss(raw, members, torch.tensor([0, -1])).backward()
+    assert raw.grad[0, :2].sum() < 0 < raw.grad[0, 2:].sum() and (raw.grad[1] == 0).all()
