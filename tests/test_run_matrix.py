@@ -155,16 +155,17 @@ def test_every_method_compare_and_report_from_elsewhere(recorded, tmp_path, monk
         assert np.isfinite(res.scores).all(), method
         assert res.payload["queries"][0]["top"], method
 
-    # a copy of training image 4 as a query image: it is its own best match
+    # copies of the 6 training images (read back from the run) as query images: each is its own best match
     queries = tmp_path / "queries"
     queries.mkdir()
-    Image.fromarray(st.train_images([4])[0]).save(queries / "copy.png")
+    for i, im in enumerate(st.train_images()):
+        Image.fromarray(im).save(queries / f"copy-{i}.png")
     for method in ("pixel", "montrage"):
         res = attribute(run, method, images_dir=queries, options=dict(FAST), progress=False, ctx_cache=cache)
-        assert res.payload["queries"][0]["top"][0]["train_index"] == 4, (method, res.scores)
-    # probes and the query image were scored separately: both score sets are kept
+        assert [q["top"][0]["train_index"] for q in res.payload["queries"]] == list(range(6)), (method, res.scores)
+    # probes and the query images were scored separately: both score sets are kept
     sets = [a for a in RunStore.open(run).attributions() if a["method"] == "pixel"]
-    assert sorted(len(a["query_ids"]) for a in sets) == [1, n_probes]
+    assert sorted(len(a["query_ids"]) for a in sets) == sorted([6, n_probes])
 
     assert main(["--quiet", "compare", str(run), "--method", "final-sim"]) == 0
     curves = json.loads((run / "compare_final-sim.json").read_text())

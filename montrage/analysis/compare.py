@@ -24,7 +24,8 @@ LEARNED_THRESHOLD = 0.75  # share of a concept's probes attributed to it, from t
 
 def compare(run_dir: str | Path, method: str = "montrage", from_step: Optional[int] = None,
             to_step: Optional[int] = None, plot: Optional[str | Path] = None, progress: bool = True,
-            top_changed: int = 5) -> dict:
+            top_changed: int = 5, options: Optional[dict] = None) -> dict:
+    """``options``: scorer options passed to every attribution (e.g. ``{"base": PATH}`` for a moved base model)."""
     store = RunStore.open(run_dir)
     steps = store.steps
     k0 = store.checkpoint_index(from_step) if from_step is not None else 0
@@ -41,7 +42,7 @@ def compare(run_dir: str | Path, method: str = "montrage", from_step: Optional[i
     for k in tqdm(range(k0, k1 + 1), disable=not progress, desc="compare checkpoints"):
         try:
             res = attribute(run_dir, method, int(steps[k]), queries=probe_queries(store, checkpoint=k),
-                            write_store=False, progress=False, store=store)
+                            write_store=False, progress=False, store=store, options=options)
         except ScorerError as exc:  # e.g. a dynamics-only method at checkpoint 0
             log.info("checkpoint %d skipped: %s", int(steps[k]), exc)
             continue

@@ -28,8 +28,8 @@ def _base_location(run_config: dict, base_override: Optional[str]) -> str:
         recorded = run_config.get("base_name_or_path") or run_config.get("base")
         what = f"--base {base_override}" if base_override else f"the run's base model ({recorded!r})"
         raise ModelLoadError(f"{what} is not a local diffusers folder here, so the run's model cannot be rebuilt; "
-                             "pass the base model folder the run was trained on: `montrage attribute RUN --base PATH` "
-                             "(base_override=PATH in Python)")
+                             "pass the base model folder the run was trained on: `montrage attribute|compare|report RUN "
+                             "--base PATH` (options={'base': PATH} in Python)")
     return str(Path(str(base)).expanduser())
 
 

@@ -104,16 +104,20 @@ def e(x: object) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _load_training_images(store: RunStore) -> Tuple[Optional[Dict[int, np.ndarray]], str]:
-    """Training images by store index, read from the run (or its verified source paths); (None, note) if unavailable."""
+def _load_training_images(store: RunStore, indices: Sequence[int]) -> Tuple[Optional[Dict[int, np.ndarray]], str]:
+    """The training images at ``indices`` (those the page shows), read from the run (or its verified source
+    paths); (None, note) if unavailable."""
     from montrage.analysis.gradients import training_images
 
+    idx = sorted({int(i) for i in indices})
     try:
-        ts = training_images(store)
+        if store.images_stored:
+            return dict(zip(idx, store.train_images(idx) if idx else [])), ""
+        ts = training_images(store)  # paths + hashes only: re-read and verified
     except (DataError, MontrageError, OSError) as exc:
         log.warning("report: training images unavailable (%s); showing file names only", exc)
         return None, f"training images could not be read ({exc}); they are shown by file name only"
-    return {i: ts.images[i] for i in range(len(ts))}, ""
+    return {i: ts.images[i] for i in idx}, ""
 
 
 def _fresh(path: Path, store: RunStore) -> bool:
@@ -152,7 +156,7 @@ def _cached_json(path: Path, store: RunStore, reuse: bool, accept: Callable[[dic
 
 
 def _attribution(store: RunStore, method: str, top_k: int, attribution, reuse: bool,
-                 progress: bool) -> Tuple[dict, str]:
+                 progress: bool, options: Optional[dict] = None) -> Tuple[dict, str]:
     """The final-checkpoint probe attribution payload, and where it came from."""
     if attribution is not None:
         payload = attribution.payload if isinstance(attribution, AttributionResult) else dict(attribution)
@@ -163,12 +167,13 @@ def _attribution(store: RunStore, method: str, top_k: int, attribution, reuse: b
     if payload is not None:
         return payload, f"read from {cached.name}"
     log.info("report: attributing probes with %s at step %d", method, step)
-    res = attribute(store.run_dir, method, top_k=max(top_k, 1), write_store=False, progress=progress, store=store)
+    res = attribute(store.run_dir, method, top_k=max(top_k, 1), write_store=False, progress=progress, store=store,
+                    options=options)
     return res.payload, "computed for this report"
 
 
 def _compare(store: RunStore, method: str, compare_result: Optional[dict], reuse: bool,
-             progress: bool) -> Tuple[Optional[dict], str]:
+             progress: bool, options: Optional[dict] = None) -> Tuple[Optional[dict], str]:
     if compare_result is not None:
         return compare_result, "passed in by the caller"
     steps = [int(s) for s in store.steps]
@@ -182,7 +187,7 @@ def _compare(store: RunStore, method: str, compare_result: Optional[dict], reuse
 
     log.info("report: comparing %s across %d checkpoints", method, len(steps))
     try:
-        return compare(store.run_dir, method, progress=progress), "computed for this report"
+        return compare(store.run_dir, method, progress=progress, options=options), "computed for this report"
     except (ScorerError, MontrageError) as exc:
         log.warning("report: learning curves unavailable: %s", exc)
         return None, f"learning curves unavailable: {exc}"
@@ -514,14 +519,15 @@ def build_report(run_dir: str | Path, method: str = "montrage", out: Optional[st
                  progress: bool = True, top_k: int = 6, *, attribution: Optional[AttributionResult | dict] = None,
                  compare_result: Optional[dict] = None, max_probes: int = MAX_PROBES,
                  dynamics_probes: int = DYNAMICS_PROBES, grid_columns: int = GRID_COLUMNS,
-                 reuse: bool = True) -> Path:
+                 reuse: bool = True, base: Optional[str] = None) -> Path:
     """Write the self-contained HTML report of ``run_dir`` (default ``RUN/report.html``) and return its path.
 
     ``attribution`` (an :class:`AttributionResult` or its payload at the final checkpoint) and
     ``compare_result`` (the dict of :func:`montrage.analysis.compare.compare`) skip recomputing them.
     With ``reuse`` (default), ``RUN/attribution_<method>_<step>.json`` and ``RUN/compare_<method>.json``
     are read instead when they were written after the store's last checkpoint and match the run;
-    otherwise they are computed (nothing is written to the store).
+    otherwise they are computed (nothing is written to the store). ``base``: the run's base model folder when
+    it is no longer where the run recorded it.
     """
     store = RunStore.open(run_dir)
     store.checkpoint_index(None)  # raises CheckpointNotFoundError when nothing is committed yet
@@ -529,10 +535,12 @@ def build_report(run_dir: str | Path, method: str = "montrage", out: Optional[st
     top_k = max(1, int(top_k))
     _, info = summary(run_dir)
     colors = P.concept_colors(store.concepts)
-    train_images, train_note = _load_training_images(store)
+    options = {"base": str(base)} if base else None
+    payload, att_source = _attribution(store, method, top_k, attribution, reuse, progress, options)
+    shown = [t["train_index"] for q in payload.get("queries", []) for t in q.get("top", [])[:top_k]]
+    train_images, train_note = _load_training_images(store, shown)  # only the thumbnails the page shows
     thumbs = None if train_images is None else {i: P.image_data_uri(im) for i, im in train_images.items()}
-    payload, att_source = _attribution(store, method, top_k, attribution, reuse, progress)
-    cmp, cmp_source = _compare(store, method, compare_result, reuse, progress)
+    cmp, cmp_source = _compare(store, method, compare_result, reuse, progress, options)
     final_images = store.probe_images(-1)
     probe_thumbs = {p: P.image_data_uri(final_images[p]) for p in range(final_images.shape[0])}
 

@@ -44,6 +44,7 @@ def summary(run_dir: str | Path) -> Tuple[str, dict]:
         "size": {name: _mb(_du(root / name)) for name in (S.TRAIN, S.ANCHORS, S.PROBES, S.LORA, S.ATTRIBUTION)},
         "size_total": _mb(_du(root)), "package_versions": store.root.attrs.get(S.ATTR_VERSIONS, {}),
     }
+    lora = data["lora"] or {}
     lines = [
         f"run            {data['run']}  (layout v{data['layout_version']}, base {data['base']})",
         f"checkpoints    {data['checkpoints']} at steps {data['steps']}"
@@ -56,7 +57,8 @@ def summary(run_dir: str | Path) -> Tuple[str, dict]:
         f"probes         {data['probes']} ({len(set(pm.get(S.ATTR_PROMPTS, [])))} prompts), anchors {data['anchors']}",
         f"captured       modules {feat_dims} x conditions {data['conditions']} x timesteps {data['timesteps']}, "
         f"pooling {data['pooling_grid']}x{data['pooling_grid']}",
-        f"LoRA           {data['lora_parameters']} parameters per checkpoint; config {data['lora']}",
+        f"LoRA           {data['lora_parameters']} parameters per checkpoint; r {lora.get('r', lora.get('rank'))}, "
+        f"alpha {lora.get('lora_alpha', lora.get('alpha'))}, targets {lora.get('target_modules')}",
         f"learning rate  {data['learning_rate']}",
         f"images         {data['training_images']}",
         f"size           {data['size_total']} ({', '.join(f'{k} {v}' for k, v in data['size'].items())})",

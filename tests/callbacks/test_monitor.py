@@ -267,7 +267,7 @@ def test_rank16_alpha4_run_is_rebuilt_exactly(tmp_path, data):
     assert (off - trained).abs().max() > 1e-3
 
 
-def test_from_diffusers_run_records_the_folder_and_refuses_a_missing_one(tmp_path, data):
+def test_from_diffusers_run_records_the_folder_and_refuses_a_missing_one(tmp_path, data, capsys):
     import shutil
 
     from montrage import DiffusionComponents
@@ -293,6 +293,12 @@ def test_from_diffusers_run_records_the_folder_and_refuses_a_missing_one(tmp_pat
         RunModel(cfg)
     model = RunModel(cfg, base_override=str(moved))
     assert model.components.unet.peft_config["default"].r == 2
+    from montrage.cli import main
+
+    run = str(tmp_path / "run")
+    assert main(["--quiet", "attribute", run, "--method", "final-sim", "--show", "0"]) == 2  # one typed error
+    assert "--base PATH" in capsys.readouterr().err
+    assert main(["--quiet", "attribute", run, "--method", "final-sim", "--show", "0", "--base", str(moved)]) == 0
     other = write_tiny_pipeline(tmp_path / "other-sd", seed=1)  # same architecture, other weights
     with pytest.raises(ModelLoadError, match="not the one this run was trained on"):
         RunModel(dict(cfg, base=str(other)))

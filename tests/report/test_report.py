@@ -184,15 +184,15 @@ def test_escaping_and_precomputed_inputs(tiny_run, tmp_path):
 
 
 def test_missing_training_images(tiny_run, tmp_path, monkeypatch):
-    """Without the data folder the report still builds and lists training images by file name."""
-    import montrage.data.imagefolder as imagefolder
-    from montrage.errors import DataError
+    """Training images unreadable (e.g. a paths-only run whose files are gone): the report still builds and
+    lists training images by file name."""
+    from montrage.errors import TrainingImagesChangedError
     from montrage.report import build_report
 
-    def gone(folder, resolution, logger=None):
-        raise DataError(f"training-data folder {folder} does not exist")
+    def gone(self, indices=None):
+        raise TrainingImagesChangedError("training image /data/x.png is gone; restore it")
 
-    monkeypatch.setattr(imagefolder, "load_imagefolder", gone)
+    monkeypatch.setattr(RunStore, "train_images", gone)
     out = build_report(tiny_run, method=METHOD, out=tmp_path / "r.html", progress=False, top_k=2,
                        compare_result={"method": METHOD, "steps": [0], "from": 0, "to": 0, "learned_at": {},
                                        "curves": {}, "most_changed": []})
