@@ -17,7 +17,7 @@ Channels of a (query j, training image i) pair, each standardised per query acro
 score_raw(j, i) = sum_c w_c z_c(j, i) with w_c >= 0, score = sigmoid(a (score_raw - b)), fitted with the
 attribution loss (:mod:`montrage.losses.attribution`) SEPARATELY for the two query kinds: ``prompt``
 (``QuerySet.prompts[j] != ''``) and ``image`` (no prompt). Supervision, no extra labels: the run's anchor
-training images, *perturbed* (a 1-2 pixel shift, colour jitter, pixel noise; exact copies would make
+training images, *perturbed* (a shift of 1/32 of the side, colour jitter, pixel noise; exact copies would make
 pixels look perfect) and scored as queries -- target 1 for the image itself, 0.5 for its concept's
 other images, 0 otherwise. When the run's model cannot be loaded (e.g. a synthetic store), the stored
 anchor trajectories (a second noise draw, no perturbation) supervise the representation channels alone.
@@ -53,7 +53,7 @@ WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 2
+MODEL_VERSION = 3
 
 
 def query_kind(prompt: str) -> str:
@@ -70,15 +70,17 @@ def subset(q: QuerySet, idx: Sequence[int], prompts: Optional[Sequence[str]] = N
 
 
 def perturb(images: np.ndarray, seed: int) -> np.ndarray:
-    """Deterministic small perturbations: shift by 1-2 pixels (edge padding), brightness/colour jitter, noise."""
+    """Deterministic small perturbations: a shift of 1/32 of the side (at least 1 pixel; edge padding),
+    brightness/colour jitter and pixel noise."""
     rng = np.random.default_rng(seed)
     out = np.empty_like(images)
     for n, im in enumerate(images):
-        dy, dx = rng.choice([-2, -1, 1, 2], 2)
         h, w = im.shape[:2]
-        pad = np.pad(im.astype(np.float32), ((2, 2), (2, 2), (0, 0)), mode="edge")
-        x = pad[2 + dy: 2 + dy + h, 2 + dx: 2 + dx + w]
-        x = x * rng.uniform(0.9, 1.1) * rng.uniform(0.95, 1.05, size=3) + rng.normal(0.0, 6.0, size=x.shape)
+        m = max(1, min(h, w) // 32)
+        dy, dx = rng.choice([-m, m], 2)
+        pad = np.pad(im.astype(np.float32), ((m, m), (m, m), (0, 0)), mode="edge")
+        x = pad[m + dy: m + dy + h, m + dx: m + dx + w]
+        x = x * rng.uniform(0.9, 1.1) * rng.uniform(0.95, 1.05, size=3) + rng.normal(0.0, 4.0, size=x.shape)
         out[n] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     return out
 
