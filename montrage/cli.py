@@ -14,15 +14,21 @@ log = logging.getLogger("montrage")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from montrage import config as D
     from montrage.config import CaptureConfig, TrainConfig
 
     t, c = TrainConfig(), CaptureConfig()
     p.add_argument("--base", default="embedded", help="'embedded' (default) or a local diffusers pipeline folder")
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the base model's)")
-    p.add_argument("--steps", type=int, default=t.steps, help=f"optimizer steps (default {t.steps})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps (default: from the data, {D.DEFAULT_EPOCHS:.0f} passes over the images, x "
+                   f"sqrt(resolution / the base's) when above it, in [{D.DEFAULT_MIN_STEPS}, {D.DEFAULT_MAX_STEPS}]; "
+                   "see README 'Training defaults')")
     p.add_argument("--batch-size", type=int, default=t.batch_size, help=f"images per step (default {t.batch_size})")
-    p.add_argument("--lr", type=float, default=t.lr, help=f"AdamW learning rate (default {t.lr})")
-    p.add_argument("--rank", type=int, default=t.lora.rank, help=f"LoRA rank (default {t.lora.rank})")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {D.DEFAULT_LR} on the "
+                   f"embedded model, {D.DEFAULT_LR_DIFFUSERS} on a diffusers base)")
+    p.add_argument("--rank", type=int, default=None,
+                   help=f"LoRA rank (default: 8 for up to {D.DEFAULT_SMALL_SET} images, 16 above)")
     p.add_argument("--checkpoint-every", type=int, default=c.every_n_steps,
                    help=f"record a montrage checkpoint every N steps, plus step 0 and the end (default {c.every_n_steps})")
     p.add_argument("--probes", default=None, help="probe file (jsonl with prompt, seed); default: derived from concepts")
@@ -40,7 +46,7 @@ def _configs(args: argparse.Namespace):
     from montrage.config import CaptureConfig, LoraSettings, TrainConfig
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      resolution=args.resolution, lora=LoraSettings(rank=args.rank),
+                      resolution=args.resolution, lora=None if args.rank is None else LoraSettings(rank=args.rank),
                       prior_fraction=TrainConfig().prior_fraction if args.prior_data else 0.0)
     capture = CaptureConfig(every_n_steps=args.checkpoint_every, modules=tuple(args.modules.split(",")),
                             pooling_grid=args.pooling_grid)
