@@ -140,6 +140,10 @@ def run_concept_bench(run_dir: str | Path, out_dir: str | Path, n_per_split: int
                            + ("; above Concept-TRAK" if comparison[c]["ci"][0] > 0 else "; not above Concept-TRAK "
                               "(interval includes 0 or below)") + ")" + ("" if ok else " **miss**"))
         md += ["", "- verdict: " + "; ".join(verdict)]
+    result = {"run": str(run_dir), "splits": splits, "rows": rows, "comparison": comparison, "markdown": "\n".join(md),
+              "seconds": round(time.time() - t0, 1), "chance": {
+                  "object": float(np.mean([np.mean(objects == o) for o in set(objects)])),
+                  "artist": float(np.mean([np.mean(artists == a) for a in set(artists)]))}}
     (out_dir / "concept.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -154,7 +158,7 @@ def run_concept(args) -> int:
         print(f"error: no benchmark run at {run}; run `montrage bench attribution --dataset {dataset} --seed {seed}"
               f"{' --quick' if args.quick else ''}` first (or pass --run)")
         return 2
-    res = run_concept_bench(run, Path(args.out) / f"concept-{dataset}-seed{seed}", n_per_split=6 if args.quick else 16,
+    res = run_concept_bench(run, Path(args.out) / f"concept-{dataset}-seed{seed}", n_per_split=6 if args.quick else 10,
                             seed=seed)
     print(res["markdown"])
     if args.write_md:
