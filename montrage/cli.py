@@ -122,6 +122,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_featurize(args: argparse.Namespace) -> int:
+    from montrage.analysis.gradient_features import featurize
+    from montrage.storage import RunStore
+
+    steps = [int(x) for x in args.checkpoints.split(",")] if args.checkpoints else None
+    ks = None if steps is None else [RunStore.open(args.run).checkpoint_index(st) for st in steps]
+    options = {"proj_dim": args.proj_dim, "grad_batch_size": args.batch_size}
+    res = featurize(args.run, [o.strip() for o in args.outputs.split(",") if o.strip()], ks, options,
+                    device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+    for output, r in res.items():
+        print(f"{output}: checkpoints {r['checkpoints']}, {r['bytes'] / 2 ** 20:.1f} MiB stored, {r['seconds']:.1f} s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from montrage.demo import run_demo
 
@@ -197,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="montrage", help="scorer (default montrage)")
     p.add_argument("--out", default=None, help="HTML output (default RUN/report.html)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("featurize", help="record the training images' projected LoRA gradients in the run "
+                       "(dtrak/tracin/montrage then cost one query's gradients); resumable")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--outputs", default="sqnorm,denoise",
+                   help="output functions: sqnorm (D-TRAK), denoise (TracIn) (default both)")
+    p.add_argument("--checkpoints", default=None, metavar="STEPS",
+                   help="comma-separated training steps (default: every checkpoint after the first)")
+    p.add_argument("--proj-dim", type=int, default=1024, help="random projection dimension (default 1024)")
+    p.add_argument("--batch-size", type=int, default=32, help="per-sample gradients per vmap call (default 32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu); the projection is generated there")
+    p.add_argument("--overwrite", action="store_true", help="replace features stored with other settings")
+    p.set_defaults(func=cmd_featurize)
 
     p = sub.add_parser("bench", help="benchmarks: attribution quality, cost, overhead, faults")
     p.add_argument("kind", choices=["attribution", "concept", "cost", "overhead", "faults", "quality", "list"],
