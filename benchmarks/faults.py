@@ -95,7 +95,9 @@ def train_command(data: Path, output: Path, probes: Path, settings: FaultSetting
     return [sys.executable, "-m", "montrage.cli", "--quiet", "train", "--data", str(data), "--output", str(output),
             "--steps", str(steps or settings.steps), "--checkpoint-every", str(settings.every),
             "--batch-size", str(settings.batch_size), "--probes", str(probes), "--modules", settings.modules,
-            "--pooling-grid", str(settings.pooling_grid), "--seed", str(settings.seed)]
+            "--pooling-grid", str(settings.pooling_grid), "--seed", str(settings.seed),
+            "--capture", "inline"]  # kills land in the training process's own checkpoint writes (the background
+    #                                  worker's and `montrage capture`'s kills: tests/callbacks/test_capture_modes.py)
 
 
 def launch(cmd: List[str], log_path: Path) -> subprocess.Popen:

@@ -37,6 +37,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modules", default=",".join(c.modules), help=f"UNet modules to capture (default {','.join(c.modules)})")
     p.add_argument("--pooling-grid", type=int, default=c.pooling_grid, help=f"spatial pooling grid side (default {c.pooling_grid})")
     p.add_argument("--no-monitor", action="store_true", help="the same fine-tuning without the callback (overhead comparisons)")
+    p.add_argument("--capture", default="background", choices=["inline", "background", "deferred"],
+                   help="where checkpoints are featurized: background (default: a worker process, the loop only "
+                   "snapshots), inline (in the loop), deferred (snapshots only; `montrage capture` or "
+                   "`montrage attribute` featurizes later). All give the same store")
+    p.add_argument("--capture-threads", type=int, default=1,
+                   help="CPU threads of the background capture worker (default 1)")
     p.add_argument("--no-store-images", action="store_true",
                    help="keep only the training images' paths and sha256 hashes in the run, not their pixels "
                    "(large sets; the images must then stay unchanged where they are)")
@@ -59,8 +65,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, capture = _configs(args)
     res = train(args.data, args.output, base=args.base, cfg=cfg, capture=capture, probes_file=args.probes,
                 prior_dir=args.prior_data, monitor=not args.no_monitor, progress=not args.quiet,
-                store_images=not args.no_store_images)
-    print(f"trained steps {res.start_step}->{res.steps} in {res.wall_time_s:.1f} s; LoRA: {res.final_lora}")
+                store_images=not args.no_store_images, capture_mode=args.capture,
+                capture_threads=args.capture_threads)
+    saved = f" (LoRA saved after {res.lora_saved_s:.1f} s)" if res.lora_saved_s is not None else ""
+    print(f"trained steps {res.start_step}->{res.steps} in {res.wall_time_s:.1f} s{saved}; LoRA: {res.final_lora}")
     return 0
 
 
@@ -72,8 +80,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _featurize_pending(args: argparse.Namespace) -> None:
+    """Checkpoints snapshotted but not featurized yet (background or deferred capture): featurize them, or wait
+    for the worker doing it, saying so, before reading the run."""
+    from montrage.capture import ensure_featurized
+
+    ensure_featurized(args.run, progress=not args.quiet)
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from montrage.capture import capture_run
+
+    res = capture_run(args.run, num_processes=args.num_processes, threads=args.threads, device=args.device,
+                      dask_scheduler=args.dask_scheduler, progress=not args.quiet)
+    if not res.pending_before:
+        print(f"{args.run}: nothing to featurize (no pending checkpoint)")
+    else:
+        print(f"featurized {len(res.featurized)} checkpoint(s) (steps {res.featurized}) in {res.seconds:.1f} s on "
+              f"{args.dask_scheduler or f'{res.processes} process(es)'}")
+    return 0
+
+
 def cmd_attribute(args: argparse.Namespace) -> int:
     from montrage.analysis.attribute import attribute, between_concept_accuracy, write_json
+
+    _featurize_pending(args)
 
     options = {"query_mode": args.query_mode}
     if args.concept:
@@ -101,8 +132,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from montrage.analysis.attribute import write_json
     from montrage.analysis.compare import compare
 
+    _featurize_pending(args)
     plot = Path(args.plot) if args.plot else Path(args.run) / f"compare_{args.method}.png"
-    res = compare(args.run, args.method, args.from_step, args.to_step, plot=plot, progress=not args.quiet)
+    res = compare(args.run, args.method, args.from_step, args.to_step, plot=plot, progress=not args.quiet,
+                  options={"base": args.base} if args.base else None)
     out = Path(args.out) if args.out else Path(args.run) / f"compare_{args.method}.json"
     write_json(res, out)
     for c, s in res["learned_at"].items():
@@ -117,7 +150,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from montrage.report import build_report
 
-    path = build_report(args.run, method=args.method, out=args.out, progress=not args.quiet)
+    _featurize_pending(args)
+    path = build_report(args.run, method=args.method, out=args.out, progress=not args.quiet, base=args.base)
     print(f"report: {path}")
     return 0
 
@@ -143,10 +177,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from montrage.bench.cli import run_bench
+BENCH_KINDS = ["attribution", "concept", "cost", "overhead", "faults", "quality", "list"]
 
-    return run_bench(args)
+
+def find_checkout(repo: Optional[str] = None) -> Optional[Path]:
+    """The montrage source checkout holding ``benchmarks/``: ``repo`` if given, else the cwd or a parent.
+
+    Benchmarks are not part of the installed library (they train runs and write BENCHMARKS.md), so the CLI
+    only runs them from a checkout.
+    """
+    def is_checkout(d: Path) -> bool:
+        return (d / "benchmarks" / "__main__.py").is_file() and (d / "montrage").is_dir()
+
+    if repo is not None:
+        d = Path(repo).expanduser().resolve()
+        return d if is_checkout(d) else None
+    cwd = Path.cwd().resolve()
+    return next((d for d in [cwd, *cwd.parents] if is_checkout(d)), None)
+
+
+def _split_repo_option(rest: List[str]) -> tuple[Optional[str], List[str]]:
+    """``--repo PATH`` given after KIND lands in the pass-through arguments: take it out."""
+    repo, out, i = None, [], 0
+    while i < len(rest):
+        if rest[i] == "--repo" and i + 1 < len(rest):
+            repo, i = rest[i + 1], i + 2
+            continue
+        if rest[i].startswith("--repo="):
+            repo = rest[i].split("=", 1)[1]
+        else:
+            out.append(rest[i])
+        i += 1
+    return repo, out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    repo_after, rest = _split_repo_option(list(args.bench_args or []))
+    repo = repo_after or args.repo
+    if args.kind == "list" and "--help" not in rest and "-h" not in rest:  # the scorers: no checkout needed
+        from montrage.analysis.base import available, get_scorer
+
+        for name in available():
+            print(f"{name:<24} {getattr(get_scorer(name), 'description', '')}")
+        return 0
+    root = find_checkout(repo)
+    if root is None:
+        from montrage.errors import ConfigError
+
+        where = f"--repo {repo}" if repo else f"the current directory ({Path.cwd()}) or its parents"
+        raise ConfigError(f"`montrage bench` runs the benchmarks of a montrage source checkout, and {where} "
+                          "holds none (no benchmarks/__main__.py next to montrage/); run it from a montrage "
+                          "checkout, or pass --repo PATH_TO_CHECKOUT")
+    env = dict(os.environ, MONTRAGE_CALLER_CWD=str(Path.cwd()))  # relative --out/--write-md/--run: the caller's
+    return subprocess.call([sys.executable, "-m", "benchmarks", args.kind, *rest], cwd=str(root), env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,13 +290,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="to_step", type=int, default=None, help="last training step (default: last)")
     p.add_argument("--out", default=None, help="JSON output (default RUN/compare_<method>.json)")
     p.add_argument("--plot", default=None, help="PNG output (default RUN/compare_<method>.png)")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="the run's base model folder, when it is no longer where the run recorded it")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="self-contained HTML attribution report")
     p.add_argument("run", help="run folder")
     p.add_argument("--method", default="montrage", help="scorer (default montrage)")
     p.add_argument("--out", default=None, help="HTML output (default RUN/report.html)")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="the run's base model folder, when it is no longer where the run recorded it")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("capture", help="featurize checkpoints the training loop only snapshotted (--capture deferred, "
+                       "or left by a killed worker); resumable",
+                       description="Featurize every pending checkpoint of RUN (training images, anchors, probes under "
+                       "each snapshot's LoRA weights) and commit them in order. Re-run after an interruption to resume.")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="local processes sharing the checkpoints (each writes its own; rank 0 commits in order)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default 1: bit-identical to "
+                   "inline and background capture)")
+    p.add_argument("--device", default="cpu", help="torch device of every process (default cpu)")
+    p.add_argument("--dask-scheduler", default=None, metavar="ADDR",
+                   help="featurize on a dask.distributed cluster (tcp://host:8786, or 'local'); workers need the "
+                   "run folder at the same path")
+    p.set_defaults(func=cmd_capture)
 
     p = sub.add_parser("featurize", help="record the training images' projected LoRA gradients in the run "
                        "(dtrak/tracin/montrage then cost one query's gradients); resumable")
@@ -225,13 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace features stored with other settings")
     p.set_defaults(func=cmd_featurize)
 
-    p = sub.add_parser("bench", help="benchmarks: attribution quality, cost, overhead, faults")
-    p.add_argument("kind", choices=["attribution", "concept", "cost", "overhead", "faults", "quality", "list"],
+    p = sub.add_parser("bench", help="benchmarks, from a montrage checkout: attribution quality, cost, overhead, faults",
+                       description="Runs `python -m benchmarks KIND ...` in a montrage source checkout (the "
+                       "benchmarks are not installed with the library). Options after KIND go to the benchmark: "
+                       "`montrage bench KIND --help` lists them (--quick, --seed, --dataset, --out, --write-md [PATH], ...).")
+    p.add_argument("kind", choices=BENCH_KINDS,
                    help="which benchmark (concept: Concept-TRAK P@10 on the attribution run; list: the scorers)")
-    p.add_argument("--run", default=None, help="concept: the run to use (default OUT/attribution/run)")
-    p.add_argument("--quick", action="store_true", help="smaller settings that fit a test budget")
-    p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
-    p.add_argument("--write-md", action="store_true", help="(re)write BENCHMARKS.md's section for this benchmark")
+    p.add_argument("--repo", default=None, help="the montrage checkout holding benchmarks/ (default: the current "
+                   "directory or a parent)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="options of the benchmark (see `montrage bench KIND --help`)")
     p.set_defaults(func=cmd_bench)
     return ap
 

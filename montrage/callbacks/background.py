@@ -42,14 +42,16 @@ def _engine(store: RunStore, threads: Optional[int], device: str):
     return CaptureEngine.from_store(store, rebuild_components(store, device), threads=threads)
 
 
-def featurize_pending(store: RunStore, engine, on_commit: Optional[Callable[[int, int], None]] = None) -> int:
-    """Featurize and commit every pending snapshot, in order (the caller holds the capture lock)."""
+def featurize_pending(store: RunStore, engine, on_commit: Optional[Callable[[int, int], None]] = None,
+                      restore: bool = False) -> int:
+    """Featurize and commit every pending snapshot, in order (the caller holds the capture lock); ``restore``:
+    put the model's own LoRA weights back afterwards (a live training model)."""
     from montrage.callbacks.capture import featurize_snapshot
 
     done = 0
     while store.n_checkpoints < store.n_snapshots:  # n_snapshots is re-read from disk: follows a live loop
         k = store.n_checkpoints
-        rec = featurize_snapshot(store, engine, k)
+        rec = featurize_snapshot(store, engine, k, restore=restore)
         store.write_featurized(k, rec)
         store.commit_featurized(k + 1, [k] if rec.has_nonfinite() else [])
         done += 1

@@ -151,12 +151,17 @@ class CaptureEngine:
             if saved is not None:
                 load_lora_state(unet, saved)
 
+    def capture_gathered(self) -> Optional[List[Dict[str, Any]]]:
+        """Every rank's share under the current weights, gathered to rank 0 (a collective; others get None)."""
+        with torch_threads(self.threads):
+            local = self.capture_local()
+        return self.ctx.gather(local)
+
     def featurize(self, snapshot: SnapshotRecord, weights: Optional[Dict[str, np.ndarray]] = None,
                   restore: bool = True) -> Optional[CheckpointRecord]:
         """Featurize one checkpoint (a collective when ``ctx`` has several ranks); rank 0 gets the record."""
-        with self.lora_weights(weights, restore=restore), torch_threads(self.threads):
-            local = self.capture_local()
-        parts = self.ctx.gather(local)
+        with self.lora_weights(weights, restore=restore):
+            parts = self.capture_gathered()
         return self.assemble(parts, snapshot) if self.ctx.is_main else None
 
 

@@ -27,18 +27,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from montrage.callbacks.base import MontrageCallback
-from montrage.callbacks.probes import run_probes
+from montrage.callbacks.capture import CaptureEngine
+from montrage.callbacks.capture import concat_shards as _concat_shards  # noqa: F401 (tests import it from here)
 from montrage.config import CaptureConfig, to_dict
 from montrage.data.imagefolder import TrainingSet
 from montrage.data.probes import Probe, default_probes
 from montrage.data.sources import as_training_set
 from montrage.distributed import ProcessContext
-from montrage.errors import ConfigError, MontrageError, StoreError
+from montrage.errors import ConfigError, StoreError
 from montrage.models.components import DiffusionComponents
-from montrage.models.features import ANCHOR_SEED_OFFSET, TRAIN_SEED_OFFSET, FeatureExtractor
+from montrage.models.features import FeatureExtractor
 from montrage.models.loading import base_identity, locate_base
 from montrage.models.lora import flatten, lora_config_from_model, lora_state
-from montrage.storage import CheckpointRecord, RunStore, StoreDims
+from montrage.storage import RunStore, StoreDims
 from montrage.storage import schema as S
 
 log = logging.getLogger(__name__)
@@ -51,22 +52,6 @@ class MonitorState:
     loss_sum: float = 0.0
     loss_count: int = 0
     elapsed_before: float = 0.0  # wall time of earlier (interrupted) processes of this run
-
-
-def _concat_shards(parts: Sequence[Dict[str, Any]], n: int) -> Dict[str, Any]:
-    """Reassemble strided per-rank shards (rank r holds items r, r+W, ...) in item order."""
-    world = len(parts)
-    out: Dict[str, Any] = {}
-    for key in parts[0]:
-        if isinstance(parts[0][key], dict):
-            out[key] = _concat_shards([{k: v for k, v in p[key].items()} for p in parts], n)
-            continue
-        first = parts[0][key]
-        full = np.empty((n,) + first.shape[1:], dtype=first.dtype)
-        for r, p in enumerate(parts):
-            full[r::world] = p[key]
-        out[key] = full
-    return out
 
 
 def _json_value(v: Any) -> Any:
@@ -305,19 +290,19 @@ class TrainingMonitor(MontrageCallback):
         return False
 
     # ---------------------------------------------------------------- capture
+    @property
+    def engine(self) -> CaptureEngine:
+        """The one capture implementation: inline here; the background worker and `montrage capture` run the
+        same engine on stored snapshots."""
+        if self._engine is None or self._engine.ctx is not self.ctx:
+            self._engine = CaptureEngine(self.components, self._read_images, list(self.training_set.captions),
+                                         self.probes, self.capture, self.anchor_indices, ctx=self.ctx,
+                                         extractor=self.extractor, threads=self.capture_threads)
+        return self._engine
+
     def capture_local(self) -> Dict[str, Dict[str, Any]]:
         """This rank's share of one checkpoint's capture: a function of the current LoRA weights and fixed seeds."""
-        ts = self.training_set
-        local: Dict[str, Dict[str, Any]] = {}
-        for kind, items, offset in ((S.TRAIN, list(range(len(ts))), TRAIN_SEED_OFFSET),
-                                    (S.ANCHORS, self.anchor_indices, ANCHOR_SEED_OFFSET)):
-            mine = [items[j] for j in self.ctx.shard(len(items))]
-            out = self.extractor.extract(ts.images[mine], [ts.captions[i] for i in mine], [offset + i for i in mine])
-            local[kind] = {"f": out.features, "l": out.losses}
-        p_images, p_feats = run_probes(self.components, self.extractor, self.probes,
-                                       self.ctx.shard(len(self.probes)), self.capture)
-        local[S.PROBES] = {"f": p_feats.features, "l": p_feats.losses, "img": p_images}
-        return local
+        return self.engine.capture_local()
 
     def record_checkpoint(self, step: int) -> None:
         """Capture and commit one checkpoint (a collective: every rank must call it)."""
@@ -330,37 +315,7 @@ class TrainingMonitor(MontrageCallback):
             return
         if self._t0 is None:
             self._t0 = time.time()
-        if self.capture_mode != "inline":
-            return self._record_snapshot(step)
-        parts = self.ctx.gather(self.capture_local())  # rank 0 gets every shard, the others None
-        losses = self.ctx.gather((self.state.loss_sum, self.state.loss_count))
-        error: Optional[BaseException] = None
-        if self.ctx.is_main:
-            try:
-                self._commit(step, parts, losses)
-            except Exception as exc:  # reaches every rank below, so none waits forever
-                error = exc
-        status = self.ctx.broadcast(None if error is None else _portable(error))  # also the commit barrier
-        if error is not None:
-            raise error
-        if isinstance(status, BaseException):
-            raise status
-        self.state.recorded_steps.append(step)
-        self.state.loss_sum, self.state.loss_count = 0.0, 0
-
-    def _commit(self, step: int, parts: List[Dict[str, Any]], losses: List[tuple]) -> None:
-        ts = self.training_set
-        sizes = {S.TRAIN: len(ts), S.ANCHORS: len(self.anchor_indices), S.PROBES: len(self.probes)}
-        full = {kind: _concat_shards([p[kind] for p in parts], sizes[kind]) for kind in S.FEATURE_KINDS}
-        total, count = sum(s for s, _ in losses), sum(c for _, c in losses)
-        flat = flatten(lora_state(self.components.unet))[0] if self.capture.record_lora else None
-        rec = CheckpointRecord(step=step, wall_time=self.state.elapsed_before + time.time() - self._t0,
-                               train_loss=total / count if count else None,
-                               features={k: v["f"] for k, v in full.items()},
-                               losses={k: v["l"] for k, v in full.items()}, probe_images=full[S.PROBES]["img"],
-                               lora=flat, learning_rate=current_learning_rate(self.optimizer))
-        self.store.append(rec)
-        log.info("montrage: recorded checkpoint at step %d", step)
+        self._record_snapshot(step)
 
     # ---------------------------------------------------------------- accelerate integration
     def attach(self, accelerator: Any, global_step: Optional[Callable[[], int]] = None,
@@ -408,10 +363,12 @@ class TrainingMonitor(MontrageCallback):
     # ---------------------------------------------------------------- capture modes: snapshot in the loop
     capture_mode: str = "inline"
     capture_threads: Optional[int] = 1
+    _engine: Optional[CaptureEngine] = None
     capture_device: str = "cpu"
     capture_nice: int = 19
     wait_on_close: bool = True
     _worker: Optional[Any] = None
+    _capture_finished: bool = False
     _signal_rows: Optional[List[tuple]] = None
 
     def configure_capture(self, mode: str = "background", threads: Optional[int] = 1, device: str = "cpu",
@@ -488,16 +445,26 @@ class TrainingMonitor(MontrageCallback):
                               learning_rate=current_learning_rate(self.optimizer), signals=merged)
 
     def _record_snapshot(self, step: int) -> None:
-        """Commit the snapshot of ``step`` and hand featurizing to the worker (a collective, cheap)."""
+        """Commit the snapshot of ``step``, then featurize it here (inline) or hand it to the worker (a
+        collective). Inline capture is the same engine the worker runs, on the live weights."""
+        self._capture_finished = False
+        parts = self.engine.capture_gathered() if self.capture_mode == "inline" else None
         losses = self.ctx.gather((self.state.loss_sum, self.state.loss_count))
         signals = self.ctx.gather(self._take_signals())
         error: Optional[BaseException] = None
         if self.ctx.is_main:
             try:
-                self.store.append_snapshot(self._snapshot(step, losses, signals))
-                if self.capture_mode == "background":
+                if parts is not None:
+                    self._catch_up_inline()
+                snap = self._snapshot(step, losses, signals)
+                k = self.store.append_snapshot(snap)
+                if parts is not None:
+                    rec = self.engine.assemble(parts, snap)
+                    self.store.write_featurized(k, rec)
+                    self.store.commit_featurized(k + 1, [k] if rec.has_nonfinite() else [])
+                elif self.capture_mode == "background":
                     self._wake_worker()
-                log.info("montrage: snapshot of step %d recorded (%s capture)", step, self.capture_mode)
+                log.info("montrage: checkpoint at step %d recorded (%s capture)", step, self.capture_mode)
             except Exception as exc:  # reaches every rank below, so none waits forever
                 error = exc
         status = self.ctx.broadcast(None if error is None else _portable(error))
@@ -507,6 +474,19 @@ class TrainingMonitor(MontrageCallback):
             raise status
         self.state.recorded_steps.append(step)
         self.state.loss_sum, self.state.loss_count = 0.0, 0
+
+    def _catch_up_inline(self) -> None:
+        """Inline capture on a run an earlier process left with pending snapshots (background or deferred): take
+        the capture lock (waiting for a worker still finishing) and featurize them first, on this process alone,
+        each snapshot's LoRA weights swapped in and the live ones put back."""
+        from montrage.callbacks.background import featurize_pending
+
+        self.store.claim_featurizer(wait=True)
+        if self.store.n_snapshots > self.store.n_checkpoints:
+            alone = CaptureEngine(self.components, self._read_images, list(self.training_set.captions), self.probes,
+                                  self.capture, self.anchor_indices, extractor=self.extractor,
+                                  threads=self.capture_threads)
+            featurize_pending(self.store, alone, restore=True)
 
     def _wake_worker(self) -> None:
         from montrage.callbacks.background import BackgroundCapture
@@ -519,7 +499,13 @@ class TrainingMonitor(MontrageCallback):
 
     def _finish_capture(self, wait: bool = True) -> None:
         """Training is over (or failed): let the worker finish; wait for it unless told not to."""
-        if not self.ctx.is_main or self.capture_mode == "inline":
+        if not self.ctx.is_main or self._capture_finished:
+            return  # after abort(): its close() calls neither wait nor catch up
+        if not wait:
+            self._capture_finished = True  # until the next checkpoint is recorded
+        if self.capture_mode == "inline":
+            if wait and self.store is not None and self.store.n_snapshots > self.store.n_checkpoints:
+                self._catch_up_inline()  # snapshots a failed or earlier process left pending
             return
         if self.capture_mode == "background" and self._worker is None and wait and self.wait_on_close \
                 and RunStore.exists(self.output_dir) and RunStore.open(self.output_dir).pending_steps:

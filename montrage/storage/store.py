@@ -458,37 +458,24 @@ class RunStore:
             raise StoreError(f"{self.run_dir} is open read-only")
 
     def append(self, rec: CheckpointRecord) -> int:
-        """Append one checkpoint and commit it; returns its index."""
+        """Append one checkpoint (snapshot and featurized parts) and commit it; returns its index. The same
+        writes as a training loop's snapshot followed by its featurizer's, in one process."""
         self._require_writable()
         n = self.n_checkpoints
-        if n and int(self.steps[-1]) >= rec.step:
-            raise StoreError(f"checkpoint step {rec.step} is not after the last committed step {int(self.steps[-1])}")
+        if self.n_snapshots > n:
+            raise StoreError(f"{self.run_dir} has {self.n_snapshots - n} snapshotted checkpoint(s) not featurized yet; "
+                             "featurize them first (`montrage capture`) before appending complete ones")
         nonfinite = rec.has_nonfinite()
         if nonfinite and not self._warned_nonfinite:
             log.warning("non-finite loss or activations at step %d: recorded as NaN/inf and flagged in %s",
                         rec.step, S.ATTR_NONFINITE)
             self._warned_nonfinite = True
-        r = self.root
-        r[f"{S.CHECKPOINTS}/{S.STEP}"].append(np.array([rec.step], dtype="int64"))
-        r[f"{S.CHECKPOINTS}/{S.WALL_TIME}"].append(np.array([rec.wall_time], dtype="float64"))
-        r[f"{S.CHECKPOINTS}/{S.TRAIN_LOSS}"].append(np.array([np.nan if rec.train_loss is None else rec.train_loss], dtype="float32"))
-        lr = np.nan if rec.learning_rate is None else float(rec.learning_rate)
-        r[f"{S.CHECKPOINTS}/{S.LEARNING_RATE}"].append(np.array([lr], dtype="float64"))
-        for kind in S.FEATURE_KINDS:
-            for module in self.modules:
-                arr = r[S.feature_path(kind, module)]
-                arr.append(np.asarray(rec.features[kind][module], dtype=arr.dtype)[None])
-            r[f"{kind}/{S.LOSS}"].append(np.asarray(rec.losses[kind], dtype="float32")[None])
-        r[f"{S.PROBES}/{S.IMAGES}"].append(np.asarray(rec.probe_images, dtype="uint8")[None])
-        lora_arr = r[f"{S.LORA}/{S.WEIGHTS}"]
-        lora = rec.lora if rec.lora is not None else np.full(lora_arr.shape[1:], np.nan, dtype="float32")
-        lora_arr.append(np.asarray(lora, dtype="float32")[None])
-        # the commit marker, written last, in ONE attribute update with the non-finite list (one zarr.json write)
-        commit: Dict[str, Any] = {S.ATTR_COMMITTED: n + 1}
-        if nonfinite:
-            commit[S.ATTR_NONFINITE] = self.nonfinite_checkpoints + [n]
-        r.update_attributes(commit)  # Group.update_attributes: one metadata write (attrs.update writes per key)
-        return n
+        self.claim_featurizer()
+        k = self.append_snapshot(SnapshotRecord(step=rec.step, wall_time=rec.wall_time, train_loss=rec.train_loss,
+                                                lora=rec.lora, learning_rate=rec.learning_rate))
+        self.write_featurized(k, rec)
+        self.commit_featurized(k + 1, [k] if nonfinite else [])
+        return k
 
     def write_attribution(self, method: str, step: int, scores: np.ndarray, query_ids: Sequence[str],
                           query_set: str) -> str:

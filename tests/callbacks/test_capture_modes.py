@@ -176,17 +176,16 @@ def test_per_step_signals_are_recorded_with_dimension_names(runs):
     """Per-sample losses, timesteps and image indices of every step, from the loop (no extra forward pass)."""
     cfg, _ = _configs()
     for mode in ("inline", "background", "deferred"):
-        if mode == "inline":
-            continue  # TODO(H5): inline through the engine once monitor.py is free
         sig = RunStore.open(runs[mode]).step_signals()
         assert sig[S.SIGNAL_STEP].tolist() == [s for s in range(1, STEPS + 1) for _ in range(cfg.batch_size)], mode
         assert ((sig[S.SIGNAL_INDEX] >= 0) & (sig[S.SIGNAL_INDEX] < 8)).all()
         assert ((sig[S.SIGNAL_TIMESTEP] >= 0) & (sig[S.SIGNAL_TIMESTEP] < 1000)).all()
         assert np.isfinite(sig[S.SIGNAL_LOSS]).all() and (sig[S.SIGNAL_LOSS] > 0).all()
-    inline = RunStore.open(runs["background"])
+    inline = RunStore.open(runs["inline"])
     for name, _ in S.SIGNAL_ARRAYS:
         assert inline.array(f"{S.SIGNALS}/{name}").metadata.dimension_names == (S.DIM_SAMPLE,)
-        assert np.array_equal(inline.step_signals()[name], RunStore.open(runs["deferred"]).step_signals()[name])
+        for mode in ("background", "deferred"):
+            assert np.array_equal(inline.step_signals()[name], RunStore.open(runs[mode]).step_signals()[name])
     # the running train loss of a checkpoint is the mean of its steps' per-sample losses
     sig = inline.step_signals()
     mean_2 = sig[S.SIGNAL_LOSS][sig[S.SIGNAL_STEP] <= 2].reshape(2, -1).mean(1).mean()
@@ -209,3 +208,26 @@ def test_loss_trajectory_channel_groups_the_loop_losses_by_image_and_interval(ru
             else:
                 assert np.isnan(traj.loss[k, i])
     assert traj.count.sum() == len(sig[S.SIGNAL_STEP])  # no prior images in this run: every row is an image
+
+
+@pytest.mark.slow
+def test_training_loop_killed_in_background_mode_resumes(tiny_data, runs, tmp_path):
+    """SIGKILL the training process after its first snapshots: its worker still featurizes what was
+    committed, and the same call resumes to the store an uninterrupted run writes."""
+    import multiprocessing as mp
+
+    run = tmp_path / "bg-killed"
+    child = mp.get_context("fork").Process(target=_train, args=(tiny_data, run, "background", runs["probes"]))
+    child.start()
+    deadline = time.time() + 120
+    while child.is_alive() and time.time() < deadline:
+        try:
+            if RunStore.open(run).n_snapshots >= 2:
+                break
+        except Exception:  # noqa: BLE001 (not created yet)
+            pass
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    _train(tiny_data, run, "background", runs["probes"])
+    _assert_same(_arrays(runs["inline"]), _arrays(run))

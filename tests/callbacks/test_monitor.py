@@ -87,31 +87,30 @@ def test_context_manager_records_last_step_and_releases_lock(tmp_path, data):
 def test_exception_in_block_leaves_store_consistent_and_unlocked(tmp_path, data, monkeypatch):
     comps, params = lora_model()
     opt = torch.optim.SGD(params, lr=0.1)
-    real_append = RunStore.append
+    real_write = RunStore.write_featurized
 
-    def dies_midway(self, rec):  # the checkpoint's arrays are written, the process fails before the commit marker
+    def dies_midway(self, index, rec, grow=True):  # part of the features written, then the process fails
         if rec.step == 2:
-            self.root[f"{S.CHECKPOINTS}/{S.STEP}"].append(np.array([rec.step]))
-            self.root[S.feature_path(S.TRAIN, "mid_block")].append(
-                np.zeros((1,) + self.root[S.feature_path(S.TRAIN, "mid_block")].shape[1:], np.float32))
+            self.root[S.feature_path(S.TRAIN, "mid_block")].resize(
+                (index + 1,) + self.root[S.feature_path(S.TRAIN, "mid_block")].shape[1:])
             raise RuntimeError("disk full")
-        return real_append(self, rec)
+        return real_write(self, index, rec, grow)
 
-    monkeypatch.setattr(RunStore, "append", dies_midway)
+    monkeypatch.setattr(RunStore, "write_featurized", dies_midway)
     with pytest.raises(RuntimeError, match="disk full"):
         with make_monitor(tmp_path / "run", data, comps, opt) as mon:
             mon.on_train_begin()
             for step in (1, 2, 3):
                 mon.on_step_end(step, sgd_step(comps, params, opt, step))
     st = RunStore.open(tmp_path / "run")
-    assert st.steps.tolist() == [0]
-    for arr in (st.array(f"{S.CHECKPOINTS}/{S.STEP}"), st.array(S.feature_path(S.TRAIN, "mid_block"))):
-        assert arr.shape[0] == 1, arr.path  # nothing left past the commit marker
-    monkeypatch.setattr(RunStore, "append", real_append)
+    assert st.steps.tolist() == [0]  # readers see featurized checkpoints only
+    assert st.pending_steps == [2]  # the snapshot of step 2 (its LoRA weights) was committed before: kept
+    assert st.array(S.feature_path(S.TRAIN, "mid_block")).shape[0] == 1  # nothing past the commit marker
+    monkeypatch.setattr(RunStore, "write_featurized", real_write)
     with make_monitor(tmp_path / "run", data, comps, opt) as again:  # not locked; resumes the same store
-        again.on_train_begin(1)
-        again.on_step_end(2, 0.5)
-    assert RunStore.open(tmp_path / "run").steps.tolist() == [0, 2]
+        again.on_train_begin(2)  # inline capture featurizes the pending snapshot first
+        again.on_step_end(3, 0.5)
+    assert RunStore.open(tmp_path / "run").steps.tolist() == [0, 2, 3]
 
 
 def test_state_dict_round_trip_store_decides_what_is_recorded(tmp_path, data):

@@ -217,8 +217,10 @@ def test_commit_marker_and_nonfinite_list_in_one_metadata_write(tmp_path, monkey
 
     monkeypatch.setattr(type(st.root._async_group), "_save_metadata", counting)
     st.append(record(0, value=np.nan))
-    assert len(writes) == 1
-    assert writes[0][S.ATTR_COMMITTED] == 1 and writes[0][S.ATTR_NONFINITE] == [0]
+    root = [w for w in writes if S.ATTR_LAYOUT in w]  # the featurized commit marker (root)
+    snapshot = [w for w in writes if S.ATTR_SNAPSHOTS in w]  # the snapshot marker (checkpoints group)
+    assert len(root) == 1 and len(snapshot) == 1 and len(writes) == 2
+    assert root[0][S.ATTR_COMMITTED] == 1 and root[0][S.ATTR_NONFINITE] == [0]
     st.close()
 
 
