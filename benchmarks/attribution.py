@@ -587,6 +587,26 @@ def markdown(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- the benchmark
+def finished_run(run_dir: Path, s: AttributionBenchSettings) -> bool:
+    """A cached run of these training settings that reached its last step: reused as is, even when capture
+    defaults of the library changed since (it is re-scored, not retrained). A run of other settings is an error."""
+    from montrage.errors import StoreError
+
+    try:
+        store = RunStore.open(run_dir)
+    except StoreError:
+        return False
+    try:
+        t, want = store.run_config.get("train", {}), s.train_config()
+        got = (t.get("steps"), t.get("lr"), t.get("seed"), t.get("batch_size"), (t.get("lora") or store.run_config.get("lora") or {}).get("rank"))
+        if got != (want.steps, want.lr, want.seed, want.batch_size, want.lora.rank):
+            raise RuntimeError(f"{run_dir} holds a run of other settings {got}; delete it (or use another --out) to "
+                               "retrain with these")
+        return store.n_checkpoints > 0 and int(store.steps[-1]) == want.steps
+    finally:
+        store.close()
+
+
 def run_dir_for(out: str | Path, dataset: str, seed: int, quick: bool) -> Path:
     return Path(out) / (f"attribution-{dataset}-seed{seed}" + ("-quick" if quick else ""))
 
@@ -617,9 +637,10 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
 
     t0 = time.time()
     run_dir = out / "run"
-    # inline capture: a niced background worker starves on a busy machine, and the timings stay one process's
-    train(data.data_dir, run_dir, cfg=s.train_config(), capture=s.capture_config(), probes_file=data.probes_file,
-          prior_dir=data.prior_dir, monitor=True, progress=False, capture_mode="inline")
+    if not finished_run(run_dir, s):
+        # inline capture: a niced background worker starves on a busy machine, and the timings stay one process's
+        train(data.data_dir, run_dir, cfg=s.train_config(), capture=s.capture_config(), probes_file=data.probes_file,
+              prior_dir=data.prior_dir, monitor=True, progress=False, capture_mode="inline")
     store = RunStore.open(run_dir)
     echo(f"[2/6] monitored run: {s.steps} steps, checkpoints at steps {store.steps.tolist()} -> {run_dir}")
     stage("train_monitored", t0)
