@@ -571,9 +571,9 @@ def ablation_table(results: dict) -> str:
 
 def markdown(results: dict) -> str:
     parts = ["Value [bootstrap 95% interval]; n/a = not applicable (e.g. concept-trak without a prompt); undef = "
-             "undefined (constant scores). Between top-1 counts ties pessimistically for no method: ties go to "
-             "the first concept (chance on balanced queries); R@1 ranks the target among ALL training images and "
-             "counts ties against it, so a method without information (text-only on image-only queries) is at 0.",
+             "undefined (constant scores). Between top-1: a tie between concepts goes to the first in sorted order "
+             "(chance on balanced queries); R@1 ranks the target among ALL training images and counts ties against "
+             "it, so a method without information (text-only on image-only queries) is at 0.",
              "", markdown_tables(results)]
     if results.get("verdicts"):
         parts += [f"**Verdict against the issue's targets** ({FOCUS}; best or tied-best = every paired difference "
@@ -711,6 +711,7 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
     stage("lds_retrain_and_losses", t0)
     if prepare_only:
         store.close()
+        (out / "prepare.json").write_text(json.dumps({"timings_s": timings}, indent=1))
         return {"prepared": str(out), "timings_s": timings}
 
     t0 = time.time()
@@ -750,6 +751,9 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
                 "steps": lds_cfg.steps, "timesteps": list(s.lds_timesteps), "noise_seed": LDS_NOISE_SEED,
                 "queries": "caption", "sign_convention": SIGN_CONVENTION, "reused_from_cache": int(reused)},
         "timings_s": timings, "methods": entries, "dynamics_ablation": ablation, "reused_scores": reused_scores,
+        "prepare_timings_s": (json.loads((out / "prepare.json").read_text()).get("timings_s")
+                              if (out / "prepare.json").is_file() else None),
+        "git_commit": _git_commit(),
         "excluded": {m: "concept-level method, scored by `bench concept`" for m in s.exclude if m in available()}
         if s.methods is None else {},
     }
@@ -803,6 +807,12 @@ def sample_grid(run_dir: str | Path, data: BenchData, path: str | Path, n_object
     return path
 
 
+def _git_commit() -> str:
+    from benchmarks.cli import git_commit
+
+    return git_commit()
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -836,6 +846,9 @@ def _setup_lines(res: dict) -> List[str]:
         f"- timings (s): data {t.get('data')}, monitored training {t.get('train_monitored')}, queries "
         f"{t.get('queries')}, scoring {t.get('scoring')}, LDS retraining + losses {t.get('lds_retrain_and_losses')}, "
         f"metrics {t.get('metrics')}, total {t.get('total')} (cached stages count their reuse only)"
+        + (f"; the cached stages when built (`--prepare`): monitored training {res['prepare_timings_s'].get('train_monitored')}, "
+           f"query generation {res['prepare_timings_s'].get('queries')}, LDS retraining + losses "
+           f"{res['prepare_timings_s'].get('lds_retrain_and_losses')}" if res.get("prepare_timings_s") else "")
         + (f"; scores reused from an earlier scoring of the same queries: {', '.join(res['reused_scores'])}"
            if res.get("reused_scores") else ""),
     ]
@@ -900,9 +913,14 @@ def run_from_cli(args) -> int:
         bool(args.quick)
     out = run_dir_for(args.out, dataset, seed, quick)
     rescore = getattr(args, "rescore", None)
-    res = run_attribution_bench(out, quick=quick, dataset=dataset, seed=seed,
-                                prepare_only=bool(getattr(args, "prepare", False)),
-                                rescore=None if rescore is None else [m for m in rescore.split(",") if m])
+    if getattr(args, "from_results", False):  # report a finished run again (e.g. --write-md later), no work
+        res = json.loads((out / "results.json").read_text())
+        if res.get("prepare_timings_s") is None and (out / "prepare.json").is_file():
+            res["prepare_timings_s"] = json.loads((out / "prepare.json").read_text()).get("timings_s")
+    else:
+        res = run_attribution_bench(out, quick=quick, dataset=dataset, seed=seed,
+                                    prepare_only=bool(getattr(args, "prepare", False)),
+                                    rescore=None if rescore is None else [m for m in rescore.split(",") if m])
     if "prepared" in res:
         print(f"prepared {res['prepared']} (run, queries, LDS retrains); timings {res['timings_s']}")
         return 0
@@ -920,8 +938,10 @@ def run_from_cli(args) -> int:
     seeds = (f"--seed {seed}: data, training, queries, LDS subsets {res['lds']['subset_seeds']}, bootstrap "
              f"({res['settings']['n_bootstrap']} resamples); LDS noise {res['lds']['noise_seed']}")
     kind = f"attribution-{dataset}-seed{seed}{suffix}"
+    scored = (f"- scored at git commit `{res['git_commit']}` (plus the working tree of that time)" if res.get("git_commit")
+              else "- scored before this section was written (see the timings); git commit of the writing below")
     body = "\n".join([f"### Attribution, {dataset}, seed {seed}" + (" (--quick)" if quick else ""), "",
-                      provenance_lines(args, seeds), *_setup_lines(res),
+                      provenance_lines(args, seeds), scored, *_setup_lines(res),
                       f"- samples (training images | base model | fine-tuned, same captions and seeds): "
                       f"[{grid_rel}]({grid_rel})", "", res["markdown"]])
     print(f"wrote section '{kind}' of {write_md_section(kind, body, md_path)}")
@@ -931,6 +951,6 @@ def run_from_cli(args) -> int:
             "only: the generation without its prompt, a perturbed copy of a training image, an unseen image in a "
             "concept's style; blended prompts) and LDS, on the synthetic artists and on real typefaces, at seeds "
             "0 and 1 (`montrage bench attribution --dataset D --seed N --write-md`); the full tables per (dataset, "
-            "seed) follow this summary.", ""]
+            "seed) follow this summary.", "", ""]
     print(f"wrote section 'attribution{suffix}' of {write_md_section('attribution' + suffix, chr(10).join(head) + summary, md_path)}")
     return 0

@@ -51,6 +51,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--seed", str(args.seed)]
     if getattr(args, "dataset", None) and args.kind in ("attribution", "quality"):
         parts += ["--dataset", str(args.dataset)]
+    if getattr(args, "run", None):
+        parts += ["--run", str(args.run)]
     if getattr(args, "write_md", None):
         parts.append("--write-md")
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rescore", default=None, metavar="M1,M2",
                     help="attribution: recompute only these methods' scores, reuse the saved scores of the others "
                     "(computed on the same queries)")
+    ap.add_argument("--from-results", action="store_true",
+                    help="attribution: report the saved results.json of this (dataset, seed) again (with --write-md)")
     add_write_md_option(ap)
     return ap
 

@@ -146,16 +146,22 @@ def measure_gradient_features(run: Path) -> Dict[str, object]:
 
     work = run.parent / (run.name + "-gradfeat")
     shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(run, work)  # a run without stored gradient features, so 'today' recomputes them
+    shutil.copytree(run, work)
+    from montrage.analysis.gradient_features import STORED_OUTPUTS
+    from montrage.storage import RunStore
+    from montrage.storage import schema as S
+
+    store_dir = RunStore.store_path(work)
+    for output in STORED_OUTPUTS:  # a copy without stored gradient features: featurize does the whole work
+        for path in (S.gradient_path(output), S.gradient_norm_path(output)):
+            shutil.rmtree(store_dir / path, ignore_errors=True)
     res: Dict[str, object] = {"train_images": None}
-    res["dtrak_recompute"] = _grad_child(work, "dtrak", {"store_gradients": False})
+    # other projection seed than the stored features: recomputed in memory per call, as dtrak did before
+    res["dtrak_recompute"] = _grad_child(work, "dtrak", {"store_gradients": False, "proj_seed": 987_654})
     res["featurize"] = _grad_child(work, "featurize")
     res["dtrak_stored"] = _grad_child(work, "dtrak")
     if "montrage" in available():
         res["montrage"] = _grad_child(work, "montrage")
-    from montrage.storage import RunStore
-    from montrage.storage import schema as S
-
     res["train_images"] = len(RunStore.open(work).train_meta[S.ATTR_CONCEPTS])
     ref = res["dtrak_recompute"]["extra_s"]
     for k in ("dtrak_stored", "montrage"):
