@@ -208,6 +208,7 @@ class BackgroundCapture:
             log.info("montrage: background capture continues in process %d; `montrage attribute` waits for it",
                      self.proc.pid)
             return
+        self._normal_priority()  # training is over: nothing left to yield to
         last = None
         while True:
             try:
@@ -228,9 +229,18 @@ class BackgroundCapture:
                                    f"{len(pending)} checkpoint(s) pending (see {self.run_dir / WORKER_LOG}); the "
                                    f"snapshots are safe: `montrage capture {self.run_dir}` featurizes them")
             self.proc.stdin.close()
+            self._normal_priority()
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def _normal_priority(self) -> None:
+        """Undo the worker's low priority (needs the privilege to raise a priority; otherwise it stays low)."""
+        if self.proc is not None and self.nice and self.proc.poll() is None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 0)
+            except OSError:
+                pass
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
