@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--run", default=None, help="concept: the run to use (default: the attribution run of --dataset "
                     "and --seed under OUT); cost: measure only the stored gradient features on this run")
     ap.add_argument("--quick", action="store_true", help="smaller settings that fit a test budget")
+    ap.add_argument("--repeats", type=int, default=None, help="overhead: alternated runs per mode (default 2; 1 with --quick)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data, training, queries and bootstrap (default 0)")
     ap.add_argument("--dataset", default="synthetic", choices=["synthetic", "typefaces"],
                     help="attribution/concept: the training set (default synthetic)")
