@@ -231,3 +231,16 @@ def test_training_loop_killed_in_background_mode_resumes(tiny_data, runs, tmp_pa
     child.join()
     _train(tiny_data, run, "background", runs["probes"])
     _assert_same(_arrays(runs["inline"]), _arrays(run))
+
+
+def test_capture_on_a_dask_cluster_equals_inline(runs, tmp_path):
+    """`montrage capture RUN --dask-scheduler ADDR`: two worker processes of a LocalCluster featurize the
+    snapshots (each its share, into its own regions) and this process commits them: the inline store."""
+    distributed = pytest.importorskip("distributed")
+    run = tmp_path / "dask"
+    shutil.copytree(runs["deferred"], run)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  worker_dashboard_address=None) as cluster:
+        res = capture_run(run, dask_scheduler=cluster.scheduler_address, progress=False)
+    assert res.featurized == [0, 2, 4] and res.pending_before == 3
+    _assert_same(_arrays(runs["inline"]), _arrays(run))
