@@ -2,24 +2,26 @@
 background worker left), after the fact, on as many processes as you have.
 
 Resumable: it starts from the commit marker, so the same command after a kill finishes the job. With
-``num_processes`` N > 1 the pending checkpoints are split (strided) over this process (rank 0) and N-1 local
-helper processes, each writing its own checkpoints' regions of the featurized arrays; rank 0 commits them in
-order as they complete. ``dask_scheduler`` does the same on a dask.distributed cluster (the workers need the
+``num_processes`` N > 1, this process (rank 0) and N-1 local helper processes take the pending checkpoints'
+units of work (training images, anchors or probes of one checkpoint) from one queue as each gets free, each
+writing its units' regions of the featurized arrays; rank 0 commits every checkpoint in order once all its
+units are written. ``dask_scheduler`` does the same on a dask.distributed cluster (the workers need the
 run folder at the same path).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import queue
 import subprocess
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from montrage.callbacks.background import (featurize_pending, featurize_share, share_indices, worker_command,
-                                           worker_env)
+from montrage.callbacks.background import (UNIT_KINDS, featurize_pending, featurize_share, share_indices,
+                                           work_units, worker_command, worker_env)
 from montrage.errors import CaptureError, ConfigError, StoreLockedError
 from montrage.storage import RunStore
 
@@ -99,65 +101,129 @@ def capture_run(run_dir: str | Path, num_processes: int = 1, threads: Optional[i
         store.close()
 
 
-def _on_local_processes(store: RunStore, start: int, end: int, world: int, threads: int, device: str) -> None:
-    store.reserve_featurized(end)  # before the helpers start: they then write regions, never metadata
-    committer = _Committer(store, start, end)
-    lines: "queue.Queue[Tuple[int, Optional[str]]]" = queue.Queue()
-    procs = []
-    for rank in range(1, world):
-        if not share_indices(rank, world, start, end):
-            continue
-        cmd = worker_command(store.run_dir, "--share", str(rank), "--world", str(world), "--start", str(start),
-                             "--end", str(end), "--threads", str(threads), "--device", device)
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                             env=worker_env(threads), text=True)
-        procs.append(p)
+class _UnitCommitter:
+    """Collects finished units (from any thread) and commits each checkpoint, in order, once all its units are
+    written."""
 
-        def pump(p: subprocess.Popen = p, rank: int = rank) -> None:
-            for line in p.stdout:
-                lines.put((rank, line))
-            lines.put((rank, None))
+    def __init__(self, store: RunStore, start: int, end: int) -> None:
+        self.commit = _Committer(store, start, end)
+        self.parts: Dict[int, List[bool]] = {}
+        self.lock = threading.Lock()
 
-        threading.Thread(target=pump, daemon=True).start()
+    def add(self, k: int, kind: str, bad: bool) -> None:
+        with self.lock:
+            got = self.parts.setdefault(k, [])
+            got.append(bool(bad))
+            if len(got) == len(UNIT_KINDS):
+                self.commit.add(k, any(got))
 
-    ended = 0
+    @property
+    def complete(self) -> bool:
+        return self.commit.complete
 
-    def drain(block: bool) -> None:
-        nonlocal ended
-        try:
-            item = lines.get(timeout=1.0) if block else lines.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            _rank, line = item
-            if line is None:
-                ended += 1
-            elif line.startswith("done "):
-                _, k, bad = line.split()
-                committer.add(int(k), bool(int(bad)))
-            try:
-                item = lines.get_nowait()
-            except queue.Empty:
-                return
 
+class _UnitQueue:
+    """The units left to do, shared by the coordinator and its helpers' feeding threads; a helper that dies
+    puts its unit back."""
+
+    def __init__(self, units: List[Tuple[int, str]]) -> None:
+        self.units = deque(units)
+        self.cond = threading.Condition()
+        self.feeding = 0  # helper threads still running (one may put a unit back)
+
+    def take(self) -> Optional[Tuple[int, str]]:
+        with self.cond:
+            return self.units.popleft() if self.units else None
+
+    def put_back(self, unit: Tuple[int, str]) -> None:
+        with self.cond:
+            self.units.appendleft(unit)
+            self.cond.notify_all()
+
+    def helper_ended(self) -> None:
+        with self.cond:
+            self.feeding -= 1
+            self.cond.notify_all()
+
+    def wait(self, timeout: float = 1.0) -> None:
+        with self.cond:
+            if not self.units and self.feeding:
+                self.cond.wait(timeout)
+
+
+def _feed(p: subprocess.Popen, units: _UnitQueue, committer: _UnitCommitter, errors: List[str]) -> None:
+    """Hand one unit at a time to helper ``p`` (once it says ``ready``) until none is left."""
+    unit = None
     try:
-        featurize_share(str(store.run_dir), 0, world, start, end, threads, device,
-                        on_done=lambda k, bad: (committer.add(k, bad), drain(False)))
-        while not committer.complete and ended < len(procs):
-            drain(True)
-        drain(False)
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            raise CaptureError(line.strip() or "it exited before it was ready")
+        while True:
+            unit = units.take()
+            if unit is None:
+                break
+            p.stdin.write(f"{unit[0]} {unit[1]}\n")
+            p.stdin.flush()
+            line = p.stdout.readline().split()
+            if len(line) != 4 or line[0] != "done" or (int(line[1]), line[2]) != unit:
+                raise CaptureError(" ".join(line) or "it exited")
+            committer.add(unit[0], unit[1], bool(int(line[3])))
+            unit = None
+    except (CaptureError, OSError, ValueError) as exc:
+        if unit is not None:
+            units.put_back(unit)  # the coordinator (or another helper) does it
+        errors.append(f"helper {p.pid}: {exc}")
+    finally:
+        try:
+            p.stdin.close()  # EOF: the helper exits
+        except OSError:
+            pass
+        units.helper_ended()
+
+
+def _on_local_processes(store: RunStore, start: int, end: int, world: int, threads: int, device: str) -> None:
+    """Rank 0 and ``world - 1`` helper processes take units of work (one checkpoint's training images, anchors
+    or probes) from one queue as each gets free; rank 0 commits the checkpoints in order. The helpers are
+    started first, so that their start-up (importing torch, rebuilding the base) overlaps this process's."""
+    store.reserve_featurized(end)  # before the helpers start: they then write regions, never metadata
+    units = _UnitQueue(work_units(start, end))
+    committer = _UnitCommitter(store, start, end)
+    errors: List[str] = []
+    procs = []
+    for _ in range(1, min(world, len(units.units))):
+        p = subprocess.Popen(worker_command(store.run_dir, "--serve", "--threads", str(threads), "--device", device),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=worker_env(threads), text=True, bufsize=1)
+        procs.append(p)
+        units.feeding += 1
+        threading.Thread(target=_feed, args=(p, units, committer, errors), daemon=True).start()
+    try:
+        from montrage.callbacks.background import UnitFeaturizer, _engine
+
+        own = UnitFeaturizer(store, _engine(store, threads, device))
+        while not committer.complete:
+            unit = units.take()
+            if unit is not None:
+                committer.add(unit[0], unit[1], own.run(*unit))
+            elif units.feeding:
+                units.wait()  # the helpers hold the last units
+            else:
+                break
     finally:
         for p in procs:
-            if p.poll() is None and committer.complete:
-                p.wait(timeout=30)
             if p.poll() is None:
-                p.kill()
+                try:
+                    p.wait(timeout=2 if committer.complete else 0.1)  # all done: nothing in flight
+                except subprocess.TimeoutExpired:
+                    pass
+            if p.poll() is None:
+                p.kill()  # still starting up when the work ran out, or stuck
                 p.wait()
     if not committer.complete:
-        errors = [((p.stderr.read() if p.stderr else "") or "").strip().splitlines()[-1:] for p in procs if p.returncode]
-        raise CaptureError(f"capture helpers of {store.run_dir} failed ({'; '.join(e[0] for e in errors if e) or 'no message'}); "
-                           f"{committer.next - start} of {end - start} checkpoints committed: rerun the same "
-                           "`montrage capture` to finish")
+        stderr = [((p.stderr.read() if p.stderr else "") or "").strip().splitlines()[-1:] for p in procs if p.returncode]
+        why = "; ".join(errors + [e[0] for e in stderr if e]) or "no message"
+        raise CaptureError(f"capture helpers of {store.run_dir} failed ({why}); {committer.commit.next - start} of "
+                           f"{end - start} checkpoints committed: rerun the same `montrage capture` to finish")
 
 
 def _on_dask(store: RunStore, start: int, end: int, address: str, world: int, threads: Optional[int],
@@ -166,7 +232,12 @@ def _on_dask(store: RunStore, start: int, end: int, address: str, world: int, th
 
     store.reserve_featurized(end)
     committer = _Committer(store, start, end)
-    with (Client(processes=False) if address == "local" else Client(address)) as client:
+    cluster = None
+    if address == "local":  # a cluster of this machine: one single-threaded worker process per --num-processes
+        from dask.distributed import LocalCluster
+
+        cluster = LocalCluster(n_workers=max(1, world), threads_per_worker=1, processes=True, dashboard_address=None)
+    with (cluster or contextlib.nullcontext()), Client(cluster if cluster is not None else address) as client:
         workers = max(1, len(client.scheduler_info().get("workers", {})))
         world = max(world, workers) if world > 1 else workers
         futures = [client.submit(featurize_share, str(store.run_dir), r, world, start, end,

@@ -114,17 +114,22 @@ class CaptureEngine:
         return Features({m: np.concatenate([p.features[m] for p in parts]) for m in parts[0].features},
                         np.concatenate([p.losses for p in parts]))
 
+    def capture_kind(self, kind: str) -> Dict[str, Any]:
+        """This rank's share of one kind (train, anchors or probes) of one checkpoint: {"f": module ->
+        features, "l": losses[, "img": probe images]}. The kinds are independent (fixed per-item seeds), so
+        featurizing them apart, in any process, gives the same arrays as a whole checkpoint."""
+        if kind == S.PROBES:
+            images, feats = run_probes(self.components, self.extractor, self.probes,
+                                       self.ctx.shard(len(self.probes)), self.capture)
+            return {"f": feats.features, "l": feats.losses, "img": images}
+        items, offset = ((list(range(len(self.captions))), TRAIN_SEED_OFFSET) if kind == S.TRAIN else
+                         (self.anchor_indices, ANCHOR_SEED_OFFSET))
+        out = self._extract([items[j] for j in self.ctx.shard(len(items))], offset)
+        return {"f": out.features, "l": out.losses}
+
     def capture_local(self) -> Dict[str, Dict[str, Any]]:
         """This rank's share of one checkpoint: a function of the current LoRA weights and fixed seeds."""
-        local: Dict[str, Dict[str, Any]] = {}
-        for kind, items, offset in ((S.TRAIN, list(range(len(self.captions))), TRAIN_SEED_OFFSET),
-                                    (S.ANCHORS, self.anchor_indices, ANCHOR_SEED_OFFSET)):
-            out = self._extract([items[j] for j in self.ctx.shard(len(items))], offset)
-            local[kind] = {"f": out.features, "l": out.losses}
-        images, feats = run_probes(self.components, self.extractor, self.probes, self.ctx.shard(len(self.probes)),
-                                   self.capture)
-        local[S.PROBES] = {"f": feats.features, "l": feats.losses, "img": images}
-        return local
+        return {kind: self.capture_kind(kind) for kind in S.FEATURE_KINDS}
 
     def assemble(self, parts: Sequence[Dict[str, Any]], snapshot: SnapshotRecord) -> CheckpointRecord:
         """Rank 0: the gathered shards of every rank as one checkpoint record."""

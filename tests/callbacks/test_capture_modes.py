@@ -116,6 +116,42 @@ def test_capture_on_two_processes_equals_one(runs, tmp_path):
     _assert_same(_arrays(runs["inline"]), _arrays(two))
 
 
+def test_units_featurized_in_any_order_give_the_inline_store(runs, tmp_path):
+    """A helper's unit loop (`--serve`), fed the units of every checkpoint in reverse order: each unit writes
+    only its own arrays, so the committed store is the inline one whoever did which unit, whenever."""
+    from montrage.callbacks.background import serve_units, work_units
+
+    run = tmp_path / "units"
+    shutil.copytree(runs["deferred"], run)
+    store = RunStore.open_featurizer(run)
+    try:
+        store.reserve_featurized(3)
+        said: list = []
+        serve_units(str(run), 1, "cpu", lines=[f"{k} {kind}\n" for k, kind in reversed(work_units(0, 3))],
+                    emit=said.append)
+        assert said[0] == "ready" and len(said) == 1 + 9 and all(s.startswith("done ") and s.endswith(" 0")
+                                                                 for s in said[1:])
+        assert RunStore.open(run).n_checkpoints == 0  # written, not committed: readers see nothing yet
+        store.commit_featurized(3)
+    finally:
+        store.close()
+    _assert_same(_arrays(runs["inline"]), _arrays(run))
+
+
+def test_a_helper_that_dies_hands_its_unit_back(runs, tmp_path, monkeypatch):
+    """`montrage capture --num-processes 2` whose helper takes a unit and dies: the coordinator does that unit
+    and the rest, and the store is the inline one."""
+    import montrage.capture as capture_mod
+
+    dying = [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.readline(); sys.exit(3)"]
+    monkeypatch.setattr(capture_mod, "worker_command", lambda *a, **k: dying)
+    run = tmp_path / "dies"
+    shutil.copytree(runs["deferred"], run)
+    res = capture_run(run, num_processes=2, progress=False)
+    assert res.featurized == [0, 2, 4]
+    _assert_same(_arrays(runs["inline"]), _arrays(run))
+
+
 def _committed(run: Path) -> int:
     try:
         return RunStore.open(run).n_checkpoints
