@@ -31,10 +31,13 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_data) -> Path:
-    """2 concepts x 4 images, 3 checkpoints (steps 0, 3, 6)."""
+    """2 concepts x 4 images, 3 checkpoints (steps 0, 3, 6).
+
+    Inline capture: no worker process to start (~10 s); the store is bit-identical to background capture's
+    (tests/callbacks/test_capture_modes.py), and capture modes are not what the users of this run test."""
     from montrage.training import train
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
     cfg, capture = tiny_configs()
-    train(tiny_data, run, cfg=cfg, capture=capture, progress=False)
+    train(tiny_data, run, cfg=cfg, capture=capture, progress=False, capture_mode="inline")
     return run

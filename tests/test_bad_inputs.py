@@ -23,7 +23,9 @@ from montrage.errors import (CaptureError, CheckpointNotFoundError, DataError, M
 from montrage.storage import RunStore
 from montrage.storage import schema as S
 
-FAST = ["--steps", "1", "--checkpoint-every", "1", "--batch-size", "2", "--modules", "mid_block", "--pooling-grid", "1"]
+# inline capture: no background worker to start per training (capture modes: tests/callbacks/test_capture_modes.py)
+FAST = ["--steps", "1", "--checkpoint-every", "1", "--batch-size", "2", "--modules", "mid_block", "--pooling-grid", "1",
+        "--capture", "inline"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

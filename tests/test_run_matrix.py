@@ -88,7 +88,7 @@ def record(way: str, root: Path, data: Path) -> Path:
 
         cfg = TrainConfig(steps=STEPS, batch_size=2, lr=LR, warmup_steps=2, prior_fraction=0.0,
                           lora=LoraSettings(rank=RANK, alpha=ALPHA))
-        train(data, run, cfg=cfg, capture=capture(), probes_file=probes, progress=False)
+        train(data, run, cfg=cfg, capture=capture(), probes_file=probes, progress=False, capture_mode="inline")
     elif way in ("calls", "attach"):
         _hand_loop(run, data, attach=way == "attach")
     else:

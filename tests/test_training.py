@@ -13,6 +13,23 @@ from montrage.storage import schema as S
 from montrage.training import train
 from tests.conftest import tiny_configs
 
+INLINE = {"capture_mode": "inline", "progress": False}  # capture modes: tests/callbacks/test_capture_modes.py
+
+
+@pytest.fixture(scope="module")
+def three_step_run(tmp_path_factory, tiny_data) -> Path:
+    """A finished 3-step run (checkpoints 0 and 3), trained once; tests that train on top of it use a copy."""
+    cfg, capture = tiny_configs(steps=3)
+    run = tmp_path_factory.mktemp("three") / "r"
+    train(tiny_data, run, cfg=cfg, capture=capture, **INLINE)
+    return run
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "r"))
+
 
 def test_store_shapes(tiny_run):
     st = RunStore.open(tiny_run)
@@ -80,10 +97,10 @@ def test_resume_after_interruption(tmp_path, tiny_data, tiny_run, monkeypatch):
 
     monkeypatch.setattr(T, "step_batch", dying)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_data, tmp_path / "run", cfg=cfg, capture=capture, progress=False)
+        train(tiny_data, tmp_path / "run", cfg=cfg, capture=capture, **INLINE)
     assert RunStore.open(tmp_path / "run").steps.tolist() == [0, 3]
     monkeypatch.setattr(T, "step_batch", real)
-    res = train(tiny_data, tmp_path / "run", cfg=cfg, capture=capture, progress=False)
+    res = train(tiny_data, tmp_path / "run", cfg=cfg, capture=capture, **INLINE)
     assert res.start_step == 3
     resumed, ref = RunStore.open(tmp_path / "run"), RunStore.open(tiny_run)
     assert resumed.steps.tolist() == [0, 3, 6]  # nothing lost, nothing duplicated
@@ -95,22 +112,24 @@ def test_resume_after_interruption(tmp_path, tiny_data, tiny_run, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_rerun_of_finished_run_adds_nothing(tmp_path, tiny_data):
+def test_rerun_of_finished_run_adds_nothing(tmp_path, tiny_data, three_step_run):
     cfg, capture = tiny_configs(steps=3)
-    train(tiny_data, tmp_path / "r", cfg=cfg, capture=capture, progress=False)
-    train(tiny_data, tmp_path / "r", cfg=cfg, capture=capture, progress=False)
-    assert RunStore.open(tmp_path / "r").steps.tolist() == [0, 3]
+    run = _copy(three_step_run, tmp_path)
+    assert RunStore.open(run).steps.tolist() == [0, 3]
+    res = train(tiny_data, run, cfg=cfg, capture=capture, **INLINE)
+    assert res.start_step == 3
+    assert RunStore.open(run).steps.tolist() == [0, 3]
 
 
-def test_other_config_on_existing_output_is_refused(tmp_path, tiny_data):
+def test_other_config_on_existing_output_is_refused(tmp_path, tiny_data, three_step_run):
     from montrage.config import CaptureConfig
     from montrage.errors import StoreConfigMismatchError
 
     cfg, capture = tiny_configs(steps=3)
-    train(tiny_data, tmp_path / "r", cfg=cfg, capture=capture, progress=False)
+    run = _copy(three_step_run, tmp_path)
     other = CaptureConfig(**{**capture.__dict__, "pooling_grid": 4})
     with pytest.raises(StoreConfigMismatchError, match="pooling_grid"):
-        train(tiny_data, tmp_path / "r", cfg=cfg, capture=other, progress=False)
+        train(tiny_data, run, cfg=cfg, capture=other, **INLINE)
 
 
 def test_run_is_self_contained(tiny_run, tiny_data):
@@ -130,20 +149,20 @@ def test_run_is_self_contained(tiny_run, tiny_data):
     assert cfg["base"] == "embedded" and len(cfg["base_identity"]) == 32
 
 
-def test_other_lora_config_on_resume_is_refused(tmp_path, tiny_data):
+def test_other_lora_config_on_resume_is_refused(tmp_path, tiny_data, three_step_run):
     from dataclasses import replace
 
     from montrage.config import LoraSettings
     from montrage.errors import StoreConfigMismatchError
 
     cfg, capture = tiny_configs(steps=3)
-    train(tiny_data, tmp_path / "r", cfg=cfg, capture=capture, progress=False)
-    before = sorted(p.name for p in (tmp_path / "r" / S.STORE_DIRNAME).rglob("*"))
+    run = _copy(three_step_run, tmp_path)
+    before = sorted(p.name for p in (run / S.STORE_DIRNAME).rglob("*"))
     other = replace(cfg, lora=LoraSettings(rank=4, alpha=2.0))
     with pytest.raises(StoreConfigMismatchError, match=r"lora\.lora_alpha.*lora\.r: store has 8, requested 4"):
-        train(tiny_data, tmp_path / "r", cfg=other, capture=capture, progress=False)
-    assert sorted(p.name for p in (tmp_path / "r" / S.STORE_DIRNAME).rglob("*")) == before  # nothing written
-    assert RunStore.open(tmp_path / "r").steps.tolist() == [0, 3]
+        train(tiny_data, run, cfg=other, capture=capture, **INLINE)
+    assert sorted(p.name for p in (run / S.STORE_DIRNAME).rglob("*")) == before  # nothing written
+    assert RunStore.open(run).steps.tolist() == [0, 3]
 
 
 def test_paths_only_run_checks_image_hashes(tmp_path, tiny_data):
@@ -157,7 +176,7 @@ def test_paths_only_run_checks_image_hashes(tmp_path, tiny_data):
 
     data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
     cfg, capture = tiny_configs(steps=3)
-    train(data, tmp_path / "r", cfg=cfg, capture=capture, progress=False, store_images=False)
+    train(data, tmp_path / "r", cfg=cfg, capture=capture, store_images=False, **INLINE)
     st = RunStore.open(tmp_path / "r")
     assert not st.images_stored
     from montrage.data.imagefolder import load_imagefolder

@@ -104,7 +104,7 @@ def test_train_on_folder_base_records_store(sd_folder, tmp_path):
     run = tmp_path / "run"
     cfg = TrainConfig(steps=2, batch_size=2, prior_fraction=0.0, resolution=RESOLUTION, warmup_steps=0)
     capture = CaptureConfig(every_n_steps=1, probe_steps=2, timesteps=(100,), anchors=2, modules=(MODULE_TO_CAPTURE,))
-    res = train(data, run, base=str(sd_folder), cfg=cfg, capture=capture, progress=False)
+    res = train(data, run, base=str(sd_folder), cfg=cfg, capture=capture, progress=False, capture_mode="inline")
     assert res.final_lora.exists()
 
     st = RunStore.open(run)
