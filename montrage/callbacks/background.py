@@ -20,13 +20,14 @@ checkpoints instead (what a Dask task does).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -37,6 +38,49 @@ from montrage.storage import schema as S
 log = logging.getLogger(__name__)
 
 WORKER_LOG = "capture-worker.log"  # in the run folder: the worker's stdout/stderr
+# In the run folder: the seconds each featurizer spent, one JSON line per unit of work ({"where": "loop" (the
+# training loop: snapshots, and featurizing when inline) | "background" (the worker) | "capture" (`montrage
+# capture`, `attribute`), "checkpoint", "step", "part", "seconds"}): what the report says capture cost.
+CAPTURE_TIMES = "capture-times.jsonl"
+
+
+def log_capture_time(run_dir: str | Path, where: str, index: int, step: int, seconds: float,
+                     part: str = "checkpoint") -> None:
+    """Append one timing line (a single O_APPEND write, so concurrent featurizers never interleave); a timing
+    note never fails a capture."""
+    line = json.dumps({"where": where, "checkpoint": int(index), "step": int(step), "part": part,
+                       "seconds": round(float(seconds), 4)}) + "\n"
+    try:
+        fd = os.open(Path(run_dir) / CAPTURE_TIMES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def capture_times(run_dir: str | Path) -> Dict[str, Dict[str, float]]:
+    """Seconds and checkpoints per place (``where``) from the run's timing lines; a unit featurized again after
+    a kill counts once (its last line)."""
+    path = Path(run_dir) / CAPTURE_TIMES
+    last: Dict[tuple, float] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+            last[(rec["where"], int(rec["checkpoint"]), rec.get("part", "checkpoint"))] = float(rec["seconds"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    out: Dict[str, Dict[str, float]] = {}
+    for (where, k, _part), sec in last.items():
+        d = out.setdefault(where, {"seconds": 0.0, "checkpoints": set()})
+        d["seconds"] += sec
+        d["checkpoints"].add(k)
+    return {w: {"seconds": d["seconds"], "checkpoints": float(len(d["checkpoints"]))} for w, d in out.items()}
 
 
 # ---------------------------------------------------------------------------- the work
@@ -48,17 +92,19 @@ def _engine(store: RunStore, threads: Optional[int], device: str):
 
 
 def featurize_pending(store: RunStore, engine, on_commit: Optional[Callable[[int, int], None]] = None,
-                      restore: bool = False) -> int:
+                      restore: bool = False, where: str = "capture") -> int:
     """Featurize and commit every pending snapshot, in order (the caller holds the capture lock); ``restore``:
-    put the model's own LoRA weights back afterwards (a live training model)."""
+    put the model's own LoRA weights back afterwards (a live training model). ``where``: its timing label."""
     from montrage.callbacks.capture import featurize_snapshot
 
     done = 0
     while store.n_checkpoints < store.n_snapshots:  # n_snapshots is re-read from disk: follows a live loop
         k = store.n_checkpoints
+        t0 = time.perf_counter()
         rec = featurize_snapshot(store, engine, k, restore=restore)
         store.write_featurized(k, rec)
         store.commit_featurized(k + 1, [k] if rec.has_nonfinite() else [])
+        log_capture_time(store.run_dir, where, k, rec.step, time.perf_counter() - t0)
         done += 1
         if on_commit is not None:
             on_commit(k, rec.step)
@@ -97,9 +143,10 @@ class UnitFeaturizer:
     """Featurizes single units of stored snapshots into their reserved regions (no commit: the coordinator,
     who holds the capture lock, commits a checkpoint once all its units are written)."""
 
-    def __init__(self, store: RunStore, engine) -> None:
-        self.store, self.engine = store, engine
+    def __init__(self, store: RunStore, engine, where: str = "capture") -> None:
+        self.store, self.engine, self.where = store, engine, where
         self._loaded: Optional[int] = None
+        self._step = -1
         self._loss_bad = False
 
     def _load(self, index: int) -> None:
@@ -114,17 +161,19 @@ class UnitFeaturizer:
         names, shapes = lora_layout(self.store)
         with self.engine.lora_weights(unflatten(snap.lora, names, shapes), restore=False):
             pass  # loaded, kept for the next units of the same checkpoint
-        self._loaded = index
+        self._loaded, self._step = index, snap.step
         self._loss_bad = snap.train_loss is not None and not np.isfinite(snap.train_loss)
 
     def run(self, index: int, kind: str) -> bool:
         """Featurize and write unit (``index``, ``kind``); True when it (or the snapshot's loss) is not finite."""
         from montrage.callbacks.capture import torch_threads
 
+        t0 = time.perf_counter()
         self._load(index)
         with torch_threads(self.engine.threads):
             part = self.engine.capture_kind(kind)
         write_unit(self.store, index, kind, part)
+        log_capture_time(self.store.run_dir, self.where, index, self._step, time.perf_counter() - t0, kind)
         arrays = [part["l"]] + list(part["f"].values())
         return self._loss_bad or any(not np.isfinite(a).all() for a in arrays if np.size(a))
 
@@ -197,11 +246,12 @@ def worker_main(argv: Optional[List[str]] = None) -> int:
         try:
             engine = _engine(store, args.threads, args.device)
             report = lambda k, step: log.info("featurized checkpoint %d (step %d)", k, step)  # noqa: E731
-            featurize_pending(store, engine, report)
+            where = "background" if args.follow else "capture"
+            featurize_pending(store, engine, report, where=where)
             if args.follow:
                 for _line in sys.stdin:  # one line per new snapshot; EOF when the training process ends or dies
-                    featurize_pending(store, engine, report)
-                featurize_pending(store, engine, report)
+                    featurize_pending(store, engine, report, where=where)
+                featurize_pending(store, engine, report, where=where)
         finally:
             store.close()
     except MontrageError as exc:

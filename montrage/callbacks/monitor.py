@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from montrage.callbacks.background import log_capture_time
 from montrage.callbacks.base import MontrageCallback
 from montrage.callbacks.capture import CaptureEngine
 from montrage.callbacks.capture import concat_shards as _concat_shards  # noqa: F401 (tests import it from here)
@@ -160,6 +161,7 @@ class TrainingMonitor(MontrageCallback):
                "optimizer": describe_optimizer(self.optimizer) if self.optimizer is not None else None}
         cfg.update(self._user_config)
         cfg["capture"] = to_dict(self.capture)
+        cfg["capture_mode"] = self.capture_mode  # where featurizing ran (the report's cost of capture)
         cfg["lora"] = self.lora_config()  # always the model's own: what was really trained
         return cfg
 
@@ -448,6 +450,7 @@ class TrainingMonitor(MontrageCallback):
         """Commit the snapshot of ``step``, then featurize it here (inline) or hand it to the worker (a
         collective). Inline capture is the same engine the worker runs, on the live weights."""
         self._capture_finished = False
+        t0 = time.perf_counter()
         parts = self.engine.capture_gathered() if self.capture_mode == "inline" else None
         losses = self.ctx.gather((self.state.loss_sum, self.state.loss_count))
         signals = self.ctx.gather(self._take_signals())
@@ -464,6 +467,8 @@ class TrainingMonitor(MontrageCallback):
                     self.store.commit_featurized(k + 1, [k] if rec.has_nonfinite() else [])
                 elif self.capture_mode == "background":
                     self._wake_worker()
+                log_capture_time(self.output_dir, "loop", k, step, time.perf_counter() - t0,
+                                 "checkpoint" if parts is not None else "snapshot")
                 log.info("montrage: checkpoint at step %d recorded (%s capture)", step, self.capture_mode)
             except Exception as exc:  # reaches every rank below, so none waits forever
                 error = exc
@@ -486,7 +491,7 @@ class TrainingMonitor(MontrageCallback):
             alone = CaptureEngine(self.components, self._read_images, list(self.training_set.captions), self.probes,
                                   self.capture, self.anchor_indices, extractor=self.extractor,
                                   threads=self.capture_threads)
-            featurize_pending(self.store, alone, restore=True)
+            featurize_pending(self.store, alone, restore=True, where="loop")
 
     def _wake_worker(self) -> None:
         from montrage.callbacks.background import BackgroundCapture

@@ -238,6 +238,45 @@ def _is_mixed(kind: str, meta: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- sections
+def _capture_cost(store: RunStore, steps: List[int], wall: List[float]) -> str:
+    """What capture cost, where it ran: the featurizers' measured seconds (in the loop, in the background
+    worker, in `montrage capture`) when the run logged them; otherwise an estimate from the first checkpoint."""
+    from montrage.callbacks.background import capture_times
+
+    mode = store.run_config.get("capture_mode")
+    times = capture_times(store.run_dir)
+    if times:
+        total = wall[-1] if wall else 0.0
+        loop = times.get("loop", {})
+        featurized_in_loop = (mode or "inline") == "inline"
+        text = [f"{mode or 'inline'} capture; in the training loop {_fmt_s(loop.get('seconds', 0.0))} over "
+                f"{int(loop.get('checkpoints', 0))} checkpoint(s) ("
+                + ("featurizing included" if featurized_in_loop else "snapshots only")
+                + (f", {loop.get('seconds', 0.0) / total:.0%} of the loop's {_fmt_s(total)}" if total > 0 else "") + ")"]
+        for where, what in (("background", "in the background worker, beside the training"),
+                            ("capture", "by `montrage capture` / `attribute`, after it")):
+            if where in times:
+                t = times[where]
+                text.append(f"{what}: {_fmt_s(t['seconds'])} for {int(t['checkpoints'])} checkpoint(s) "
+                            f"({_fmt_s(t['seconds'] / max(t['checkpoints'], 1))} each)")
+        return "; ".join(text)
+    if not wall:
+        return "not recorded"
+    total, first = wall[-1], wall[0]  # checkpoint 0 is recorded before any optimizer step: capture only
+    est = first * len(steps)
+    cost = (f"run wall time {_fmt_s(total)} over {len(steps)} checkpoint(s); the first checkpoint (capture "
+            f"only, before any training step) took {_fmt_s(first)}, so capturing all of them costs about "
+            f"{_fmt_s(est)}")
+    if mode in ("background", "deferred"):
+        cost += (f" (this run captured {mode}, so that time was spent outside the training loop; its featurizers "
+                 "logged no timings)")
+    elif len(steps) > 1 and 0 < est < total:
+        cost += f" ({est / total:.0%} of the run; an estimate from the first capture)"
+    elif len(steps) > 1:
+        cost += " (an upper bound: the first capture includes warm-up)"
+    return cost
+
+
 def _summary_section(store: RunStore, info: dict, colors: Dict[str, str], train_note: str,
                      have_images: bool) -> str:
     cfg = store.run_config
@@ -255,17 +294,7 @@ def _summary_section(store: RunStore, info: dict, colors: Dict[str, str], train_
     if not have_images:
         data_cell += ' <span class="bad">(training images unavailable)</span>'
     concept_cell = " ".join(f"{_tag(c, colors)} &times;{n}" for c, n in info["concepts"].items()) or "none"
-    cost = "not recorded"
-    if wall:
-        total, first = wall[-1], wall[0]  # checkpoint 0 is recorded before any optimizer step: capture only
-        est = first * len(steps)
-        cost = (f"run wall time {_fmt_s(total)} over {len(steps)} checkpoint(s); the first checkpoint (capture "
-                f"only, before any training step) took {_fmt_s(first)}, so capturing all of them costs about "
-                f"{_fmt_s(est)}")
-        if len(steps) > 1 and 0 < est < total:
-            cost += f" ({est / total:.0%} of the run; an estimate from the first capture)"
-        elif len(steps) > 1:
-            cost += " (an upper bound: the first capture includes warm-up)"
+    cost = _capture_cost(store, steps, wall)
     feat = ", ".join(f"{m} ({d} features)" for m, d in info["modules"].items())
     rows = [
         ("run", e(store.run_dir)),

@@ -280,3 +280,26 @@ def test_capture_on_a_dask_cluster_equals_inline(runs, tmp_path):
         res = capture_run(run, dask_scheduler=cluster.scheduler_address, progress=False)
     assert res.featurized == [0, 2, 4] and res.pending_before == 3
     _assert_same(_arrays(runs["inline"]), _arrays(run))
+
+
+def test_capture_cost_says_where_featurizing_ran(runs, tmp_path):
+    """Every featurizer logs its seconds per checkpoint: the report's cost of capture says what the loop spent
+    (featurizing inline, snapshots only otherwise) and what the background worker / `montrage capture` did."""
+    from montrage.callbacks.background import capture_times
+    from montrage.report.html import _capture_cost
+
+    def cost(run: Path) -> str:
+        st = RunStore.open(run)
+        return _capture_cost(st, [int(s) for s in st.steps], [float(w) for w in st.scalar_series(S.WALL_TIME)])
+
+    inline, bg = capture_times(runs["inline"]), capture_times(runs["background"])
+    assert set(inline) == {"loop"} and inline["loop"]["checkpoints"] == 3 and inline["loop"]["seconds"] > 0
+    assert set(bg) == {"loop", "background"} and bg["background"]["checkpoints"] == 3
+    assert bg["background"]["seconds"] > bg["loop"]["seconds"]  # the loop only snapshotted
+    assert "inline capture" in cost(runs["inline"]) and "featurizing included" in cost(runs["inline"])
+    assert "snapshots only" in cost(runs["background"]) and "background worker" in cost(runs["background"])
+    run = tmp_path / "deferred"
+    shutil.copytree(runs["deferred"], run)
+    capture_run(run, num_processes=2, progress=False)
+    done = capture_times(run)
+    assert done["capture"]["checkpoints"] == 3 and "montrage capture" in cost(run)
