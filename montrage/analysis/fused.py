@@ -53,7 +53,7 @@ WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 3
+MODEL_VERSION = 4
 
 
 def query_kind(prompt: str) -> str:
@@ -69,18 +69,22 @@ def subset(q: QuerySet, idx: Sequence[int], prompts: Optional[Sequence[str]] = N
                     concepts=pick(q.concepts), meta=pick(q.meta))
 
 
-def perturb(images: np.ndarray, seed: int) -> np.ndarray:
-    """Deterministic small perturbations: a shift of 1/32 of the side (at least 1 pixel; edge padding),
-    brightness/colour jitter and pixel noise."""
+def perturb(images: np.ndarray, seed: int, strength: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Deterministic small perturbations of strength s in [0, 1] per image (default 1): a shift by s x 1/32 of the
+    side (at least s x 1 pixel; linear between the image and its shifted copy; edge padding), brightness/colour
+    jitter of +-10% / +-5% x s and pixel noise of 4 x s grey levels."""
     rng = np.random.default_rng(seed)
     out = np.empty_like(images)
-    for n, im in enumerate(images):
+    strength = np.ones(len(images)) if strength is None else np.asarray(strength, np.float64)
+    for n, (im, st) in enumerate(zip(images, strength)):
         h, w = im.shape[:2]
         m = max(1, min(h, w) // 32)
         dy, dx = rng.choice([-m, m], 2)
-        pad = np.pad(im.astype(np.float32), ((m, m), (m, m), (0, 0)), mode="edge")
-        x = pad[m + dy: m + dy + h, m + dx: m + dx + w]
-        x = x * rng.uniform(0.9, 1.1) * rng.uniform(0.95, 1.05, size=3) + rng.normal(0.0, 4.0, size=x.shape)
+        x0 = im.astype(np.float32)
+        pad = np.pad(x0, ((m, m), (m, m), (0, 0)), mode="edge")
+        x = (1.0 - st) * x0 + st * pad[m + dy: m + dy + h, m + dx: m + dx + w]
+        x = (x * rng.uniform(1 - 0.1 * st, 1 + 0.1 * st) * rng.uniform(1 - 0.05 * st, 1 + 0.05 * st, size=3)
+             + rng.normal(0.0, 4.0 * st, size=x.shape))
         out[n] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     return out
 
@@ -93,6 +97,33 @@ def augment_prompt(prompt: str, rng: np.random.Generator) -> str:
         return prompt
     drop = int(rng.integers(len(words)))
     return " ".join(w for i, w in enumerate(words) if i != drop)
+
+
+def near_duplicate(similarity: np.ndarray) -> np.ndarray:
+    """Per query, a ratio test on a shifted-cosine similarity (1 + cos) / 2: log(d2 / d_i) for the training image
+    nearest to the query (d = 1 - cos; d2 = the second-nearest's distance), 0 for every other image. Large only
+    when one training image is far closer than all others -- a copy. Kept on its own scale (not standardised):
+    a per-query z-score would make every query's nearest image look equally duplicated."""
+    dist = np.clip(1.0 - (2.0 * np.asarray(similarity, np.float64) - 1.0), 1e-6, None)
+    out = np.zeros_like(dist)
+    if dist.shape[-1] < 2:
+        return out.astype(np.float32)
+    order = np.argsort(dist, axis=-1)
+    rows = np.arange(dist.shape[0])
+    d1, d2 = dist[rows, order[:, 0]], dist[rows, order[:, 1]]
+    out[rows, order[:, 0]] = np.log(d2 / d1)
+    return np.where(np.isfinite(out), out, 0.0).astype(np.float32)
+
+
+RAW_SCALE_PREFIXES = ("dup/",)  # channels used on their own scale
+
+
+def feature(name: str, values: np.ndarray) -> np.ndarray:
+    """A channel as the model uses it: standardised per query, except the ratio-test channels."""
+    if name.startswith(RAW_SCALE_PREFIXES):
+        v = np.asarray(values, np.float32)
+        return np.where(np.isfinite(v), v, 0.0).astype(np.float32)
+    return standardise(values)
 
 
 def standardise(values: np.ndarray) -> np.ndarray:
@@ -164,7 +195,51 @@ def grad_channels(ctx: ScoringContext, final_only: bool) -> Dict[str, np.ndarray
 def pixel_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:
     from montrage.analysis.scorers import PixelScorer
 
-    return {"pixel": PixelScorer().score(ctx)}
+    pixel = PixelScorer().score(ctx)
+    return {"pixel": pixel, "dup/pixel": near_duplicate(pixel)}
+
+
+def dyn_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:
+    """``dyn/learned``: what ``montrage-dynamics`` computes (per module / timestep / checkpoint softmax weights on
+    the raw shifted cosines, fitted on the stored anchor trajectories) as ONE channel, so that its fine weighting
+    is not averaged away by the per-group means of ``rep/*``."""
+    from montrage.analysis.scorers import DynamicsScorer
+
+    scorer = DynamicsScorer("montrage-dynamics", "", ("sim", "move", "loss"), learned=True)
+    sub = _with_condition(ctx, "null")
+    dyn = scorer.dynamics(sub)
+    model = ctx.cached(f"fused/dyn-model/{ctx.checkpoint}", lambda: scorer.model(sub, dyn))
+    from montrage.analysis.scorers import query_trajectory
+
+    return {"dyn/learned": model.calibrate(dyn.score(query_trajectory(sub), model.weights)).astype(np.float32)}
+
+
+def text_channels(ctx: ScoringContext) -> Dict[str, np.ndarray]:
+    """Prompt vs training-caption similarity (prompt-known queries): ``text/encoder`` with the run's own text
+    encoder and ``text/tfidf`` (words). Influence through the text path is real influence when the prompt is
+    known; the benchmark reports ``montrage`` next to ``text-only`` so that what the rest adds stays visible."""
+    from montrage.analysis.text_baseline import encoder_similarity, tfidf_similarity
+    from montrage.storage import schema as S
+
+    captions = [str(c) for c in ctx.store.train_meta.get(S.ATTR_CAPTIONS, [])]
+    if not captions or not any(c.strip() for c in captions):
+        raise ScorerError("no training captions recorded")
+    prompts = list(ctx.queries.prompts)
+    out = {"text/tfidf": tfidf_similarity(prompts, captions).astype(np.float32)}
+    out.update(_try("text/encoder", lambda: {"text/encoder": encoder_similarity(ctx, prompts, captions)
+                                              .astype(np.float32)}, ctx))
+    return out
+
+
+def steps_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:
+    """``steps/learned``: how much of each training image the LoRA learned, from the per-step losses the loop
+    recorded (:mod:`montrage.analysis.step_signals`); the same row for every query (a per-image prior)."""
+    from montrage.analysis.step_signals import loss_trajectory
+
+    learned = ctx.cached(f"fused/steps/{ctx.checkpoint}", lambda: loss_trajectory(ctx.store, ctx.checkpoint).learned())
+    if not np.isfinite(learned).any():
+        raise ScorerError("the run recorded no per-step signals")
+    return {"steps/learned": np.broadcast_to(learned, (len(ctx.queries), len(learned))).astype(np.float32)}
 
 
 def _try(name: str, fn, ctx: ScoringContext) -> Dict[str, np.ndarray]:
@@ -180,7 +255,17 @@ def _try(name: str, fn, ctx: ScoringContext) -> Dict[str, np.ndarray]:
         return {}
 
 
-def channel_values(ctx: ScoringContext, kind: str, final_only: bool, families: Sequence[str] = ("rep", "grad", "pixel")
+FAMILIES = ("rep", "grad", "pixel", "dyn", "text", "steps")
+TRAJECTORY_FAMILIES = ("dyn", "steps")  # no final-checkpoint version: left out of montrage-final
+
+
+def family(channel: str) -> str:
+    """The family that computes a channel (``dup/pixel`` comes with ``pixel``)."""
+    head = channel.split("/")[0]
+    return "pixel" if head == "dup" else head
+
+
+def channel_values(ctx: ScoringContext, kind: str, final_only: bool, families: Sequence[str] = FAMILIES
                    ) -> Dict[str, np.ndarray]:
     """Raw channel values {name: (Q, N)} of ctx.queries, all of one kind."""
     out: Dict[str, np.ndarray] = {}
@@ -191,6 +276,12 @@ def channel_values(ctx: ScoringContext, kind: str, final_only: bool, families: S
         out.update(_try("grad", lambda: grad_channels(ctx, final_only), ctx))
     if "pixel" in families:
         out.update(_try("pixel", lambda: pixel_channel(ctx), ctx))
+    if "dyn" in families and not final_only:
+        out.update(_try("dyn", lambda: dyn_channel(ctx), ctx))
+    if "text" in families and kind == PROMPT:
+        out.update(_try("text", lambda: text_channels(ctx), ctx))
+    if "steps" in families and not final_only:
+        out.update(_try("steps", lambda: steps_channel(ctx), ctx))
     if not out:
         raise ScorerError("montrage: no attribution channel could be computed for this run (no recorded features, "
                           "LoRA weights or training images)")
@@ -212,7 +303,7 @@ class FusedModel:
         missing = [c for c in self.channels if c not in values]
         if missing:
             raise ScorerError(f"montrage: channels {missing} were fitted but are not available for these queries")
-        return sum(np.float32(w) * standardise(values[c]) for c, w in zip(self.channels, self.weights))
+        return sum(np.float32(w) * feature(c, values[c]) for c, w in zip(self.channels, self.weights))
 
     def calibrate(self, raw: np.ndarray) -> np.ndarray:
         return (1.0 / (1.0 + np.exp(-self.scale * (raw - self.bias)))).astype(np.float32)
@@ -240,7 +331,7 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
     from montrage.losses.attribution import attribution_loss, concept_ranking_loss
 
     names = sorted(values)
-    feats = torch.from_numpy(np.stack([standardise(values[c]) for c in names])).double()  # (C, A, N)
+    feats = torch.from_numpy(np.stack([feature(c, values[c]) for c in names])).double()  # (C, A, N)
     y = torch.from_numpy(target).double()
     members = own = None
     labels = sorted(set(concepts or []) - {""})
@@ -294,17 +385,58 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tupl
     except (MontrageError, OSError) as exc:
         log.info("montrage: supervising with the stored anchor trajectories (%s)", exc)
         return stored_anchor_values(ctx, anchors, kind, final_only), target, "stored anchors (second noise draw)"
-    images = perturb(ts.images[anchors], seed=1234)
+    sets = supervision_sets(ctx, ts.images[anchors], anchors, captions, kind)
+    parts = []
+    for q in sets:
+        sub = _sub(ctx, q, query_mode="B")
+        parts.append(channel_values(sub, kind, final_only))
+        if ctx._model is None:
+            ctx._model = sub._model
+    names = sorted(set.intersection(*[set(p) for p in parts]))
+    values = {c: np.concatenate([p[c] for p in parts]) for c in names}
+    how = (f"{len(anchors)} anchors x {len(sets)}: perturbed copies (full-strength shift, colour jitter, noise), "
+           "near-copies (strength 0.1-0.6)"
+           + (", generations of their captions at the attributed checkpoint" if len(sets) > 2 else "")
+           + ("; prompts: captions with one word dropped (copies), the caption (generations)" if kind == PROMPT else "")
+           + "; concept labels")
+    return values, np.concatenate([target] * len(sets)), how
+
+
+def supervision_sets(ctx: ScoringContext, images: np.ndarray, anchors: Sequence[int], captions: Sequence[str],
+                     kind: str) -> List[QuerySet]:
+    """The supervision queries, each targeting its anchor: the queries users bring, made from the run itself --
+    perturbed copies (full strength and near-copies, so the model sees both what pixels can and cannot match) and
+    the run's own generations of the anchors' captions at the attributed checkpoint (fresh seeds: what a
+    generation of a training caption looks like). No benchmark query or label is used."""
+    from montrage.models.sampling import generate
+
+    store = ctx.store
+    concepts = [store.concepts[i] for i in anchors]
+    n = len(anchors)
+
+    def qset(tag: str, imgs: np.ndarray, prompts: Sequence[str], offset: int) -> QuerySet:
+        return QuerySet(ids=[f"{tag}-{i}" for i in anchors], images=imgs, prompts=list(prompts), seeds=[None] * n,
+                        item_seeds=[FIT_SEED_OFFSET + offset + i for i in anchors], concepts=concepts)
+
+    out = []
     rng = np.random.default_rng(4321)
-    prompts = [augment_prompt(captions[i], rng) if kind == PROMPT else "" for i in anchors]
-    q = QuerySet(ids=[f"anchor-{i}" for i in anchors], images=images, prompts=prompts, seeds=[None] * len(anchors),
-                 item_seeds=[FIT_SEED_OFFSET + i for i in anchors], concepts=[store.concepts[i] for i in anchors])
-    sub = _sub(ctx, q, query_mode="B")
-    values = channel_values(sub, kind, final_only)
-    if ctx._model is None:
-        ctx._model = sub._model
-    return values, target, (f"{len(anchors)} perturbed anchors (shift, colour jitter, noise"
-                            f"{'; caption with one word dropped' if kind == PROMPT else ''}), concept labels")
+    out.append(qset("anchor", perturb(images, seed=1234),
+                    [augment_prompt(captions[i], rng) if kind == PROMPT else "" for i in anchors], 0))
+    rng = np.random.default_rng(4322)
+    strength = np.random.default_rng(99).uniform(0.1, 0.6, n)
+    out.append(qset("near-copy", perturb(images, seed=1235, strength=strength),
+                    [augment_prompt(captions[i], rng) if kind == PROMPT else "" for i in anchors], 50_000))
+    cap = store.capture or {}
+    try:
+        gen = ctx.cached(f"fused/supervision-generations/{ctx.checkpoint}", lambda: generate(
+            ctx.components_at(ctx.checkpoint), [captions[i] for i in anchors],
+            [FIT_SEED_OFFSET + 77_000 + i for i in anchors], int(cap.get("probe_steps") or 25),
+            float(cap.get("guidance_scale") or 1.5), sampler=str(cap.get("probe_sampler") or "ddim")))
+    except (MontrageError, OSError, ValueError) as exc:
+        log.info("montrage: no generated supervision (%s)", exc)
+        return out
+    out.append(qset("generation", gen, [captions[i] if kind == PROMPT else "" for i in anchors], 60_000))
+    return out
 
 
 def stored_anchor_values(ctx: ScoringContext, anchors: Sequence[int], kind: str, final_only: bool
@@ -368,7 +500,7 @@ class FusedScorer:
 
     def _score_kind(self, ctx: ScoringContext, idx: List[int], kind: str, prompts: Sequence[str]) -> Tuple[np.ndarray, FusedModel]:
         model = fitted_model(ctx, self.name, kind, self.final_only)
-        families = {c.split("/")[0] for c in model.channels}
+        families = {family(c) for c in model.channels}
         values = channel_values(_sub(ctx, subset(ctx.queries, idx, prompts)), kind, self.final_only, tuple(families))
         return model.raw(values), model
 

@@ -96,6 +96,110 @@ def test_standardise_and_perturb():
     assert np.array_equal(p1, p2) and not np.array_equal(p1, im) and p1.dtype == np.uint8
 
 
+def test_near_duplicate_fires_only_for_a_copy():
+    """Ratio test on planted similarities: a copy (one image far closer than the rest) gets a large value at its
+    source and 0 elsewhere; a generation-like query (several images about equally close) gets a small one."""
+    rng = np.random.default_rng(0)
+    sim = 0.5 + 0.4 * rng.random((2, 20))
+    sim[0, 7] = 0.998  # the copy's source: cos 0.996 vs at most 0.8 for the rest
+    sim[1, 3], sim[1, 4] = 0.93, 0.925  # two nearly equal neighbours
+    dup = F.near_duplicate(sim)
+    assert dup[0].argmax() == 7 and dup[0, 7] > 2.0 and np.count_nonzero(dup[0]) == 1
+    assert dup[1].argmax() == 3 and dup[1, 3] < 0.2
+    # kept on its own scale: not standardised per query like the other channels
+    np.testing.assert_array_equal(F.feature("dup/pixel", dup), dup)
+
+
+def planted_copy_and_generation(n_concepts, per, n_queries, seed):
+    """Channel values of copy queries and generation-like queries with known sources. Pixels: same-concept images
+    look alike (one palette); a copy is far closer to its source than to anything else, a generation is not.
+    Co-movement identifies a generation's source, but for a copy it points at a sibling of the same concept, so
+    no single weighting of the standardised channels serves both kinds of query."""
+    rng = np.random.default_rng(seed)
+    n = n_concepts * per
+    concept = np.arange(n) // per
+    values = {"pixel": [], "rep/null/move": []}
+    targets = []
+    for j in range(n_queries):
+        copy = j % 2 == 0
+        t = int(rng.integers(n))
+        sibling = int(rng.choice([i for i in range(n) if concept[i] == concept[t] and i != t]))
+        pix = np.where(concept == concept[t], 0.95 + 0.01 * rng.normal(size=n), rng.uniform(0.3, 0.9, n))
+        move = rng.normal(size=n) + 2.0 * (concept == concept[t])
+        if copy:  # pixels nearly identical to the source; the representation moves like a sibling's
+            pix[t] = 0.997
+            move[sibling] += 3.0
+        else:  # a generation reproduces no pixels (its nearest image is any sibling); co-movement finds the source
+            pix[sibling] = 0.975
+            move[t] += 3.0
+        values["pixel"].append(pix)
+        values["rep/null/move"].append(move)
+        targets.append(t)
+    out = {c: np.asarray(v, np.float32) for c, v in values.items()}
+    out["dup/pixel"] = F.near_duplicate(out["pixel"])
+    return out, np.asarray(targets), [f"c{c}" for c in concept]
+
+
+def test_copy_queries_rank_their_source_first_once_the_near_duplicate_channel_is_fitted():
+    n_concepts, per = 4, 8
+    values, targets, concepts = planted_copy_and_generation(n_concepts, per, 64, seed=0)
+    y = np.zeros((len(targets), n_concepts * per), np.float32)
+    y[np.arange(len(targets)), targets] = 1.0
+    test, t_test, _ = planted_copy_and_generation(n_concepts, per, 40, seed=1)
+    copy = np.arange(len(t_test)) % 2 == 0
+    with_dup = F.fit(values, y, F.IMAGE, "planted", concepts, steps=300)
+    hit = with_dup.raw(test).argmax(1) == t_test
+    assert hit[copy].mean() == 1.0 and hit[~copy].mean() >= 0.9, (hit[copy].mean(), hit[~copy].mean())
+    assert with_dup.used()["dup/pixel"] > 0.1
+    without = F.fit({c: v for c, v in values.items() if c != "dup/pixel"}, y, F.IMAGE, "planted", concepts, steps=300)
+    hit0 = without.raw({c: v for c, v in test.items() if c != "dup/pixel"}).argmax(1) == t_test
+    # the standardised channels alone trade copies against generations
+    assert hit0.mean() <= hit.mean() - 0.1, (hit0[copy].mean(), hit0[~copy].mean())
+
+
+def test_perturbation_strength():
+    im = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(F.perturb(im, 3, strength=[0.0] * 4), im)
+    full, default = F.perturb(im, 3, strength=[1.0] * 4), F.perturb(im, 3)
+    assert np.array_equal(full, default)
+    mild = F.perturb(im, 3, strength=[0.3] * 4)
+    err = lambda x: np.abs(x.astype(float) - im).mean()  # noqa: E731
+    assert 0 < err(mild) < err(full)
+
+
+def test_channels_follow_what_the_run_recorded(planted_run, monkeypatch):
+    """The planted store has representation trajectories and anchors but no model, pixels, captions or per-step
+    signals: the image-only query JSON lists exactly the channels it could use; per-step signals, once recorded,
+    add ``steps/learned`` with each image's observed first-minus-last loss."""
+    path, targets = planted_run
+    store = RunStore.open(path)
+    q = probe_queries(store)
+    q.prompts = [""] * len(q)
+    res = attribute(path, "montrage", queries=q, options={"query_mode": "A"}, write_store=False, progress=False,
+                    store=store)
+    used = res.payload["queries"][0]["channels"]
+    assert all(r["query_kind"] == "image" for r in res.payload["queries"])
+    assert set(used) == {"rep/null/sim-final", "rep/null/sim-path", "rep/null/move", "rep/null/loss"}, used
+    assert np.mean(res.scores.argmax(1) == targets) >= 0.9
+    from montrage.analysis.base import ScoringContext
+    from montrage.storage import schema as S
+
+    ctx = ScoringContext(store=store, queries=q, checkpoint=store.n_checkpoints - 1, options={"query_mode": "A"})
+    assert "steps/learned" not in F.channel_values(ctx, F.IMAGE, False, ("rep", "steps"))
+    n = len(targets)
+    steps = np.repeat(np.arange(1, 41), n)  # 40 steps, every image drawn at each; checkpoints at 0, 10, ..., 40
+    idx = np.tile(np.arange(n), 40)
+    loss = 1.0 - 0.02 * idx * (steps / 40.0)  # image i learns 0.02 i over training
+    monkeypatch.setattr(store, "step_signals", lambda: {S.SIGNAL_STEP: steps, S.SIGNAL_INDEX: idx,
+                                                        S.SIGNAL_TIMESTEP: np.zeros_like(steps),
+                                                        S.SIGNAL_LOSS: loss.astype(np.float32)})
+    ctx = ScoringContext(store=store, queries=q, checkpoint=store.n_checkpoints - 1, options={"query_mode": "A"})
+    learned = F.channel_values(ctx, F.IMAGE, False, ("rep", "steps"))["steps/learned"]
+    assert learned.shape == (len(q), n)
+    assert (np.diff(learned[0]) > 0).all()  # ranks the images by how much of them was learned
+    assert "steps/learned" not in F.channel_values(ctx, F.IMAGE, True, ("rep", "steps"))  # montrage-final
+
+
 def test_registered_with_the_ablation_and_baselines():
     names = set(available())
     assert {"montrage", "montrage-final", "montrage-dynamics", "montrage-unsupervised", "final-sim",
@@ -115,15 +219,17 @@ def test_end_to_end_on_a_tiny_run(tmp_path, tiny_run):
     rows = res.payload["queries"]
     assert all(r["query_kind"] == "prompt" for r in rows)
     used = rows[0]["channels"]
-    assert {"rep/null/sim-final", "rep/caption/sim-final", "rep/null/move", "grad/dtrak", "pixel"} <= set(used)
+    assert {"rep/null/sim-final", "rep/caption/sim-final", "rep/null/move", "grad/dtrak", "pixel", "dup/pixel",
+            "dyn/learned", "text/tfidf", "text/encoder", "steps/learned"} <= set(used)
     st = RunStore.open(run)
     q = probe_queries(st)
     q.prompts = [""] * len(q)
     img = attribute(run, "montrage", queries=q, options=dict(opts), write_store=False, progress=False)
     assert all(r["query_kind"] == "image" for r in img.payload["queries"])
-    assert not any(c.startswith("rep/caption") for c in img.payload["queries"][0]["channels"])
+    assert not any(c.startswith(("rep/caption", "text/")) for c in img.payload["queries"][0]["channels"])
     final = attribute(run, "montrage-final", options=dict(opts), write_store=False, progress=False)
     chans = final.payload["queries"][0]["channels"]
-    assert not any(("move" in c or "sim-path" in c or c == "rep/null/loss") for c in chans)
+    assert not any(("move" in c or "sim-path" in c or c == "rep/null/loss" or c.startswith(("dyn/", "steps/")))
+                   for c in chans)
     conc = attribute(run, "montrage", options={**opts, "concept": "by artist-0"}, write_store=False, progress=False)
     assert conc.payload["concept"] == "by artist-0" and np.isfinite(conc.scores).all()
