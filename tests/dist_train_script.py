@@ -1,12 +1,17 @@
-"""Helper of tests/test_distributed.py: monitored training with an ``Accelerator``, run in a subprocess.
+"""Helper of tests/test_distributed.py: monitored training with an ``Accelerator``.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_train_script.py dist DATA RUN INFO
     python tests/dist_train_script.py reference DATA RUN INFO
 
-``dist``: ``montrage.training.train`` in each process; each rank writes ``INFO/rank{r}.json`` with the
-world size it saw. ``reference`` (one process): the same config into ``RUN/single``, and into
-``RUN/concat`` a run whose batch at step s is the rank-0 batch followed by the rank-1 batch of the
-2-process run, i.e. the batch that data-parallel training with gradient averaging effectively uses.
+``dist`` (a subprocess per rank): ``montrage.training.train`` in each process, twice: with inline capture
+into ``RUN/inline`` (each rank featurizes its strided share of the items; the shards are gathered on rank 0)
+and with background capture (train()'s default: rank 0's worker process featurizes) into
+``RUN/background``; each rank writes ``INFO/rank{r}.json`` with the world size it saw.
+
+:func:`reference` (one process; the test calls it in its own process, no launch needed): the same config
+into ``RUN/single``, and into ``RUN/concat`` a run whose batch at step s is the rank-0 batch followed by
+the rank-1 batch of the 2-process run, i.e. the batch that data-parallel training with gradient averaging
+effectively uses.
 """
 from __future__ import annotations
 
@@ -43,19 +48,14 @@ def _info(folder: str, accelerator, name: str) -> None:
         "distributed_type": str(accelerator.distributed_type), "env_world_size": os.environ.get("WORLD_SIZE")}))
 
 
-def main(argv) -> None:
-    torch.set_num_threads(1)
-    mode, data, run, info = argv
+def reference(data, run, info) -> None:
+    """The single-process references (inline capture: bit-identical to background, and no worker to start)."""
     import montrage.training as T
 
     cfg, capture = configs()
     accelerator = _accelerator()
-    if mode == "dist":
-        T.train(data, run, cfg=cfg, capture=capture, accelerator=accelerator, progress=False)
-        _info(info, accelerator, f"rank{accelerator.process_index}.json")
-        return
-    assert mode == "reference", mode
-    T.train(data, Path(run, "single"), cfg=cfg, capture=capture, accelerator=accelerator, progress=False)
+    T.train(data, Path(run, "single"), cfg=cfg, capture=capture, accelerator=accelerator, progress=False,
+            capture_mode="inline")
     real = T.step_batch
 
     def both_ranks(step, rank, *args, **kwargs):
@@ -66,10 +66,27 @@ def main(argv) -> None:
 
     T.step_batch = both_ranks
     try:
-        T.train(data, Path(run, "concat"), cfg=cfg, capture=capture, accelerator=accelerator, progress=False)
+        T.train(data, Path(run, "concat"), cfg=cfg, capture=capture, accelerator=accelerator, progress=False,
+                capture_mode="inline")
     finally:
         T.step_batch = real
     _info(info, accelerator, "reference.json")
+
+
+def main(argv) -> None:
+    torch.set_num_threads(1)
+    mode, data, run, info = argv
+    if mode == "reference":
+        return reference(data, run, info)
+    assert mode == "dist", mode
+    import montrage.training as T
+
+    cfg, capture = configs()
+    accelerator = _accelerator()
+    for capture_mode in ("inline", "background"):
+        T.train(data, Path(run, capture_mode), cfg=cfg, capture=capture, accelerator=accelerator, progress=False,
+                capture_mode=capture_mode)
+    _info(info, accelerator, f"rank{accelerator.process_index}.json")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ checkpoints of the plain single-process run differ: with 2 processes each optimi
 gradients of two batches of ``batch_size`` (rank 0's batch is the single-process batch, rank 1 draws its
 own), i.e. trains on 2x the batch. A single-process run fed the concatenation of both ranks' batches
 takes exactly the same steps, so it must match the 2-process run at every checkpoint.
+
+The 2-process launch trains twice: with inline capture (the ranks featurize their shards; the comparisons
+above) and with background capture (train()'s default: rank 0's worker featurizes), which must record the
+same store. The single-process references run in the test's own process while the launch runs.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import pytest
 
 from montrage.storage import RunStore
 from montrage.storage import schema as S
-from tests.dist_train_script import WORLD, configs
+from tests.dist_train_script import WORLD
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "tests" / "dist_train_script.py"
@@ -35,26 +39,37 @@ def _env() -> dict:
     return env
 
 
-def _run(cmd, tmp: Path, name: str) -> None:
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:  # a deadlock in a collective shows up here
-        raise AssertionError(f"{name} did not finish within {TIMEOUT_S} s:\n{(exc.stderr or '')[-4000:]}") from None
-    (tmp / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from montrage.data.synthetic import write_concept_dataset
+    from tests.dist_train_script import reference
 
     tmp = tmp_path_factory.mktemp("dist")
     data = write_concept_dataset(tmp / "data", n_artists=2, images_per_artist=3)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(HELPER),
-          "dist", str(data), str(tmp / "dist"), str(tmp / "info")], tmp, "dist")
-    _run([sys.executable, str(HELPER), "reference", str(data), str(tmp / "ref"), str(tmp / "info")], tmp, "reference")
-    return {"dist": tmp / "dist", "single": tmp / "ref" / "single", "concat": tmp / "ref" / "concat",
-            "info": tmp / "info"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(HELPER),
+           "dist", str(data), str(tmp / "dist"), str(tmp / "info")]
+    log = open(tmp / "dist.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        reference(data, tmp / "ref", tmp / "info")  # meanwhile, in this process (its torch: 1 thread)
+        try:
+            rc = proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # a deadlock in a collective shows up here
+            raise AssertionError(f"the 2-process run did not finish within {TIMEOUT_S} s:\n{_tail(log)}") from None
+        assert rc == 0, f"the 2-process run failed ({rc}):\n{_tail(log)}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    return {"dist": tmp / "dist" / "inline", "dist-background": tmp / "dist" / "background",
+            "single": tmp / "ref" / "single", "concat": tmp / "ref" / "concat", "info": tmp / "info"}
+
+
+def _tail(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-4000:]
 
 
 def test_both_processes_joined_one_group(runs):
@@ -66,9 +81,9 @@ def test_both_processes_joined_one_group(runs):
     assert RunStore.open(runs["dist"]).run_config["world_size"] == WORLD
 
 
-def test_store_is_complete_and_consistent(runs):
-    cfg, capture = configs()
-    st = RunStore.open(runs["dist"])
+@pytest.mark.parametrize("which", ["dist", "dist-background"])
+def test_store_is_complete_and_consistent(runs, which):
+    st = RunStore.open(runs[which])
     assert st.steps.tolist() == [0, 2, 4]
     n_probes = len(st.probe_meta[S.ATTR_PROMPTS])
     assert n_probes % WORLD == 1 and len(st.anchor_indices) == 3  # uneven shards on purpose
@@ -83,7 +98,7 @@ def test_store_is_complete_and_consistent(runs):
     assert st.probe_images().shape == (n_probes, 16, 16, 3)
     loss = st.scalar_series(S.TRAIN_LOSS)
     assert np.isnan(loss[0]) and np.isfinite(loss[1:]).all()
-    assert (runs["dist"] / S.FINAL_LORA_FILENAME).exists()
+    assert (runs[which] / S.FINAL_LORA_FILENAME).exists()
     # Anchors are the training images under a second noise draw: same images, different features.
     a, t = st.features(S.ANCHORS, st.modules[0]), st.features(S.TRAIN, st.modules[0])
     assert not np.allclose(a[0], t[0, st.anchor_indices])
@@ -124,6 +139,16 @@ def test_all_checkpoints_match_single_process_on_concatenated_batches(runs):
                                rtol=1e-4, atol=1e-6)
     _assert_stores_match(dist, concat, slice(None), atol=2e-5)  # observed: 1.4e-6
     np.testing.assert_allclose(dist.scalar_series(S.TRAIN_LOSS)[1:], concat.scalar_series(S.TRAIN_LOSS)[1:], rtol=1e-4)
+
+
+def test_background_capture_on_two_processes_records_the_inline_store(runs):
+    """Rank 0's worker featurizes every item of the 2-process run: the same store as the ranks' shards."""
+    inline, background = RunStore.open(runs["dist"]), RunStore.open(runs["dist-background"])
+    assert background.run_config["world_size"] == WORLD and background.steps.tolist() == inline.steps.tolist()
+    np.testing.assert_array_equal(background.root[f"{S.LORA}/{S.WEIGHTS}"][:], inline.root[f"{S.LORA}/{S.WEIGHTS}"][:])
+    _assert_stores_match(background, inline, slice(None), atol=1e-5)  # another batch split of the same items
+    assert np.abs(background.probe_images().astype(int) - inline.probe_images().astype(int)).max() <= 1
+    np.testing.assert_array_equal(background.scalar_series(S.TRAIN_LOSS), inline.scalar_series(S.TRAIN_LOSS))
 
 
 def test_rank_without_items_merges(tmp_path):
