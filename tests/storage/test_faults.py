@@ -84,10 +84,25 @@ def _trial(reference, name, plan):
                        reference["arrays"], reference["lora"])
 
 
-def test_kill_inside_a_checkpoint_write(reference):
+IN_WRITE = {"mode": "in-write", "k": 1, "array": "train/features/mid_block"}
+KILL_PLANS = {"in-write-0": IN_WRITE, "creation": {"mode": "creation"}, "after-commit": {"mode": "after-commit", "k": 1}}
+
+
+@pytest.fixture(scope="module")
+def kill_trials(reference):
+    """The kill trials below, run side by side: each kills and reruns its own `montrage train` in its own
+    folder, and most of a trial is the child's start-up (this process only polls), so three at once keep
+    both cores busy instead of one. Each test takes its own trial's result (or exception)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(KILL_PLANS)) as pool:
+        return {name: pool.submit(_trial, reference, name, plan) for name, plan in KILL_PLANS.items()}
+
+
+def test_kill_inside_a_checkpoint_write(reference, kill_trials):
     """Killed between the train-feature chunk of checkpoint 1 and its commit marker (retried if the poll missed)."""
     for attempt in range(3):
-        res = _trial(reference, f"in-write-{attempt}", {"mode": "in-write", "k": 1, "array": "train/features/mid_block"})
+        res = kill_trials["in-write-0"].result() if attempt == 0 else _trial(reference, f"in-write-{attempt}", IN_WRITE)
         assert res["survived"], res
         assert res["data_lost_checkpoints"] == 0
         if res["landed_in_write"]:
@@ -96,13 +111,13 @@ def test_kill_inside_a_checkpoint_write(reference):
     assert res["committed_at_kill"] == 1 and res["partial_arrays"], res
 
 
-def test_kill_during_store_creation(reference):
-    res = _trial(reference, "creation", {"mode": "creation"})
+def test_kill_during_store_creation(kill_trials):
+    res = kill_trials["creation"].result()
     assert res["survived"], res
 
 
-def test_kill_right_after_a_commit(reference):
-    res = _trial(reference, "after-commit", {"mode": "after-commit", "k": 1})
+def test_kill_right_after_a_commit(kill_trials):
+    res = kill_trials["after-commit"].result()
     assert res["survived"], res
     assert res["committed_at_kill"] >= 2
     # Killed after the store committed step s but before resume/step-s.pt was saved, the rerun replays from
