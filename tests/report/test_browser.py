@@ -72,17 +72,13 @@ def load(tmp: Path, page: Path) -> Tuple[BodyAndImages, List[str]]:
 
 
 @pytest.fixture(scope="module")
-def report_html(request, tmp_path_factory) -> Path:
+def report_html(request) -> Path:
     given = os.environ.get("MONTRAGE_REPORT_HTML")
     if given:
         path = Path(given)
         assert path.is_file(), f"MONTRAGE_REPORT_HTML={given} does not exist"
         return path
-    from montrage.report import build_report
-
-    run = request.getfixturevalue("tiny_run")
-    return build_report(run, method="final-sim", out=tmp_path_factory.mktemp("browser") / "report.html",
-                        progress=False)
+    return request.getfixturevalue("tiny_report")  # tests/report/conftest.py: the tiny run's final-sim report
 
 
 def test_report_loads_without_errors(report_html, tmp_path):

@@ -11,8 +11,8 @@ import pytest
 
 from montrage.storage import RunStore
 from montrage.storage import schema as S
+from tests.report.conftest import REPORT_METHOD as METHOD  # final-sim: final-checkpoint features only
 
-METHOD = "final-sim"  # fast: final-checkpoint features only
 URL_ATTRS = ("src", "href", "srcset", "poster", "data", "action", "formaction", "background", "xlink:href")
 
 
@@ -80,13 +80,9 @@ def parse(path: Path) -> PageParser:
 
 
 @pytest.fixture(scope="module")
-def report(tiny_run, tmp_path_factory) -> Path:
-    from montrage.report import build_report
-
-    out = tmp_path_factory.mktemp("report") / "report.html"
-    path = build_report(tiny_run, method=METHOD, out=out, progress=False)
-    assert path == out
-    return path
+def report(tiny_report) -> Path:
+    """build_report(tiny_run, method=METHOD): built once in tests/report/conftest.py (the browser tests load it too)."""
+    return tiny_report
 
 
 @pytest.fixture(scope="module")
