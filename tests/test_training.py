@@ -16,12 +16,28 @@ from tests.conftest import tiny_configs
 INLINE = {"capture_mode": "inline", "progress": False}  # capture modes: tests/callbacks/test_capture_modes.py
 
 
+def small_configs():
+    """A small run (4 steps, checkpoints 0/2/4; 1 module, 1 timestep, 1 anchor, 1 probe: ``small_probes``) for
+    what happens around a run (resuming, reruns, refusals, images kept as paths): not a matter of its size."""
+    from montrage.config import CaptureConfig
+
+    cfg, _ = tiny_configs(steps=4)
+    return cfg, CaptureConfig(every_n_steps=2, probe_steps=2, timesteps=(100,), anchors=1, modules=("mid_block",))
+
+
 @pytest.fixture(scope="module")
-def three_step_run(tmp_path_factory, tiny_data) -> Path:
-    """A finished 3-step run (checkpoints 0 and 3), trained once; tests that train on top of it use a copy."""
-    cfg, capture = tiny_configs(steps=3)
-    run = tmp_path_factory.mktemp("three") / "r"
-    train(tiny_data, run, cfg=cfg, capture=capture, **INLINE)
+def small_probes(tmp_path_factory) -> Path:
+    from montrage.data.probes import Probe, save_probe_file
+
+    return save_probe_file([Probe("a circle by artist-0", 1, "artist-0")], tmp_path_factory.mktemp("p") / "probes.jsonl")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_data, small_probes) -> Path:
+    """A finished small run (checkpoints 0, 2, 4), trained once; tests that train on top of it use a copy."""
+    cfg, capture = small_configs()
+    run = tmp_path_factory.mktemp("finished") / "r"
+    train(tiny_data, run, cfg=cfg, capture=capture, probes_file=small_probes, **INLINE)
     return run
 
 
@@ -84,52 +100,52 @@ def test_monitor_does_not_change_training(tmp_path, tiny_data, tiny_run):
     assert not (tmp_path / "plain" / S.STORE_DIRNAME).exists()
 
 
-def test_resume_after_interruption(tmp_path, tiny_data, tiny_run, monkeypatch):
+def test_resume_after_interruption(tmp_path, tiny_data, finished_run, small_probes, monkeypatch):
     import montrage.training as T
 
-    cfg, capture = tiny_configs()
+    cfg, capture = small_configs()
     real = T.step_batch
 
     def dying(step, *a, **kw):
-        if step == 5:
+        if step == 4:  # step 3 trained after checkpoint 2 is lost too: the resumed run replays it
             raise KeyboardInterrupt("simulated preemption")
         return real(step, *a, **kw)
 
     monkeypatch.setattr(T, "step_batch", dying)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_data, tmp_path / "run", cfg=cfg, capture=capture, **INLINE)
-    assert RunStore.open(tmp_path / "run").steps.tolist() == [0, 3]
+        train(tiny_data, tmp_path / "run", cfg=cfg, capture=capture, probes_file=small_probes, **INLINE)
+    assert RunStore.open(tmp_path / "run").steps.tolist() == [0, 2]
     monkeypatch.setattr(T, "step_batch", real)
-    res = train(tiny_data, tmp_path / "run", cfg=cfg, capture=capture, **INLINE)
-    assert res.start_step == 3
-    resumed, ref = RunStore.open(tmp_path / "run"), RunStore.open(tiny_run)
-    assert resumed.steps.tolist() == [0, 3, 6]  # nothing lost, nothing duplicated
+    res = train(tiny_data, tmp_path / "run", cfg=cfg, capture=capture, probes_file=small_probes, **INLINE)
+    assert res.start_step == 2
+    resumed, ref = RunStore.open(tmp_path / "run"), RunStore.open(finished_run)  # ref: uninterrupted, same config
+    assert resumed.steps.tolist() == [0, 2, 4]  # nothing lost, nothing duplicated
     for m in ref.modules:
         np.testing.assert_allclose(resumed.features(S.TRAIN, m), ref.features(S.TRAIN, m), rtol=1e-5, atol=1e-5)
     a = load_file(tmp_path / "run" / S.FINAL_LORA_FILENAME)
-    b = load_file(tiny_run / S.FINAL_LORA_FILENAME)
+    b = load_file(finished_run / S.FINAL_LORA_FILENAME)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_rerun_of_finished_run_adds_nothing(tmp_path, tiny_data, three_step_run):
-    cfg, capture = tiny_configs(steps=3)
-    run = _copy(three_step_run, tmp_path)
-    assert RunStore.open(run).steps.tolist() == [0, 3]
-    res = train(tiny_data, run, cfg=cfg, capture=capture, **INLINE)
-    assert res.start_step == 3
-    assert RunStore.open(run).steps.tolist() == [0, 3]
+def test_rerun_of_finished_run_adds_nothing(tmp_path, tiny_data, finished_run, small_probes):
+    cfg, capture = small_configs()
+    run = _copy(finished_run, tmp_path)
+    assert RunStore.open(run).steps.tolist() == [0, 2, 4]
+    res = train(tiny_data, run, cfg=cfg, capture=capture, probes_file=small_probes, **INLINE)
+    assert res.start_step == 4
+    assert RunStore.open(run).steps.tolist() == [0, 2, 4]
 
 
-def test_other_config_on_existing_output_is_refused(tmp_path, tiny_data, three_step_run):
+def test_other_config_on_existing_output_is_refused(tmp_path, tiny_data, finished_run, small_probes):
     from montrage.config import CaptureConfig
     from montrage.errors import StoreConfigMismatchError
 
-    cfg, capture = tiny_configs(steps=3)
-    run = _copy(three_step_run, tmp_path)
+    cfg, capture = small_configs()
+    run = _copy(finished_run, tmp_path)
     other = CaptureConfig(**{**capture.__dict__, "pooling_grid": 4})
     with pytest.raises(StoreConfigMismatchError, match="pooling_grid"):
-        train(tiny_data, run, cfg=cfg, capture=other, **INLINE)
+        train(tiny_data, run, cfg=cfg, capture=other, probes_file=small_probes, **INLINE)
 
 
 def test_run_is_self_contained(tiny_run, tiny_data):
@@ -149,23 +165,23 @@ def test_run_is_self_contained(tiny_run, tiny_data):
     assert cfg["base"] == "embedded" and len(cfg["base_identity"]) == 32
 
 
-def test_other_lora_config_on_resume_is_refused(tmp_path, tiny_data, three_step_run):
+def test_other_lora_config_on_resume_is_refused(tmp_path, tiny_data, finished_run, small_probes):
     from dataclasses import replace
 
     from montrage.config import LoraSettings
     from montrage.errors import StoreConfigMismatchError
 
-    cfg, capture = tiny_configs(steps=3)
-    run = _copy(three_step_run, tmp_path)
+    cfg, capture = small_configs()
+    run = _copy(finished_run, tmp_path)
     before = sorted(p.name for p in (run / S.STORE_DIRNAME).rglob("*"))
     other = replace(cfg, lora=LoraSettings(rank=4, alpha=2.0))
     with pytest.raises(StoreConfigMismatchError, match=r"lora\.lora_alpha.*lora\.r: store has 8, requested 4"):
-        train(tiny_data, run, cfg=other, capture=capture, **INLINE)
+        train(tiny_data, run, cfg=other, capture=capture, probes_file=small_probes, **INLINE)
     assert sorted(p.name for p in (run / S.STORE_DIRNAME).rglob("*")) == before  # nothing written
-    assert RunStore.open(run).steps.tolist() == [0, 3]
+    assert RunStore.open(run).steps.tolist() == [0, 2, 4]
 
 
-def test_paths_only_run_checks_image_hashes(tmp_path, tiny_data):
+def test_paths_only_run_checks_image_hashes(tmp_path, tiny_data, small_probes):
     """store_images=False keeps paths + hashes; a changed file is one typed error naming it, nothing written."""
     import shutil
 
@@ -175,8 +191,8 @@ def test_paths_only_run_checks_image_hashes(tmp_path, tiny_data):
     from montrage.errors import TrainingImagesChangedError
 
     data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
-    cfg, capture = tiny_configs(steps=3)
-    train(data, tmp_path / "r", cfg=cfg, capture=capture, store_images=False, **INLINE)
+    cfg, capture = small_configs()
+    train(data, tmp_path / "r", cfg=cfg, capture=capture, probes_file=small_probes, store_images=False, **INLINE)
     st = RunStore.open(tmp_path / "r")
     assert not st.images_stored
     from montrage.data.imagefolder import load_imagefolder
