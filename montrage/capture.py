@@ -183,24 +183,34 @@ def _feed(p: subprocess.Popen, units: _UnitQueue, committer: _UnitCommitter, err
 
 def _on_local_processes(store: RunStore, start: int, end: int, world: int, threads: int, device: str) -> None:
     """Rank 0 and ``world - 1`` helper processes take units of work (one checkpoint's training images, anchors
-    or probes) from one queue as each gets free; rank 0 commits the checkpoints in order. The helpers are
-    started first, so that their start-up (importing torch, rebuilding the base) overlaps this process's."""
-    store.reserve_featurized(end)  # before the helpers start: they then write regions, never metadata
+    or probes) from one queue as each gets free; rank 0 commits the checkpoints in order. On Linux CPU the
+    helpers are forked once rank 0's engine is built (they share its loaded model); otherwise they are started
+    first, so that their start-up (importing torch, rebuilding the base) overlaps this process's."""
+    from montrage.callbacks.background import ForkedHelper, UnitFeaturizer, _engine, can_fork_helpers
+
+    store.reserve_featurized(end)  # before any helper starts: they then write regions, never metadata
     units = _UnitQueue(work_units(start, end))
     committer = _UnitCommitter(store, start, end)
     errors: List[str] = []
-    procs = []
-    for _ in range(1, min(world, len(units.units))):
-        p = subprocess.Popen(worker_command(store.run_dir, "--serve", "--threads", str(threads), "--device", device),
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=worker_env(threads), text=True, bufsize=1)
-        procs.append(p)
-        units.feeding += 1
-        threading.Thread(target=_feed, args=(p, units, committer, errors), daemon=True).start()
+    procs: list = []
+    n_helpers = max(0, min(world, len(units.units)) - 1)
+    fork = can_fork_helpers(threads, device)
     try:
-        from montrage.callbacks.background import UnitFeaturizer, _engine
-
+        if not fork:
+            for _ in range(n_helpers):
+                procs.append(subprocess.Popen(
+                    worker_command(store.run_dir, "--serve", "--threads", str(threads), "--device", device),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(threads),
+                    text=True, bufsize=1))
         own = UnitFeaturizer(store, _engine(store, threads, device))
+        if fork:  # before any thread of ours starts: the children then hold no lock a thread held
+            lock_fd = getattr(store, "_capture_fd", None)
+            for _ in range(n_helpers):
+                inherited = [fd for p in procs for fd in p.fds] + ([lock_fd] if lock_fd is not None else [])
+                procs.append(ForkedHelper(str(store.run_dir), own.engine, close_in_child=inherited))
+        for p in procs:
+            units.feeding += 1
+            threading.Thread(target=_feed, args=(p, units, committer, errors), daemon=True).start()
         while not committer.complete:
             unit = units.take()
             if unit is not None:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -201,19 +201,91 @@ def featurize_share(run_dir: str, rank: int, world: int, start: int, end: int, t
     return out
 
 
-def serve_units(run_dir: str, threads: Optional[int], device: str, lines=None, emit=None) -> None:
-    """A helper of ``montrage capture --num-processes N``: build the engine, say ``ready``, then featurize each
-    unit named on stdin (``index kind``) and answer ``done index kind bad``; EOF ends it."""
+def serve_units(run_dir: str, threads: Optional[int], device: str, lines=None, emit=None, engine=None) -> None:
+    """A helper of ``montrage capture --num-processes N``: build the engine (or use ``engine``, a forked
+    helper's copy of its parent's), say ``ready``, then featurize each unit named on ``lines`` (``index
+    kind``) and answer ``done index kind bad``; EOF ends it."""
     lines = lines if lines is not None else sys.stdin
     emit = emit or (lambda text: print(text, flush=True))
     store = _open_regions(run_dir)
-    units = UnitFeaturizer(store, _engine(store, threads, device))
+    units = UnitFeaturizer(store, engine if engine is not None else _engine(store, threads, device))
     emit("ready")
     for line in lines:
         if not line.strip():
             continue
         k, kind = line.split()
         emit(f"done {int(k)} {kind} {int(units.run(int(k), kind))}")
+
+
+def can_fork_helpers(threads: Optional[int], device: str) -> bool:
+    """Helpers may be forked from a process whose engine is built (Linux, CPU, one thread per process: torch
+    then never enters an OpenMP parallel region, the one runtime state a fork would not carry over)."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork") and device == "cpu" and (threads or 1) == 1
+
+
+class ForkedHelper:
+    """A ``--serve`` helper forked from the coordinator after it built its engine: it shares the loaded model
+    (copy-on-write), so it starts at once instead of spending ~10 CPU seconds importing torch, diffusers and
+    peft and rebuilding the base (measured on 2 cores), which on a busy machine cost more than it saved.
+    Looks like a ``subprocess.Popen`` to the coordinator: text ``stdin``/``stdout`` pipes, ``poll``, ``wait``,
+    ``kill``. ``close_in_child``: descriptors the child must not keep (other helpers' pipes, the capture lock:
+    closing them in the child leaves the parent's lock and pipes as they are)."""
+
+    def __init__(self, run_dir: str, engine, close_in_child: Sequence[int] = ()) -> None:
+        to_child, from_parent = os.pipe()[::-1]  # (write end, read end)
+        from_child, to_parent = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the helper: never returns
+            code = 0
+            try:
+                for fd in (to_child, from_child, *close_in_child):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                with os.fdopen(from_parent, "r") as lines, os.fdopen(to_parent, "w") as out:
+                    serve_units(run_dir, engine.threads, "cpu", lines=lines,
+                                emit=lambda text: (out.write(text + "\n"), out.flush()), engine=engine)
+            except BaseException as exc:  # noqa: BLE001 (the coordinator hands the unit back and goes on)
+                code = 2
+                try:
+                    sys.stderr.write(f"capture helper {os.getpid()}: {exc!r}\n")
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+            finally:
+                os._exit(code)
+        os.close(from_parent)
+        os.close(to_parent)
+        self.pid, self.returncode, self.stderr = pid, None, None
+        self.stdin = os.fdopen(to_child, "w")
+        self.stdout = os.fdopen(from_child, "r")
+
+    @property
+    def fds(self) -> List[int]:
+        return [self.stdin.fileno(), self.stdout.fileno()]
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"capture helper {self.pid}", timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, 9)
+            except ProcessLookupError:
+                pass
 
 
 # ---------------------------------------------------------------------------- the worker process

@@ -138,16 +138,44 @@ def test_units_featurized_in_any_order_give_the_inline_store(runs, tmp_path):
     _assert_same(_arrays(runs["inline"]), _arrays(run))
 
 
-def test_a_helper_that_dies_hands_its_unit_back(runs, tmp_path, monkeypatch):
+def test_capture_with_spawned_helpers_equals_inline(runs, tmp_path, monkeypatch):
+    """Where helpers cannot be forked (GPU, several threads per process, not Linux) they are started as
+    `python -m montrage.callbacks.background RUN --serve` processes: the same store."""
+    import montrage.callbacks.background as bg
+
+    monkeypatch.setattr(bg, "can_fork_helpers", lambda *a: False)
+    run = tmp_path / "spawned"
+    shutil.copytree(runs["deferred"], run)
+    assert capture_run(run, num_processes=2, progress=False).featurized == [0, 2, 4]
+    _assert_same(_arrays(runs["inline"]), _arrays(run))
+
+
+@pytest.mark.parametrize("how", ["forked", "spawned"])
+def test_a_helper_that_dies_hands_its_unit_back(runs, tmp_path, monkeypatch, how):
     """`montrage capture --num-processes 2` whose helper takes a unit and dies: the coordinator does that unit
     and the rest, and the store is the inline one."""
+    import montrage.callbacks.background as bg
     import montrage.capture as capture_mod
 
-    dying = [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.readline(); sys.exit(3)"]
-    monkeypatch.setattr(capture_mod, "worker_command", lambda *a, **k: dying)
+    if how == "spawned":
+        dying = [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.readline(); "
+                 f"open({str(tmp_path / 'died')!r}, 'w'); sys.exit(3)"]
+        monkeypatch.setattr(bg, "can_fork_helpers", lambda *a: False)
+        monkeypatch.setattr(capture_mod, "worker_command", lambda *a, **k: dying)
+    else:
+        coordinator, run_unit = os.getpid(), bg.UnitFeaturizer.run
+
+        def run_or_die(self, index, kind):
+            if os.getpid() != coordinator:
+                (tmp_path / "died").touch()
+                os._exit(3)  # the forked helper dies on its first unit
+            return run_unit(self, index, kind)
+
+        monkeypatch.setattr(bg.UnitFeaturizer, "run", run_or_die)
     run = tmp_path / "dies"
     shutil.copytree(runs["deferred"], run)
     res = capture_run(run, num_processes=2, progress=False)
+    assert (tmp_path / "died").exists()  # the helper did take a unit
     assert res.featurized == [0, 2, 4]
     _assert_same(_arrays(runs["inline"]), _arrays(run))
 
