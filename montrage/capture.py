@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
-from montrage.callbacks.background import (UNIT_KINDS, featurize_pending, featurize_share, share_indices,
-                                           work_units, worker_command, worker_env)
+from montrage.callbacks.background import Committer, featurize_pending, featurize_share, featurize_units, share_indices
 from montrage.errors import CaptureError, ConfigError, StoreLockedError
 from montrage.storage import RunStore
 
@@ -35,29 +31,6 @@ class CaptureResult:
     pending_before: int = 0
     seconds: float = 0.0
     processes: int = 1
-
-
-class _Committer:
-    """Rank 0's in-order commit of checkpoints completed out of order by several processes."""
-
-    def __init__(self, store: RunStore, start: int, end: int) -> None:
-        self.store, self.next, self.end = store, start, end
-        self.done: Dict[int, bool] = {}
-
-    def add(self, k: int, nonfinite: bool) -> None:
-        self.done[k] = nonfinite
-        upto, bad = self.next, []
-        while upto in self.done:
-            if self.done[upto]:
-                bad.append(upto)
-            upto += 1
-        if upto > self.next:
-            self.store.commit_featurized(upto, bad)
-            self.next = upto
-
-    @property
-    def complete(self) -> bool:
-        return self.next >= self.end
 
 
 def _threads_per_process(threads: Optional[int], n: int) -> int:
@@ -101,139 +74,8 @@ def capture_run(run_dir: str | Path, num_processes: int = 1, threads: Optional[i
         store.close()
 
 
-class _UnitCommitter:
-    """Collects finished units (from any thread) and commits each checkpoint, in order, once all its units are
-    written."""
-
-    def __init__(self, store: RunStore, start: int, end: int) -> None:
-        self.commit = _Committer(store, start, end)
-        self.parts: Dict[int, List[bool]] = {}
-        self.lock = threading.Lock()
-
-    def add(self, k: int, kind: str, bad: bool) -> None:
-        with self.lock:
-            got = self.parts.setdefault(k, [])
-            got.append(bool(bad))
-            if len(got) == len(UNIT_KINDS):
-                self.commit.add(k, any(got))
-
-    @property
-    def complete(self) -> bool:
-        return self.commit.complete
-
-
-class _UnitQueue:
-    """The units left to do, shared by the coordinator and its helpers' feeding threads; a helper that dies
-    puts its unit back."""
-
-    def __init__(self, units: List[Tuple[int, str]]) -> None:
-        self.units = deque(units)
-        self.cond = threading.Condition()
-        self.feeding = 0  # helper threads still running (one may put a unit back)
-
-    def take(self) -> Optional[Tuple[int, str]]:
-        with self.cond:
-            return self.units.popleft() if self.units else None
-
-    def put_back(self, unit: Tuple[int, str]) -> None:
-        with self.cond:
-            self.units.appendleft(unit)
-            self.cond.notify_all()
-
-    def helper_ended(self) -> None:
-        with self.cond:
-            self.feeding -= 1
-            self.cond.notify_all()
-
-    def wait(self, timeout: float = 1.0) -> None:
-        with self.cond:
-            if not self.units and self.feeding:
-                self.cond.wait(timeout)
-
-
-def _feed(p: subprocess.Popen, units: _UnitQueue, committer: _UnitCommitter, errors: List[str]) -> None:
-    """Hand one unit at a time to helper ``p`` (once it says ``ready``) until none is left."""
-    unit = None
-    try:
-        line = p.stdout.readline()
-        if line.strip() != "ready":
-            raise CaptureError(line.strip() or "it exited before it was ready")
-        while True:
-            unit = units.take()
-            if unit is None:
-                break
-            p.stdin.write(f"{unit[0]} {unit[1]}\n")
-            p.stdin.flush()
-            line = p.stdout.readline().split()
-            if len(line) != 4 or line[0] != "done" or (int(line[1]), line[2]) != unit:
-                raise CaptureError(" ".join(line) or "it exited")
-            committer.add(unit[0], unit[1], bool(int(line[3])))
-            unit = None
-    except (CaptureError, OSError, ValueError) as exc:
-        if unit is not None:
-            units.put_back(unit)  # the coordinator (or another helper) does it
-        errors.append(f"helper {p.pid}: {exc}")
-    finally:
-        try:
-            p.stdin.close()  # EOF: the helper exits
-        except OSError:
-            pass
-        units.helper_ended()
-
-
 def _on_local_processes(store: RunStore, start: int, end: int, world: int, threads: int, device: str) -> None:
-    """Rank 0 and ``world - 1`` helper processes take units of work (one checkpoint's training images, anchors
-    or probes) from one queue as each gets free; rank 0 commits the checkpoints in order. On Linux CPU the
-    helpers are forked once rank 0's engine is built (they share its loaded model); otherwise they are started
-    first, so that their start-up (importing torch, rebuilding the base) overlaps this process's."""
-    from montrage.callbacks.background import ForkedHelper, UnitFeaturizer, _engine, can_fork_helpers
-
-    store.reserve_featurized(end)  # before any helper starts: they then write regions, never metadata
-    units = _UnitQueue(work_units(start, end))
-    committer = _UnitCommitter(store, start, end)
-    errors: List[str] = []
-    procs: list = []
-    n_helpers = max(0, min(world, len(units.units)) - 1)
-    fork = can_fork_helpers(threads, device)
-    try:
-        if not fork:
-            for _ in range(n_helpers):
-                procs.append(subprocess.Popen(
-                    worker_command(store.run_dir, "--serve", "--threads", str(threads), "--device", device),
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(threads),
-                    text=True, bufsize=1))
-        own = UnitFeaturizer(store, _engine(store, threads, device))
-        if fork:  # before any thread of ours starts: the children then hold no lock a thread held
-            lock_fd = getattr(store, "_capture_fd", None)
-            for _ in range(n_helpers):
-                inherited = [fd for p in procs for fd in p.fds] + ([lock_fd] if lock_fd is not None else [])
-                procs.append(ForkedHelper(str(store.run_dir), own.engine, close_in_child=inherited))
-        for p in procs:
-            units.feeding += 1
-            threading.Thread(target=_feed, args=(p, units, committer, errors), daemon=True).start()
-        while not committer.complete:
-            unit = units.take()
-            if unit is not None:
-                committer.add(unit[0], unit[1], own.run(*unit))
-            elif units.feeding:
-                units.wait()  # the helpers hold the last units
-            else:
-                break
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    p.wait(timeout=2 if committer.complete else 0.1)  # all done: nothing in flight
-                except subprocess.TimeoutExpired:
-                    pass
-            if p.poll() is None:
-                p.kill()  # still starting up when the work ran out, or stuck
-                p.wait()
-    if not committer.complete:
-        stderr = [((p.stderr.read() if p.stderr else "") or "").strip().splitlines()[-1:] for p in procs if p.returncode]
-        why = "; ".join(errors + [e[0] for e in stderr if e]) or "no message"
-        raise CaptureError(f"capture helpers of {store.run_dir} failed ({why}); {committer.commit.next - start} of "
-                           f"{end - start} checkpoints committed: rerun the same `montrage capture` to finish")
+    featurize_units(store, start, end, world, threads, device)
 
 
 def _on_dask(store: RunStore, start: int, end: int, address: str, world: int, threads: Optional[int],
@@ -241,7 +83,7 @@ def _on_dask(store: RunStore, start: int, end: int, address: str, world: int, th
     from dask.distributed import Client, as_completed
 
     store.reserve_featurized(end)
-    committer = _Committer(store, start, end)
+    committer = Committer(store, start, end)
     cluster = None
     if address == "local":  # a cluster of this machine: one single-threaded worker process per --num-processes
         from dask.distributed import LocalCluster

@@ -25,7 +25,9 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -201,14 +203,15 @@ def featurize_share(run_dir: str, rank: int, world: int, start: int, end: int, t
     return out
 
 
-def serve_units(run_dir: str, threads: Optional[int], device: str, lines=None, emit=None, engine=None) -> None:
+def serve_units(run_dir: str, threads: Optional[int], device: str, lines=None, emit=None, engine=None,
+                where: str = "capture") -> None:
     """A helper of ``montrage capture --num-processes N``: build the engine (or use ``engine``, a forked
     helper's copy of its parent's), say ``ready``, then featurize each unit named on ``lines`` (``index
     kind``) and answer ``done index kind bad``; EOF ends it."""
     lines = lines if lines is not None else sys.stdin
     emit = emit or (lambda text: print(text, flush=True))
     store = _open_regions(run_dir)
-    units = UnitFeaturizer(store, engine if engine is not None else _engine(store, threads, device))
+    units = UnitFeaturizer(store, engine if engine is not None else _engine(store, threads, device), where)
     emit("ready")
     for line in lines:
         if not line.strip():
@@ -231,7 +234,7 @@ class ForkedHelper:
     ``kill``. ``close_in_child``: descriptors the child must not keep (other helpers' pipes, the capture lock:
     closing them in the child leaves the parent's lock and pipes as they are)."""
 
-    def __init__(self, run_dir: str, engine, close_in_child: Sequence[int] = ()) -> None:
+    def __init__(self, run_dir: str, engine, close_in_child: Sequence[int] = (), where: str = "capture") -> None:
         to_child, from_parent = os.pipe()[::-1]  # (write end, read end)
         from_child, to_parent = os.pipe()
         pid = os.fork()
@@ -245,7 +248,7 @@ class ForkedHelper:
                         pass
                 with os.fdopen(from_parent, "r") as lines, os.fdopen(to_parent, "w") as out:
                     serve_units(run_dir, engine.threads, "cpu", lines=lines,
-                                emit=lambda text: (out.write(text + "\n"), out.flush()), engine=engine)
+                                emit=lambda text: (out.write(text + "\n"), out.flush()), engine=engine, where=where)
             except BaseException as exc:  # noqa: BLE001 (the coordinator hands the unit back and goes on)
                 code = 2
                 try:
@@ -288,7 +291,205 @@ class ForkedHelper:
                 pass
 
 
+# ---------------------------------------------------------------------------- several processes
+class Committer:
+    """Rank 0's in-order commit of checkpoints completed out of order by several processes."""
+
+    def __init__(self, store: RunStore, start: int, end: int) -> None:
+        self.store, self.next, self.end = store, start, end
+        self.done: Dict[int, bool] = {}
+
+    def add(self, k: int, nonfinite: bool) -> None:
+        self.done[k] = nonfinite
+        upto, bad = self.next, []
+        while upto in self.done:
+            if self.done[upto]:
+                bad.append(upto)
+            upto += 1
+        if upto > self.next:
+            self.store.commit_featurized(upto, bad)
+            self.next = upto
+
+    @property
+    def complete(self) -> bool:
+        return self.next >= self.end
+
+
+class _UnitCommitter:
+    """Collects finished units (from any thread) and commits each checkpoint, in order, once all its units are
+    written."""
+
+    def __init__(self, store: RunStore, start: int, end: int) -> None:
+        self.commit = Committer(store, start, end)
+        self.parts: Dict[int, List[bool]] = {}
+        self.lock = threading.Lock()
+
+    def add(self, k: int, kind: str, bad: bool) -> None:
+        with self.lock:
+            got = self.parts.setdefault(k, [])
+            got.append(bool(bad))
+            if len(got) == len(UNIT_KINDS):
+                self.commit.add(k, any(got))
+
+    @property
+    def complete(self) -> bool:
+        return self.commit.complete
+
+
+class _UnitQueue:
+    """The units left to do, shared by the coordinator and its helpers' feeding threads; a helper that dies
+    puts its unit back."""
+
+    def __init__(self, units: List[Tuple[int, str]]) -> None:
+        self.units = deque(units)
+        self.cond = threading.Condition()
+        self.feeding = 0  # helper threads still running (one may put a unit back)
+
+    def take(self) -> Optional[Tuple[int, str]]:
+        with self.cond:
+            return self.units.popleft() if self.units else None
+
+    def put_back(self, unit: Tuple[int, str]) -> None:
+        with self.cond:
+            self.units.appendleft(unit)
+            self.cond.notify_all()
+
+    def helper_ended(self) -> None:
+        with self.cond:
+            self.feeding -= 1
+            self.cond.notify_all()
+
+    def wait(self, timeout: float = 1.0) -> None:
+        with self.cond:
+            if not self.units and self.feeding:
+                self.cond.wait(timeout)
+
+
+def _feed(p: subprocess.Popen, units: _UnitQueue, committer: _UnitCommitter, errors: List[str]) -> None:
+    """Hand one unit at a time to helper ``p`` (once it says ``ready``) until none is left."""
+    unit = None
+    try:
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            raise CaptureError(line.strip() or "it exited before it was ready")
+        while True:
+            unit = units.take()
+            if unit is None:
+                break
+            p.stdin.write(f"{unit[0]} {unit[1]}\n")
+            p.stdin.flush()
+            line = p.stdout.readline().split()
+            if len(line) != 4 or line[0] != "done" or (int(line[1]), line[2]) != unit:
+                raise CaptureError(" ".join(line) or "it exited")
+            committer.add(unit[0], unit[1], bool(int(line[3])))
+            unit = None
+    except (CaptureError, OSError, ValueError) as exc:
+        if unit is not None:
+            units.put_back(unit)  # the coordinator (or another helper) does it
+        errors.append(f"helper {p.pid}: {exc}")
+    finally:
+        try:
+            p.stdin.close()  # EOF: the helper exits
+        except OSError:
+            pass
+        units.helper_ended()
+
+
+def featurize_units(store: RunStore, start: int, end: int, world: int, threads: Optional[int], device: str,
+                    engine=None, where: str = "capture") -> None:
+    """Featurize and commit checkpoints ``start..end-1`` on this process (the capture lock holder, rank 0) and
+    ``world - 1`` helper processes, which take units of work (one checkpoint's training images, anchors or
+    probes) from one queue as each gets free; rank 0 commits the checkpoints in order. On Linux CPU the helpers
+    are forked once rank 0's engine is built (``engine``, or built here) and share its loaded model; otherwise
+    they are started first, so that their start-up (importing torch, rebuilding the base) overlaps this
+    process's."""
+    store.reserve_featurized(end)  # before any helper starts: they then write regions, never metadata
+    units = _UnitQueue(work_units(start, end))
+    committer = _UnitCommitter(store, start, end)
+    errors: List[str] = []
+    procs: list = []
+    n_helpers = max(0, min(world, len(units.units)) - 1)
+    fork = can_fork_helpers(threads, device)
+    try:
+        if not fork:
+            for _ in range(n_helpers):
+                procs.append(subprocess.Popen(
+                    worker_command(store.run_dir, "--serve", "--threads", str(threads or 1), "--device", device),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(threads),
+                    text=True, bufsize=1))
+        own = UnitFeaturizer(store, engine if engine is not None else _engine(store, threads, device), where)
+        if fork:  # before any thread of ours starts: the children then hold no lock a thread held
+            lock_fd = getattr(store, "_capture_fd", None)
+            for _ in range(n_helpers):
+                inherited = [fd for p in procs for fd in p.fds] + ([lock_fd] if lock_fd is not None else [])
+                procs.append(ForkedHelper(str(store.run_dir), own.engine, close_in_child=inherited, where=where))
+        for p in procs:
+            units.feeding += 1
+            threading.Thread(target=_feed, args=(p, units, committer, errors), daemon=True).start()
+        while not committer.complete:
+            unit = units.take()
+            if unit is not None:
+                committer.add(unit[0], unit[1], own.run(*unit))
+            elif units.feeding:
+                units.wait()  # the helpers hold the last units
+            else:
+                break
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    p.wait(timeout=2 if committer.complete else 0.1)  # all done: nothing in flight
+                except subprocess.TimeoutExpired:
+                    pass
+            if p.poll() is None:
+                p.kill()  # still starting up when the work ran out, or stuck
+                p.wait()
+    if not committer.complete:
+        stderr = [((p.stderr.read() if p.stderr else "") or "").strip().splitlines()[-1:] for p in procs if p.returncode]
+        why = "; ".join(errors + [e[0] for e in stderr if e]) or "no message"
+        raise CaptureError(f"capture helpers of {store.run_dir} failed ({why}); {committer.commit.next - start} of "
+                           f"{end - start} checkpoints committed: rerun the same `montrage capture` to finish")
+
+
 # ---------------------------------------------------------------------------- the worker process
+TAIL_GRACE_S = 0.5  # after a wake, how long the worker waits for the training process's end before starting
+
+
+def _follow(store: RunStore, engine, report: Callable[[int, int], None], threads: Optional[int], device: str,
+            grace: float = TAIL_GRACE_S, fd: Optional[int] = None) -> None:
+    """Featurize the pending snapshots now and on each line read from ``fd`` (stdin: one line per new
+    snapshot). EOF: the training process is done (or gone) and its cores are free, so what is still pending
+    (at least the last checkpoint: the loop's end follows its snapshot within ``grace``) is finished on this
+    process and a forked helper, units at a time, which about halves the tail after the final LoRA is saved."""
+    import select
+
+    fd = sys.stdin.fileno() if fd is None else fd
+
+    def read(timeout: Optional[float]) -> Optional[bool]:  # True: a line came; False: EOF; None: nothing yet
+        if not select.select([fd], [], [], timeout)[0]:
+            return None
+        return bool(os.read(fd, 4096))
+
+    got = read(grace)  # on start: catch up, unless the training process is already done
+    while True:
+        deadline = time.monotonic() + grace
+        while got and deadline > time.monotonic():
+            got = read(deadline - time.monotonic())  # the training loop may be ending right after this snapshot
+        if got is False:
+            break
+        featurize_pending(store, engine, report, where="background")
+        got = read(None)
+    start, end = store.n_checkpoints, store.n_snapshots
+    if end > start and can_fork_helpers(threads, device):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)  # nothing left to yield to (needs the privilege; else stays low)
+        except OSError:
+            pass
+        featurize_units(store, start, end, 2, threads, device, engine=engine, where="background")
+        log.info("featurized checkpoints %d..%d on 2 processes after training ended", start, end - 1)
+    featurize_pending(store, engine, report, where="background")
+
+
 def worker_main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m montrage.callbacks.background")
     ap.add_argument("run")
@@ -318,12 +519,10 @@ def worker_main(argv: Optional[List[str]] = None) -> int:
         try:
             engine = _engine(store, args.threads, args.device)
             report = lambda k, step: log.info("featurized checkpoint %d (step %d)", k, step)  # noqa: E731
-            where = "background" if args.follow else "capture"
-            featurize_pending(store, engine, report, where=where)
             if args.follow:
-                for _line in sys.stdin:  # one line per new snapshot; EOF when the training process ends or dies
-                    featurize_pending(store, engine, report, where=where)
-                featurize_pending(store, engine, report, where=where)
+                _follow(store, engine, report, args.threads, args.device)
+            else:
+                featurize_pending(store, engine, report)
         finally:
             store.close()
     except MontrageError as exc:

@@ -155,13 +155,12 @@ def test_a_helper_that_dies_hands_its_unit_back(runs, tmp_path, monkeypatch, how
     """`montrage capture --num-processes 2` whose helper takes a unit and dies: the coordinator does that unit
     and the rest, and the store is the inline one."""
     import montrage.callbacks.background as bg
-    import montrage.capture as capture_mod
 
     if how == "spawned":
         dying = [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.readline(); "
                  f"open({str(tmp_path / 'died')!r}, 'w'); sys.exit(3)"]
         monkeypatch.setattr(bg, "can_fork_helpers", lambda *a: False)
-        monkeypatch.setattr(capture_mod, "worker_command", lambda *a, **k: dying)
+        monkeypatch.setattr(bg, "worker_command", lambda *a, **k: dying)
     else:
         coordinator, run_unit = os.getpid(), bg.UnitFeaturizer.run
 
@@ -308,6 +307,26 @@ def test_capture_on_a_dask_cluster_equals_inline(runs, tmp_path):
         res = capture_run(run, dask_scheduler=cluster.scheduler_address, progress=False)
     assert res.featurized == [0, 2, 4] and res.pending_before == 3
     _assert_same(_arrays(runs["inline"]), _arrays(run))
+
+
+def test_worker_finishes_on_two_processes_once_training_is_over(runs, tmp_path):
+    """The background worker's loop: a wake, then EOF (the training process is done) with every checkpoint
+    still pending: it featurizes them with a forked helper, units at a time, into the inline store."""
+    from montrage.callbacks.background import _engine, _follow, capture_times
+
+    run = tmp_path / "tail"
+    shutil.copytree(runs["deferred"], run)
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"\n")
+    os.close(write_end)  # EOF right after the last snapshot's wake
+    store = RunStore.open_featurizer(run)
+    try:
+        _follow(store, _engine(store, 1, "cpu"), lambda k, step: None, 1, "cpu", fd=read_end)
+    finally:
+        os.close(read_end)
+        store.close()
+    _assert_same(_arrays(runs["inline"]), _arrays(run))
+    assert capture_times(run)["background"]["checkpoints"] == 3
 
 
 def test_capture_cost_says_where_featurizing_ran(runs, tmp_path):
