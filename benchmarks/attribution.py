@@ -889,6 +889,21 @@ def summary_markdown(results: Sequence[dict]) -> str:
     if text_rows:
         out += ["", "What prompt-vs-caption text matching alone reaches (no pixels; constant scores, i.e. chance, "
                 "without a prompt):", "", *text_rows]
+    beyond = []
+    for r in results:  # the prompt-known query types: what the focus adds over text matching, paired
+        d = r["methods"].get(TEXT_BASELINE, {}).get("diff_from_focus", {})
+        cells = [f"{lbl}: {d[q][k]['diff']:+.2f} [{d[q][k]['ci'][0]:+.2f}, {d[q][k]['ci'][1]:+.2f}]"
+                 for q, k, lbl, _ in keys if q in ("caption", "composition")
+                 and d.get(q, {}).get(k, {}).get("diff") is not None]
+        if cells:
+            beyond.append(f"- {r['dataset']} seed {r['seed']}: " + "; ".join(cells))
+    if beyond:
+        out += ["", f"`{FOCUS}` - `{TEXT_BASELINE}` on the prompt-known query types (paired difference [95% CI]; "
+                f"`{FOCUS}` uses prompt-vs-caption text channels among its inputs, so this is what everything else "
+                "it reads adds, or costs, beyond text):", "", *beyond]
+    notes = Path(__file__).with_name("attribution_notes.md")
+    if notes.is_file():
+        out += ["", notes.read_text().strip()]
     return "\n".join(out)
 
 
