@@ -23,6 +23,20 @@ import numpy as np
 MODES = ("background", "inline", "deferred")
 
 
+def cpu_stall_us() -> Optional[float]:
+    """Microseconds some runnable task waited for a CPU since boot (Linux PSI), or None: over a timed run,
+    its increase / the run's wall time says how busy the machine was (0: idle; 1: always someone waiting)."""
+    try:
+        return float(Path("/proc/pressure/cpu").read_text().split()[4].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _stall(before: Optional[float], seconds: float) -> float:
+    after = cpu_stall_us()
+    return float("nan") if before is None or after is None else (after - before) / 1e6 / max(seconds, 1e-9)
+
+
 def timed_training(data: Path, out: Path, steps: int, every: int, prior: Optional[Path], mode: Optional[str],
                    seed: int = 0) -> Dict[str, float]:
     """One fresh run; ``mode`` None = no monitor. Seconds until the final LoRA was saved, and in all."""
@@ -30,16 +44,18 @@ def timed_training(data: Path, out: Path, steps: int, every: int, prior: Optiona
     from montrage.training import train
 
     shutil.rmtree(out, ignore_errors=True)
+    stall0 = cpu_stall_us()
     t0 = time.perf_counter()
     res = train(data, out, cfg=TrainConfig(steps=steps, prior_fraction=0.25 if prior else 0.0, seed=seed),
                 capture=CaptureConfig(every_n_steps=every), prior_dir=prior, monitor=mode is not None,
                 progress=False, capture_mode=mode or "inline")
     total = time.perf_counter() - t0
     setup = total - res.wall_time_s  # model loading, store creation: before the first step
-    return {"total_s": total, "lora_saved_s": setup + float(res.lora_saved_s), "setup_s": setup}
+    return {"total_s": total, "lora_saved_s": setup + float(res.lora_saved_s), "setup_s": setup,
+            "cpu_stall": _stall(stall0, total)}
 
 
-def timed_capture(run: Path, copy_to: Path, processes: int) -> float:
+def timed_capture(run: Path, copy_to: Path, processes: int) -> Dict[str, float]:
     """Wall seconds of the command the target names, ``montrage capture COPY --num-processes N``, in a fresh
     process (its start-up, importing torch and rebuilding the base, counts as much as its helpers')."""
     import subprocess
@@ -50,14 +66,16 @@ def timed_capture(run: Path, copy_to: Path, processes: int) -> float:
     shutil.rmtree(copy_to, ignore_errors=True)
     shutil.copytree(run, copy_to)
     pending = len(RunStore.open(copy_to).pending_steps)
+    stall0 = cpu_stall_us()
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "montrage.cli", "--quiet", "capture", str(copy_to), "--num-processes",
                     str(processes)], check=True, stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
+    stall = _stall(stall0, seconds)
     st = RunStore.open(copy_to)
     if pending == 0 or st.pending_steps or st.n_checkpoints != st.n_snapshots:
         raise RuntimeError(f"capture of {copy_to} left {st.pending_steps} pending of {pending}")
-    return seconds
+    return {"s": seconds, "cpu_stall": stall}
 
 
 def capture_breakdown(run: Path, repeats: int = 1) -> Dict[str, float]:
@@ -144,8 +162,9 @@ def measure_overhead(root: Path, steps: int = 400, every: Optional[int] = None, 
         for r in range(repeats):  # alternated, like the training runs
             one.append(timed_capture(root / "deferred0", root / f"capture1-{r}", 1))
             two.append(timed_capture(root / "deferred0", root / f"capture2-{r}", 2))
-        res["deferred_capture"] = {"one_process_s": float(np.median(one)), "two_processes_s": float(np.median(two)),
-                                   "speedup": float(np.median(one) / np.median(two)), "runs_one": one, "runs_two": two}
+        t1, t2 = float(np.median([x["s"] for x in one])), float(np.median([x["s"] for x in two]))
+        res["deferred_capture"] = {"one_process_s": t1, "two_processes_s": t2, "speedup": t1 / t2,
+                                   "runs_one": one, "runs_two": two}
     featurized = root / f"{[m for m in modes if m != 'deferred'][0]}0" if set(modes) - {"deferred"} else root / "capture1-0"
     res["capture_breakdown"] = capture_breakdown(featurized)
     res["timestep_signal"] = timestep_signal(featurized)
@@ -184,13 +203,17 @@ def overhead_markdown(res: Dict[str, object]) -> str:
     plain = med["plain"]
     lines = [f"{res['steps']} steps, a checkpoint every {res['every_n_steps']} ({res['checkpoints']} checkpoints), "
              f"medians of {res['repeats']} alternated runs (deferred: 1).", "",
-             "| mode | final LoRA saved s | whole train call s | LoRA saved / plain | whole / plain |",
-             "|---|---|---|---|---|",
-             f"| no monitor | {plain['lora_saved_s']:.1f} | {plain['total_s']:.1f} | 1.000 | 1.000 |"]
+             "| mode | final LoRA saved s | whole train call s | LoRA saved / plain | whole / plain | CPU stall |",
+             "|---|---|---|---|---|---|",
+             f"| no monitor | {plain['lora_saved_s']:.1f} | {plain['total_s']:.1f} | 1.000 | 1.000 | "
+             f"{plain.get('cpu_stall', float('nan')):.2f} |"]
     for m, r in ratios.items():
         note = " (default)" if m == "background" else (" (snapshots only)" if m == "deferred" else "")
         lines.append(f"| {m}{note} | {med[m]['lora_saved_s']:.1f} | {med[m]['total_s']:.1f} | "
-                     f"{r['lora_saved']:.3f} | {r['total']:.3f} |")
+                     f"{r['lora_saved']:.3f} | {r['total']:.3f} | {med[m].get('cpu_stall', float('nan')):.2f} |")
+    lines += ["", "CPU stall: the share of a run's wall time during which some task on the machine waited for a CPU "
+              "(Linux PSI `cpu some`, median over the runs): about 0 on an idle machine; higher values mean other "
+              "work competed for the 2 cores during that run."]
     if "background" in ratios:
         b = ratios["background"]
         lines += ["", f"Targets: LoRA saved / plain {b['lora_saved']:.3f} (<= 1.05: "
@@ -198,10 +221,14 @@ def overhead_markdown(res: Dict[str, object]) -> str:
                   f"(<= 1.30: {'met' if b['total'] <= 1.30 else 'missed'})."]
     d = res.get("deferred_capture")
     if d:
+        def stalls(runs: List[Dict[str, float]]) -> str:
+            return ", ".join(f"{x.get('cpu_stall', float('nan')):.2f}" for x in runs if isinstance(x, dict))
+
         lines += ["", f"Deferred: the command `montrage capture RUN` of the {res['checkpoints']} snapshots (a fresh "
                   f"process each time, start-up included) took {d['one_process_s']:.1f} s on 1 process and "
                   f"{d['two_processes_s']:.1f} s with `--num-processes 2`: x{d['speedup']:.2f} (target: faster than 1 "
-                  f"process, {'met' if d['speedup'] > 1 else 'missed'})."]
+                  f"process, {'met' if d['speedup'] > 1 else 'missed'}; CPU stall during the runs: 1 process "
+                  f"{stalls(d['runs_one'])}, 2 processes {stalls(d['runs_two'])})."]
     lines += ["", capture_breakdown_markdown(res["capture_breakdown"])]
     ts = res.get("timestep_signal")
     if ts:
@@ -235,8 +262,14 @@ def run_overhead(args) -> int:
     print(md)
     if args.write_md:
         heading = "## Callback overhead by capture mode" + (" (--quick)" if args.quick else "")
-        note = ("- note: the 2 CPU cores were shared with other work while this ran; the ratios compare runs "
-                "alternated in one process, so shared load hits every mode alike, but they are noisy"
+        stalls = [x.get("cpu_stall", float("nan")) for v in res["runs"].values() for x in v]
+        stalls += [x.get("cpu_stall", float("nan")) for key in ("runs_one", "runs_two")
+                   for x in res.get("deferred_capture", {}).get(key, [])]
+        worst = max((x for x in stalls if x == x), default=float("nan"))
+        note = ((f"- note: other work competed for the 2 CPU cores during some runs (CPU stall up to {worst:.2f} of "
+                 "a run's wall time, see the table); the ratios compare runs alternated in one process, so shared "
+                 "load hits every mode alike, but they are noisy" if worst > 0.05 else
+                 f"- note: the machine was otherwise idle (CPU stall at most {worst:.2f} of a run's wall time)")
                 + (f"; {repeats} repeat(s) instead of the default 2 (args.repeats), to fit the time the machine had"
                    if repeats != 2 else ""))
         write_md_section("overhead", "\n".join([heading, "", provenance_lines(args, "training 0"), note, "", md]),
