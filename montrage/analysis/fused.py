@@ -12,14 +12,24 @@ Channels of a (query j, training image i) pair, each standardised per query acro
   learns their weights). Training-side gradients are the features stored with the run
   (:mod:`montrage.analysis.gradient_features`); query gradients are taken under the query's prompt, or the
   null prompt when the query is an image only;
-* ``pixel``: cosine of centred pixels.
+* ``pixel``: cosine of centred pixels; ``dup/pixel``: a near-duplicate ratio test (distance to the nearest
+  training image over the second nearest), kept on its own scale: it separates copies from generations,
+  which a per-query z-score of ``pixel`` cannot when siblings share a palette;
+* ``dyn/learned``: the learned per-module/timestep dynamics score (``montrage-dynamics``), which the group
+  means of ``rep/*`` average away;
+* ``text/encoder`` (prompt known): prompt vs training caption through the run's own text encoder, the path by
+  which the prompt conditions the UNet. Word matching (TF-IDF) is never a channel: it is the ``text-only``
+  baseline that ``montrage`` is reported against;
+* ``steps/learned``: how much of each image the LoRA learned, from the per-step losses the loop recorded
+  (a per-image prior; only when the run recorded per-step signals).
 
 score_raw(j, i) = sum_c w_c z_c(j, i) with w_c >= 0, score = sigmoid(a (score_raw - b)), fitted with the
 attribution loss (:mod:`montrage.losses.attribution`) SEPARATELY for the two query kinds: ``prompt``
 (``QuerySet.prompts[j] != ''``) and ``image`` (no prompt). Supervision, no extra labels: the run's anchor
-training images, *perturbed* (a shift of 1/32 of the side, colour jitter, pixel noise; exact copies would make
-pixels look perfect) and scored as queries -- target 1 for the image itself, 0.5 for its concept's
-other images, 0 otherwise. When the run's model cannot be loaded (e.g. a synthetic store), the stored
+training images, *perturbed* at two strengths (a shift of 1/32 of the side, colour jitter, pixel noise; and
+near-copies; exact copies would make pixels look perfect), plus the run's own generations of the anchors'
+captions at the attributed checkpoint (fresh seeds), scored as queries -- target 1 for the source image,
+0.5 for its concept's other images, 0 otherwise. When the run's model cannot be loaded (e.g. a synthetic store), the stored
 anchor trajectories (a second noise draw, no perturbation) supervise the representation channels alone.
 Channels that cannot be computed for a run (no LoRA weights, no training images) are left out, and the
 JSON of ``montrage attribute`` lists per query the channels and weights used.
@@ -53,7 +63,7 @@ WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 4
+MODEL_VERSION = 5
 
 
 def query_kind(prompt: str) -> str:
@@ -215,20 +225,19 @@ def dyn_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:
 
 
 def text_channels(ctx: ScoringContext) -> Dict[str, np.ndarray]:
-    """Prompt vs training-caption similarity (prompt-known queries): ``text/encoder`` with the run's own text
-    encoder and ``text/tfidf`` (words). Influence through the text path is real influence when the prompt is
-    known; the benchmark reports ``montrage`` next to ``text-only`` so that what the rest adds stays visible."""
-    from montrage.analysis.text_baseline import encoder_similarity, tfidf_similarity
+    """``text/encoder`` (prompt-known queries): the query prompt vs each training caption through the run's own
+    text encoder, i.e. the path by which the prompt conditions the UNet -- influence through it is real
+    influence when the prompt is known. Word matching (TF-IDF) is deliberately NOT a channel: it is the
+    ``text-only`` baseline, which the benchmark reports next to ``montrage`` so that text matching cannot pass
+    for attribution."""
+    from montrage.analysis.text_baseline import encoder_similarity
     from montrage.storage import schema as S
 
     captions = [str(c) for c in ctx.store.train_meta.get(S.ATTR_CAPTIONS, [])]
     if not captions or not any(c.strip() for c in captions):
         raise ScorerError("no training captions recorded")
     prompts = list(ctx.queries.prompts)
-    out = {"text/tfidf": tfidf_similarity(prompts, captions).astype(np.float32)}
-    out.update(_try("text/encoder", lambda: {"text/encoder": encoder_similarity(ctx, prompts, captions)
-                                              .astype(np.float32)}, ctx))
-    return out
+    return {"text/encoder": encoder_similarity(ctx, prompts, captions).astype(np.float32)}
 
 
 def steps_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:

@@ -220,7 +220,8 @@ def test_end_to_end_on_a_tiny_run(tmp_path, tiny_run):
     assert all(r["query_kind"] == "prompt" for r in rows)
     used = rows[0]["channels"]
     assert {"rep/null/sim-final", "rep/caption/sim-final", "rep/null/move", "grad/dtrak", "pixel", "dup/pixel",
-            "dyn/learned", "text/tfidf", "text/encoder", "steps/learned"} <= set(used)
+            "dyn/learned", "text/encoder", "steps/learned"} <= set(used)
+    assert "text/tfidf" not in used  # word matching is the text-only baseline, never a montrage channel
     st = RunStore.open(run)
     q = probe_queries(st)
     q.prompts = [""] * len(q)
