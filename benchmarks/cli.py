@@ -132,6 +132,12 @@ def run_overhead_bench(args: argparse.Namespace) -> int:
     return run_overhead(args)
 
 
+def run_overhead_realsize_bench(args: argparse.Namespace) -> int:
+    from benchmarks.overhead_realsize import run_overhead_realsize
+
+    return run_overhead_realsize(args)  # --quick: the --small base and a few steps
+
+
 def run_concept_bench(args: argparse.Namespace) -> int:
     from benchmarks.concept import run_concept
 
@@ -151,6 +157,7 @@ BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "cost": run_cost_bench,
     "concept": run_concept_bench,
     "overhead": run_overhead_bench,
+    "overhead-realsize": run_overhead_realsize_bench,
     "faults": run_faults,
 }
 
