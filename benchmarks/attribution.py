@@ -899,8 +899,8 @@ def summary_markdown(results: Sequence[dict]) -> str:
             beyond.append(f"- {r['dataset']} seed {r['seed']}: " + "; ".join(cells))
     if beyond:
         out += ["", f"`{FOCUS}` - `{TEXT_BASELINE}` on the prompt-known query types (paired difference [95% CI]; "
-                f"`{FOCUS}` uses prompt-vs-caption text channels among its inputs, so this is what everything else "
-                "it reads adds, or costs, beyond text):", "", *beyond]
+                f"`{FOCUS}` reads the prompt through the run's own text encoder among its inputs (never word "
+                "matching), so this is what everything else it reads adds, or costs, beyond text):", "", *beyond]
     notes = Path(__file__).with_name("attribution_notes.md")
     if notes.is_file():
         out += ["", notes.read_text().strip()]
