@@ -43,6 +43,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    "`montrage attribute` featurizes later). All give the same store")
     p.add_argument("--capture-threads", type=int, default=1,
                    help="CPU threads of the background capture worker (default 1)")
+    p.add_argument("--capture-device", default="cpu",
+                   help="device of the background capture worker (default cpu; e.g. cuda:1 for a second GPU)")
     p.add_argument("--no-store-images", action="store_true",
                    help="keep only the training images' paths and sha256 hashes in the run, not their pixels "
                    "(large sets; the images must then stay unchanged where they are)")
@@ -66,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     res = train(args.data, args.output, base=args.base, cfg=cfg, capture=capture, probes_file=args.probes,
                 prior_dir=args.prior_data, monitor=not args.no_monitor, progress=not args.quiet,
                 store_images=not args.no_store_images, capture_mode=args.capture,
-                capture_threads=args.capture_threads)
+                capture_threads=args.capture_threads, capture_device=args.capture_device)
     saved = f" (LoRA saved after {res.lora_saved_s:.1f} s)" if res.lora_saved_s is not None else ""
     print(f"trained steps {res.start_step}->{res.steps} in {res.wall_time_s:.1f} s{saved}; LoRA: {res.final_lora}")
     return 0

@@ -90,11 +90,12 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
           capture: Optional[CaptureConfig] = None, probes_file: Optional[str | Path] = None,
           prior_dir: Optional[str | Path] = None, monitor: bool = True, accelerator=None,
           progress: bool = True, store_images: bool = True, capture_mode: str = "background",
-          capture_threads: Optional[int] = 1) -> TrainResult:
+          capture_threads: Optional[int] = 1, capture_device: str = "cpu") -> TrainResult:
     """Fine-tune a LoRA on ``data_dir`` into ``output_dir``; re-running the same call resumes.
 
     ``capture_mode``: where checkpoints are featurized (see :meth:`TrainingMonitor.configure_capture`): by
-    default a background worker with ``capture_threads`` CPU threads, so the loop only snapshots.
+    default a background worker with ``capture_threads`` CPU threads (or on ``capture_device``, e.g. a second
+    GPU, or the training GPU when it has room), so the loop only snapshots.
 
     ``store_images=False`` keeps only the training images' paths and hashes in the run (large sets).
     """
@@ -133,7 +134,7 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
     mon = (TrainingMonitor(output_dir, components, train_set, probes, capture, run_config, accelerator, optimizer=opt,
                            store_images=store_images) if monitor else None)
     if mon is not None:
-        mon.configure_capture(capture_mode, threads=capture_threads)
+        mon.configure_capture(capture_mode, threads=capture_threads, device=capture_device)
 
     start = 0
     if ctx.is_main:

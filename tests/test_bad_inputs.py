@@ -18,7 +18,7 @@ import zarr
 from PIL import Image
 
 from montrage.cli import build_parser, main
-from montrage.errors import (CaptureError, CheckpointNotFoundError, DataError, ModelLoadError, MontrageError,
+from montrage.errors import (CaptureError, ConfigError, CheckpointNotFoundError, DataError, ModelLoadError, MontrageError,
                              ProbeFileError, StoreConfigMismatchError, StoreLayoutError)
 from montrage.storage import RunStore
 from montrage.storage import schema as S
@@ -207,6 +207,14 @@ def test_unknown_capture_module(data, tmp_path, capsys):
     cli_error(train_argv(data, out, extra=["--modules", "nonexistent"]), capsys, CaptureError,
               "unknown UNet module(s) ['nonexistent']", "available block names include", "mid_block",
               case="`--modules nonexistent`")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_capture_device_without_a_gpu(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    cli_error(train_argv(data, out, extra=["--capture", "background", "--capture-device", "cuda:1"]), capsys,
+              ConfigError, "capture device 'cuda:1'", "no GPU", "'cpu'", case="`--capture-device cuda:1` on a CPU machine")
     assert not out.exists()
 
 

@@ -389,6 +389,14 @@ class TrainingMonitor(MontrageCallback):
             raise ConfigError(f"capture mode {mode!r} is not one of {list(S.CAPTURE_MODES)}")
         if threads is not None and threads < 1:
             raise ConfigError(f"capture threads must be >= 1, got {threads}")
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"capture device {device!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda:1'")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"capture device {device!r} asks for CUDA, but torch sees no GPU here; use 'cpu'")
         if mode != "inline":
             why = None
             if not self.capture.record_lora:
