@@ -34,6 +34,8 @@ class LossTrajectory:
 
 
 def _first_finite(x: np.ndarray) -> np.ndarray:
+    if x.shape[0] == 0:  # no interval yet (the first checkpoint): nothing observed
+        return np.full(x.shape[1:], np.nan, np.float32)
     ok = np.isfinite(x)
     idx = np.where(ok.any(0), ok.argmax(0), 0)
     out = x[idx, np.arange(x.shape[1])]

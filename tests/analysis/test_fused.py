@@ -198,6 +198,10 @@ def test_channels_follow_what_the_run_recorded(planted_run, monkeypatch):
     assert learned.shape == (len(q), n)
     assert (np.diff(learned[0]) > 0).all()  # ranks the images by how much of them was learned
     assert "steps/learned" not in F.channel_values(ctx, F.IMAGE, True, ("rep", "steps"))  # montrage-final
+    # the first checkpoint has no interval before it (e.g. `montrage compare` over every checkpoint): no channel,
+    # no error
+    first = ScoringContext(store=store, queries=q, checkpoint=0, options={"query_mode": "A"})
+    assert "steps/learned" not in F.channel_values(first, F.IMAGE, False, ("rep", "steps"))
 
 
 def test_registered_with_the_ablation_and_baselines():
