@@ -24,8 +24,13 @@ LEARNED_THRESHOLD = 0.75  # share of a concept's probes attributed to it, from t
 
 def compare(run_dir: str | Path, method: str = "montrage", from_step: Optional[int] = None,
             to_step: Optional[int] = None, plot: Optional[str | Path] = None, progress: bool = True,
-            top_changed: int = 5, options: Optional[dict] = None) -> dict:
-    """``options``: scorer options passed to every attribution (e.g. ``{"base": PATH}`` for a moved base model)."""
+            top_changed: int = 5, options: Optional[dict] = None, image_only: bool = True) -> dict:
+    """``options``: scorer options passed to every attribution (e.g. ``{"base": PATH}`` for a moved base model).
+
+    ``image_only`` (default): each checkpoint's probe generations are attributed as images, their prompts
+    withheld. "When was a concept learned" is a question about what the generations look like: with the
+    prompt, text-path channels attribute even the base model's generations to the concept the prompt names
+    (the fused model did so at step 0 on the demo), which would date every concept to the first checkpoint."""
     store = RunStore.open(run_dir)
     steps = store.steps
     k0 = store.checkpoint_index(from_step) if from_step is not None else 0
@@ -41,7 +46,10 @@ def compare(run_dir: str | Path, method: str = "montrage", from_step: Optional[i
     used_steps = []
     for k in tqdm(range(k0, k1 + 1), disable=not progress, desc="compare checkpoints"):
         try:
-            res = attribute(run_dir, method, int(steps[k]), queries=probe_queries(store, checkpoint=k),
+            queries = probe_queries(store, checkpoint=k)
+            if image_only:
+                queries.prompts = [""] * len(queries.prompts)
+            res = attribute(run_dir, method, int(steps[k]), queries=queries,
                             write_store=False, progress=False, store=store, options=options)
         except ScorerError as exc:  # e.g. a dynamics-only method at checkpoint 0
             log.info("checkpoint %d skipped: %s", int(steps[k]), exc)

@@ -18,3 +18,27 @@ def test_proportions_ties_and_scale():
     narrow = proportions({"a": 1.0, "b": 0.0}, scale=0.1)
     assert 0.5 < wide["a"] < narrow["a"] < 1.0
     assert proportions({}) == {}
+
+
+def test_compare_attributes_probe_generations_without_their_prompts(tiny_run, monkeypatch):
+    """'When was a concept learned' must be read from the generations, not from a prompt that names the concept:
+    compare withholds the probes' prompts by default (text-path channels would otherwise attribute the base
+    model's generations to the named concept at step 0)."""
+    import montrage.analysis.compare as C
+    from montrage.storage import RunStore
+
+    seen = []
+    real = C.attribute
+
+    def spy(*args, **kwargs):
+        seen.append(list(kwargs["queries"].prompts))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "attribute", spy)
+    prompts = list(RunStore.open(tiny_run).probe_meta["prompts"])
+    assert any(p.strip() for p in prompts)
+    C.compare(tiny_run, "final-sim", progress=False)
+    assert seen and all(p == [""] * len(prompts) for p in seen)
+    seen.clear()
+    C.compare(tiny_run, "final-sim", progress=False, image_only=False)
+    assert seen and all(p == prompts for p in seen)
