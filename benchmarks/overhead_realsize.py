@@ -44,15 +44,15 @@ def _vocab_and_merges():
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def write_tokenizer(folder: Path) -> int:
+def write_tokenizer(folder: Path, max_length: int = TEXT_MAX_LENGTH) -> int:
     """vocab.json + merges.txt + tokenizer_config.json, as in an SD-1.5 checkout's tokenizer/; returns the
-    vocabulary size."""
+    vocabulary size. (The tests' tiny pipelines write theirs with this too.)"""
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = _vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": TEXT_MAX_LENGTH, "bos_token": SPECIAL[0],
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": SPECIAL[0],
         "eos_token": SPECIAL[1], "pad_token": SPECIAL[1], "unk_token": SPECIAL[1], "do_lower_case": True}))
     return len(vocab)
 

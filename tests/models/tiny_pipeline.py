@@ -14,34 +14,22 @@ import torch
 
 RESOLUTION = 16
 TEXT_MAX_LENGTH = 16
-SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 MODULE_TO_CAPTURE = "mid_block"
 
 
 def _vocab_and_merges() -> Tuple[Dict[str, int], List[str]]:
-    """A byte-level BPE vocabulary covering lowercase letters, digits and the punctuation in captions.
+    """A byte-level BPE vocabulary covering lowercase letters, digits and the punctuation in captions; a few
+    merges make common caption words single tokens, so the BPE path is exercised (the benchmark's own)."""
+    from benchmarks.overhead_realsize import _vocab_and_merges as vocab_and_merges
 
-    Every character has a word-internal and a word-final (``</w>``) form; a few merges make common
-    words of the synthetic captions ("a", "by", "artist") single tokens, so the BPE path is exercised.
-    """
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789-.,!'")
-    tokens = list(SPECIAL) + chars + [c + "</w>" for c in chars]
-    merges = ["b y</w>", "a r", "ar t", "art i", "arti s", "artis t"]
-    for m in merges:
-        tokens.append("".join(m.split(" ")))
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    return vocab, merges
+    return vocab_and_merges()
 
 
 def write_tiny_tokenizer(folder: Path) -> Path:
     """vocab.json + merges.txt + tokenizer_config.json, as in a Stable Diffusion 1.5 checkout's tokenizer/."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _vocab_and_merges()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": TEXT_MAX_LENGTH, "bos_token": SPECIAL[0],
-        "eos_token": SPECIAL[1], "pad_token": SPECIAL[1], "unk_token": SPECIAL[1], "do_lower_case": True}))
+    from benchmarks.overhead_realsize import write_tokenizer
+
+    write_tokenizer(folder, max_length=TEXT_MAX_LENGTH)
     return folder
 
 
