@@ -23,7 +23,7 @@ Channels of a (query j, training image i) pair, each standardised per query acro
 * ``steps/learned``: how much of each image the LoRA learned, from the per-step losses the loop recorded
   (a per-image prior; only when the run recorded per-step signals).
 
-score_raw(j, i) = sum_c w_c z_c(j, i) with w_c >= 0, score = sigmoid(a (score_raw - b)), fitted with the
+score(j, i) = sum_c w_c z_c(j, i) with w_c >= 0 and a calibration p = sigmoid(a (score - b)), fitted with the
 attribution loss (:mod:`montrage.losses.attribution`) SEPARATELY for the two query kinds: ``prompt``
 (``QuerySet.prompts[j] != ''``) and ``image`` (no prompt). Supervision, no extra labels: the run's anchor
 training images, *perturbed* at two strengths (a shift of 1/32 of the side, colour jitter, pixel noise; and
@@ -541,13 +541,15 @@ class FusedScorer:
             ctx.options["_query_info"] = info
             return (with_c - without).astype(np.float32)
         raw, info = self._raw(ctx, list(q.prompts))
+        for i, p in enumerate(q.prompts):
+            model = fitted_model(ctx, self.name, query_kind(p), self.final_only)
+            info[i]["calibration"] = {"scale": model.scale, "bias": model.bias}
         ctx.options["_query_info"] = info
-        out = np.empty_like(raw)
-        for kind in (PROMPT, IMAGE):
-            idx = [i for i, p in enumerate(q.prompts) if query_kind(p) == kind]
-            if idx:
-                out[idx] = fitted_model(ctx, self.name, kind, self.final_only).calibrate(raw[idx])
-        return out
+        # The score is the fitted combination itself, not its calibrated probability: the fit ranks concepts by
+        # the mean of their top-3 raw scores (concept_ranking_loss), and a sigmoid applied per image before that
+        # mean reorders concepts (typefaces s0, new compositions: between top-1 .91 raw, .66 calibrated). The
+        # probability sigmoid(scale (score - bias)) is reported per top image as ``source_probability``.
+        return raw
 
 
 register("montrage")(lambda: FusedScorer(

@@ -76,7 +76,10 @@ def test_scorer_routes_each_query_kind_to_its_model_and_reports_it(planted_run, 
     res = attribute(path, "montrage", queries=q, options={"query_mode": "A"}, write_store=False, progress=False,
                     store=store)
     assert np.mean(res.scores.argmax(1) == targets) >= 0.9
-    assert ((res.scores >= 0) & (res.scores <= 1)).all()
+    assert np.isfinite(res.scores).all()
+    for row in res.payload["queries"]:  # the ranking score is the fitted combination; its calibration rides along
+        probs = [t["source_probability"] for t in row["top"]]
+        assert all(0.0 <= p <= 1.0 for p in probs) and probs == sorted(probs, reverse=True)
     for i, row in enumerate(res.payload["queries"]):
         kind = F.IMAGE if i in image_only else F.PROMPT
         assert row["query_kind"] == kind
