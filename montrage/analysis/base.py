@@ -43,6 +43,16 @@ class QuerySet:
         return h.hexdigest()[:16]
 
 
+# Cache keys of values that depend on the run alone (committed store data, the model, fits on the run's own
+# anchors), never on the queries or on in-memory training gradients. They are kept in the store's
+# ``reader_cache``, so every ``attribute`` call on the same RunStore object reuses them (a warm extra query pays
+# for its own features only); other keys live in the context's cache, i.e. for one call unless the caller passes
+# ``ctx_cache``. Post-hoc baselines keep their training-side passes per call (``grad/train/`` computed in memory,
+# ``concept-trak/train/``): that is the method's own cost.
+RUN_LEVEL_PREFIXES = ("dyn/", "grad/stored/", "grad/training_images", "grad/projector/", "grad/lora-finite/",
+                      "fused/dyn-model/", "text-only/encoder/captions")
+
+
 @dataclass
 class ScoringContext:
     store: RunStore
@@ -56,18 +66,41 @@ class ScoringContext:
     _cache: Dict[str, object] = field(default_factory=dict)
 
     @property
+    def run_cache(self) -> Dict[str, object]:
+        """The cache of run-level values: the store's ``reader_cache`` (shared by every context on that store
+        object), or this context's cache for a store-like object without one."""
+        cache = getattr(self.store, "reader_cache", None)
+        return cache if isinstance(cache, dict) else self._cache
+
+    @property
     def model(self) -> RunModel:
-        """The run's model (loaded once, on first use)."""
+        """The run's model: loaded once per store object and device (kept in :attr:`run_cache`)."""
         if self._model is None:
             base = self.options.get("base")  # `montrage attribute --base PATH`: where the run's base model is now
-            self._model = RunModel(self.store.run_config, device=self.device, base_override=str(base) if base else None)
+            base = str(base) if base else None
+            self._model = self.run_cache_get(
+                f"model/{self.device}/{base}",
+                lambda: RunModel(self.store.run_config, device=self.device, base_override=base))
         return self._model
 
     def components_at(self, k: int):
-        """Model components with the LoRA weights of checkpoint index ``k``."""
-        return self.model.set_weights(self.store.lora_weights(k), tag=k)
+        """Model components with the LoRA weights of checkpoint index ``k`` (read and loaded only on a switch)."""
+        model = self.model
+        if getattr(model, "current", None) == k and hasattr(model, "components"):
+            return model.components
+        return model.set_weights(self.store.lora_weights(k), tag=k)
+
+    def run_cache_get(self, key: str, make: Callable[[], object]) -> object:
+        cache = self.run_cache
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     def cached(self, key: str, make: Callable[[], object]) -> object:
+        """``make()`` once per key: per store object for run-level keys (:data:`RUN_LEVEL_PREFIXES`), else per
+        context cache."""
+        if key.startswith(RUN_LEVEL_PREFIXES):
+            return self.run_cache_get(key, make)
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]

@@ -84,6 +84,16 @@ def _fill(ctx: ScoringContext, gf: GradientFeatures, k: int, output: str, s: Gra
         start = sl.stop
 
 
+def stored_features(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> Optional[np.ndarray]:
+    """(N, T, D) float32 training gradients at checkpoint k as stored with these settings; None when the run
+    holds none complete for them."""
+    gf = _stored(ctx, output)
+    if gf is None or gf.settings() != feature_settings(ctx, s) or not gf.complete(k):
+        return None
+    unit, norms = gf.read(k)
+    return unit * norms[..., None]
+
+
 def train_features(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> np.ndarray:
     """(N, T, D) float32 projected training gradients at checkpoint k: read from the store when recorded
     with these settings; else computed, stored (first use) and read back; else (other settings, a read-only

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from montrage.analysis.base import ScoringContext, register
 from montrage.analysis.gradients import (DEFAULT_PROJ_DIM, Projector, normalize_rows, projected_gradients,
@@ -58,14 +59,20 @@ class GradientSettings:
 
 def checkpoint_components(ctx: ScoringContext, k: int) -> DiffusionComponents:
     """The model at checkpoint index ``k``, refusing checkpoints whose LoRA weights were not recorded."""
+    require_lora(ctx, k)
+    return ctx.components_at(k)
+
+
+def require_lora(ctx: ScoringContext, k: int) -> None:
+    """Refuse checkpoint indices out of range or whose LoRA weights were not recorded."""
     n = ctx.store.n_checkpoints
     if not 0 <= k < n:
         raise ScorerError(f"checkpoint index {k} is out of range: the store has {n} committed checkpoints")
-    weights = ctx.store.lora_weights(k)
-    if any(not np.isfinite(np.asarray(w)).all() for w in weights.values()):
+    finite = ctx.cached(f"grad/lora-finite/{k}", lambda: all(np.isfinite(np.asarray(w)).all()
+                                                             for w in ctx.store.lora_weights(k).values()))
+    if not finite:
         raise ScorerError(f"checkpoint {k} has no recorded LoRA weights (CaptureConfig.record_lora=False, or "
                           "non-finite weights); gradient methods need them")
-    return ctx.components_at(k)
 
 
 def projector(ctx: ScoringContext, comps: DiffusionComponents, s: GradientSettings) -> Projector:
@@ -76,20 +83,66 @@ def projector(ctx: ScoringContext, comps: DiffusionComponents, s: GradientSettin
 def train_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> np.ndarray:
     """(N, T, D) projected gradients of the training images (their captions) at checkpoint k (cached): the
     features recorded with the run (:mod:`montrage.analysis.gradient_features`), computed once on first use."""
-    from montrage.analysis.gradient_features import train_features
+    from montrage.analysis.gradient_features import stored_features, train_features
 
+    key = f"grad/stored/{output}/{k}/{s.key()}/{ctx.device}"  # store reads: kept for every call on this store
+    if key in ctx.run_cache:
+        return ctx.run_cache[key]
+    stored = stored_features(ctx, k, output, s)
+    if stored is not None:
+        return ctx.cached(key, lambda: stored)
     return ctx.cached(f"grad/train/{output}/{k}/{s.key()}", lambda: train_features(ctx, k, output, s))
 
 
+def _query_key(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> str:
+    return f"grad/query/{ctx.queries.key}/{output}/{k}/{s.key()}"
+
+
 def query_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> np.ndarray:
-    """(Q, T, D) projected gradients of the queries (their prompts; '' = null prompt) at checkpoint k."""
-    def make() -> np.ndarray:
+    """(Q, T, D) projected gradients of the queries (their prompts; '' = null prompt) at checkpoint k.
+
+    Asked for the first of TracIn's checkpoints (``tracin_checkpoints(ctx.checkpoint)``) of the training loss,
+    it computes all of them in one batched pass (:func:`query_gradients_at`): the callers that ask for it
+    (TracIn, the ``montrage`` model's per-checkpoint terms) walk them all; ``dtrak`` and ``montrage-final`` ask
+    for the attributed checkpoint only and pay for that one."""
+    key = _query_key(ctx, k, output, s)
+    if key in ctx._cache:
+        return ctx._cache[key]
+    walk = tracin_checkpoints(ctx.checkpoint)
+    query_gradients_at(ctx, walk if output == "denoise" and len(walk) > 1 and k == walk[0] else [k], output, s)
+    return ctx._cache[key]
+
+
+def query_gradients_at(ctx: ScoringContext, ks: Sequence[int], output: str, s: GradientSettings) -> List[np.ndarray]:
+    """:func:`query_gradients` at checkpoints ``ks``; the ones not cached yet in one batched pass over their LoRA
+    weights (:func:`~montrage.analysis.gradients.projected_gradients_at`)."""
+    from montrage.analysis.gradients import projected_gradients_at
+    from montrage.models.lora import lora_slots
+
+    todo = [int(k) for k in dict.fromkeys(ks) if _query_key(ctx, int(k), output, s) not in ctx._cache]
+    if todo:
+        for k in todo:
+            require_lora(ctx, k)
         q = ctx.queries
-        comps = checkpoint_components(ctx, k)
-        return projected_gradients(comps, q.images, list(q.prompts), [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds],
-                                   output=output, timesteps=s.timesteps, noise_seed=s.noise_seed,
-                                   projector=projector(ctx, comps, s), batch_size=s.batch_size, progress=ctx.progress)
-    return ctx.cached(f"grad/query/{ctx.queries.key}/{output}/{k}/{s.key()}", make)
+        seeds = [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds]
+        comps = ctx.components_at(todo[-1])  # the LoRA tensors are passed per set; the model's own are not used
+        if len(todo) == 1:
+            parts = [projected_gradients(comps, q.images, list(q.prompts), seeds, output=output, timesteps=s.timesteps,
+                                         noise_seed=s.noise_seed, projector=projector(ctx, comps, s),
+                                         batch_size=s.batch_size, progress=ctx.progress)]
+        else:
+            name_of = {id(p): n for n, p in comps.unet.named_parameters()}
+            slots = lora_slots(comps.unet)
+            sets = []
+            for k in todo:
+                w = ctx.store.lora_weights(k)
+                sets.append({name_of[id(p)]: torch.as_tensor(np.asarray(w[key])) for key, p in slots.items()})
+            parts = projected_gradients_at(comps, sets, q.images, list(q.prompts), seeds, output=output,
+                                           timesteps=s.timesteps, noise_seed=s.noise_seed,
+                                           projector=projector(ctx, comps, s), batch_size=s.batch_size)
+        for k, g in zip(todo, parts):
+            ctx.cached(_query_key(ctx, k, output, s), lambda g=g: g)
+    return [ctx._cache[_query_key(ctx, int(k), output, s)] for k in ks]
 
 
 # ----------------------------------------------------------------------------- TracIn-CP
@@ -136,6 +189,7 @@ class TracInScorer:
         steps = np.asarray(ctx.store.steps)
         lrs = getattr(ctx.store, "learning_rates", None)
         pairs = []
+        query_gradients_at(ctx, tracin_checkpoints(ctx.checkpoint), "denoise", s)  # one batched pass
         for k in tracin_checkpoints(ctx.checkpoint):
             gt = train_gradients(ctx, k, "denoise", s)
             gq = query_gradients(ctx, k, "denoise", s)

@@ -29,6 +29,7 @@ from montrage.models.features import QUERY_SEED_OFFSET, FeatureExtractor
 from montrage.storage import RunStore
 from montrage.storage import schema as S
 
+RESIDENT_BYTES = 256 * 2 ** 20  # training features of one condition kept in memory by a Dynamics up to this size
 # set by montrage.analysis.dask_scoring.scoring_on: stats() and score() delegate to it (dask) when set
 SCORE_BACKEND: ContextVar[Optional[Any]] = ContextVar("montrage_score_backend", default=None)
 
@@ -102,6 +103,7 @@ class Dynamics:
         self.layout = KN.Layout.of(self.channels, self.modules, self.K)
         self.chunk = int(chunk) if chunk else self.auto_chunk()
         self._stats: Optional[dict] = None
+        self._resident: Optional[tuple] = None  # (features by module, losses) in memory, or () when too big
 
     # ------------------------------------------------------------------ streaming reads
     def feature_dims(self) -> Dict[str, int]:
@@ -117,18 +119,43 @@ class Dynamics:
         for start in range(0, self.N, self.chunk):
             yield slice(start, min(self.N, start + self.chunk))
 
+    def resident(self) -> Optional[tuple]:
+        """This condition's training features and losses of checkpoints 0..K-1, read once and kept when they fit
+        in :data:`RESIDENT_BYTES` (None otherwise: blocks are streamed from the store). A fused query scores
+        several channel groups, each a pass over the same training features; they are committed data, so a
+        Dynamics kept across calls (:data:`montrage.analysis.base.RUN_LEVEL_PREFIXES`) reads them once."""
+        if self._resident is None:
+            dims = self.feature_dims()
+            if 4 * self.N * self.T * self.K * (sum(dims.values()) + 1) > RESIDENT_BYTES:
+                self._resident = ()
+            else:
+                feats = {m: np.asarray(self.store.array(S.feature_path(S.TRAIN, m))[: self.K, :, self.cidx])
+                         for m in self.modules}
+                loss = np.asarray(self.store.array(f"{S.TRAIN}/{S.LOSS}")[: self.K, :, self.cidx])
+                for a in (*feats.values(), loss):
+                    a.setflags(write=False)  # blocks are views of these: nothing may write into them
+                self._resident = (feats, loss)
+        return self._resident or None
+
     def read_block(self, rows, layout: Optional[KN.Layout] = None) -> Tuple[List[np.ndarray], Optional[np.ndarray]]:
         """The raw block of training ``rows`` (a slice or indices) the kernel takes: per module
         (len(ks), n, T, F) as stored (None for a module no channel in use reads), and the (K, n, T) losses when the loss channel is in use."""
         layout = layout or self.layout
+        held = self.resident()
         feats = []
         for m, ks in zip(layout.modules, layout.ks):
-            arr = self.store.array(S.feature_path(S.TRAIN, m))
-            feats.append(_read(arr, _index(ks), rows, self.cidx) if ks else None)
+            if not ks:
+                feats.append(None)
+            elif held is not None:
+                feats.append(held[0][m][_index(ks)][:, rows])
+            else:
+                feats.append(_read(self.store.array(S.feature_path(S.TRAIN, m)), _index(ks), rows, self.cidx))
         loss = None
         if layout.loss:
-            arr = self.store.array(f"{S.TRAIN}/{S.LOSS}")
-            loss = _read(arr, slice(0, layout.K), rows, self.cidx)
+            if held is not None:
+                loss = held[1][: layout.K][:, rows]
+            else:
+                loss = _read(self.store.array(f"{S.TRAIN}/{S.LOSS}"), slice(0, layout.K), rows, self.cidx)
         return feats, loss
 
     def stats(self) -> dict:

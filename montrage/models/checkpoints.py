@@ -15,7 +15,7 @@ import numpy as np
 from montrage.errors import ModelLoadError
 from montrage.models.components import DiffusionComponents
 from montrage.models.loading import EMBEDDED, base_identity, load_base
-from montrage.models.lora import add_lora_from_config, load_lora_state, lora_state
+from montrage.models.lora import add_lora_from_config, copy_lora_state, load_lora_state, lora_slots, lora_state
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,13 @@ class RunModel:
         add_lora_from_config(self.components.unet, run_config.get("lora") or {})
         self.components.unet.eval()
         self._shapes = {k: tuple(v.shape) for k, v in lora_state(self.components.unet).items()}
+        slots = lora_slots(self.components.unet)
+        self._slots = slots if set(slots) == set(self._shapes) else None  # else: peft's loader (unusual layouts)
         self.current: Optional[int] = None
 
     def set_weights(self, weights: Dict[str, np.ndarray], tag: Optional[int] = None) -> DiffusionComponents:
+        """Load LoRA ``weights`` (copied in place) unless ``tag`` names the ones loaded last (e.g. a checkpoint
+        index: the weights are then not read or copied again); ``tag=None`` always loads."""
         if tag is None or tag != self.current:
             got = {k: tuple(np.shape(v)) for k, v in weights.items()}
             if got != self._shapes:
@@ -63,6 +67,10 @@ class RunModel:
                 raise ModelLoadError(f"the stored LoRA weights do not fit the adapter rebuilt from the run config "
                                      f"({len(got)} stored vs {len(self._shapes)} expected tensors; e.g. {diff}); "
                                      "the run config's 'lora' entry does not describe the trained adapter")
-            load_lora_state(self.components.unet, weights)
+            self.current = None  # a failed load leaves no stale tag
+            if self._slots is not None:
+                copy_lora_state(self._slots, weights)
+            else:
+                load_lora_state(self.components.unet, weights)
             self.current = tag
         return self.components

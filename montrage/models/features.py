@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from montrage.config import CaptureConfig
 from montrage.errors import CaptureError
 from montrage.losses.diffusion import noised, per_sample_mse, training_target
-from montrage.models.components import DiffusionComponents
+from montrage.models.components import DiffusionComponents, eval_mode
 from montrage.models.sampling import seeded_noise, uint8_to_pixels
 
 TRAIN_SEED_OFFSET = 0
@@ -95,7 +95,6 @@ class FeatureExtractor:
         per item fixes its noise. Restores the UNet's mode and RNG."""
         comps, cap = self.components, self.capture
         unet = comps.unet
-        was_training = unet.training
         captured: Dict[str, torch.Tensor] = {}
         handles = [mod.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, _first(out)))
                    for name, mod in self._modules.items()]
@@ -103,8 +102,7 @@ class FeatureExtractor:
         feats: Dict[str, List[torch.Tensor]] = {m: [] for m in self._modules}
         losses: List[torch.Tensor] = []
         try:
-            unet.eval()
-            with torch.random.fork_rng(devices=[]):
+            with eval_mode(unet), torch.random.fork_rng(devices=[]):
                 null = comps.encode_prompts([""])
                 timesteps = torch.tensor(cap.timesteps, dtype=torch.long, device=comps.device)
                 for start in range(0, N, max(1, cap.batch_size // T)):
@@ -133,7 +131,6 @@ class FeatureExtractor:
         finally:
             for h in handles:
                 h.remove()
-            unet.train(was_training)
         if N == 0:
             dims = self.feature_dims()  # a rank with no items still returns correctly shaped arrays
             return Features({m: np.zeros((0, C, T, dims.get(m, 0)), np.float32) for m in self._modules},

@@ -112,6 +112,9 @@ class RunStore:
         self.writable = writable
         self._lock_fd = lock_fd
         self._warned_nonfinite = False
+        # Memory for readers of this object's committed data (analysis keeps the run's model and training-side
+        # reads here, so that calls sharing a store share them); committed data never change, so nothing expires.
+        self.reader_cache: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ opening
     @staticmethod
@@ -395,7 +398,7 @@ class RunStore:
     def lora_weights(self, checkpoint: int) -> Dict[str, np.ndarray]:
         """The LoRA adapter tensors of one checkpoint index, by parameter name."""
         g = self.root[S.LORA]
-        flat = g[S.WEIGHTS][: self.n_checkpoints][checkpoint]
+        flat = g[S.WEIGHTS][range(self.n_checkpoints)[checkpoint]]  # one row (not every committed one), same indexing
         out, offset = {}, 0
         for name, shape in zip(g.attrs[S.ATTR_PARAM_NAMES], g.attrs[S.ATTR_PARAM_SHAPES]):
             size = int(np.prod(shape))
