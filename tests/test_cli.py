@@ -64,39 +64,42 @@ def _check_contract(payload, method, n_train):
         scores = [t["score"] for t in q["top"]]
         assert scores == sorted(scores, reverse=True)
         for t in q["top"]:
-            assert set(t) == {"train_index", "file_name", "concept", "score"}
+            # a learned scorer (montrage) also reports its calibrated source probability per top image
+            assert set(t) - {"source_probability"} == {"train_index", "file_name", "concept", "score"}
+            assert 0.0 <= t.get("source_probability", 0.0) <= 1.0
             assert t["file_name"] == f"{t['concept']}_{t['train_index'] % 4:03d}.png"
 
 
 @pytest.mark.parametrize("method", [m for m in available() if m != "concept-trak"])
-def test_every_method_writes_the_same_contract(method, tiny_run, tmp_path):
+def test_every_method_writes_the_same_contract(method, tiny_run_copy, tmp_path):
     out = tmp_path / f"{method}.json"
-    assert main(["--quiet", "attribute", str(tiny_run), "--method", method, "--top-k", "3", "--out", str(out)]) == 0
+    assert main(["--quiet", "attribute", str(tiny_run_copy), "--method", method, "--top-k", "3",
+                 "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     _check_contract(payload, method, 8)
     from montrage.storage import RunStore
 
-    scores, ids = RunStore.open(tiny_run).read_attribution(method, 6)
+    scores, ids = RunStore.open(tiny_run_copy).read_attribution(method, 6)
     assert scores.shape == (len(payload["queries"]), 8)
     assert ids == [q["id"] for q in payload["queries"]]
 
 
-def test_concept_trak_contract(tiny_run, tmp_path):
+def test_concept_trak_contract(tiny_run_copy, tmp_path):
     out = tmp_path / "ct.json"
-    assert main(["--quiet", "attribute", str(tiny_run), "--method", "concept-trak", "--concept", "by artist-0",
+    assert main(["--quiet", "attribute", str(tiny_run_copy), "--method", "concept-trak", "--concept", "by artist-0",
                  "--top-k", "3", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     _check_contract(payload, "concept-trak", 8)
     assert payload["concept"] == "by artist-0"
 
 
-def test_attribute_query_images(tiny_run, tiny_data, tmp_path, capsys):
+def test_attribute_query_images(tiny_run_copy, tiny_data, tmp_path, capsys):
     """A folder of arbitrary images: a training image itself must be attributed to itself."""
     q = tmp_path / "queries"
     q.mkdir()
     Image.open(tiny_data / "artist-1_002.png").save(q / "copy.png")
     out = tmp_path / "q.json"
-    assert main(["--quiet", "attribute", str(tiny_run), "--method", "final-sim", "--images", str(q),
+    assert main(["--quiet", "attribute", str(tiny_run_copy), "--method", "final-sim", "--images", str(q),
                  "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert [x["id"] for x in payload["queries"]] == ["copy.png"]
@@ -115,9 +118,9 @@ def test_attribute_unknown_method(tiny_run, capsys):
     assert "unknown attribution method 'nope'" in capsys.readouterr().err
 
 
-def test_compare_writes_json_and_plot(tiny_run, tmp_path, capsys):
+def test_compare_writes_json_and_plot(tiny_run_copy, tmp_path, capsys):
     out, plot = tmp_path / "c.json", tmp_path / "c.png"
-    assert main(["--quiet", "compare", str(tiny_run), "--method", "final-sim", "--out", str(out),
+    assert main(["--quiet", "compare", str(tiny_run_copy), "--method", "final-sim", "--out", str(out),
                  "--plot", str(plot)]) == 0
     data = json.loads(out.read_text())
     assert data["steps"] == [0, 3, 6]

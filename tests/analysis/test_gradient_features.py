@@ -15,10 +15,9 @@ OPTS = {"proj_dim": 64}
 
 
 @pytest.fixture()
-def run(tmp_path, tiny_run):
-    dst = tmp_path / "run"
-    shutil.copytree(tiny_run, dst)
-    return dst
+def run(tiny_run_copy):
+    """These tests write gradient features: never into the session's shared run."""
+    return tiny_run_copy
 
 
 def _dtrak(run, **options):
