@@ -122,12 +122,6 @@ def _write(store: RunStore, method: str, step: int, scores: np.ndarray, queries:
     return store.write_attribution(method, step, scores, queries.ids, queries.key)
 
 
-def source_probability(score: float, calibration: dict) -> float:
-    """A learned scorer's calibrated probability that a training image is the query's source (its fit's soft
-    targets: 1 the source, 0.5 its concept, 0 otherwise), from the score it ranks by."""
-    return float(1.0 / (1.0 + np.exp(-float(calibration["scale"]) * (score - float(calibration["bias"])))))
-
-
 def build_payload(store: RunStore, method: str, step: int, scores: np.ndarray, queries: QuerySet, top_k: int,
                   condition: str, options: dict) -> dict:
     meta = store.train_meta
@@ -148,9 +142,7 @@ def build_payload(store: RunStore, method: str, step: int, scores: np.ndarray, q
             "query_kind": info[qi].get("query_kind") or ("prompt" if queries.prompts[qi].strip() else "image"),
             "channels": info[qi].get("channels"),
             "top": [{"train_index": int(i), "file_name": files[i], "concept": concepts[i],
-                     "score": float(scores[qi, i]),
-                     **({"source_probability": source_probability(float(scores[qi, i]), info[qi]["calibration"])}
-                        if info[qi].get("calibration") else {})} for i in order],
+                     "score": float(scores[qi, i])} for i in order],
         })
     return {"run": str(store.run_dir), "method": method, "checkpoint": step, "condition": condition,
             "concept": options.get("concept"), "score_path": None, "queries": out_queries}

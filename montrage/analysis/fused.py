@@ -23,7 +23,7 @@ Channels of a (query j, training image i) pair, each standardised per query acro
 * ``steps/learned``: how much of each image the LoRA learned, from the per-step losses the loop recorded
   (a per-image prior; only when the run recorded per-step signals).
 
-score(j, i) = sum_c w_c z_c(j, i) with w_c >= 0 and a calibration p = sigmoid(a (score - b)), fitted with the
+score_raw(j, i) = sum_c w_c z_c(j, i) with w_c >= 0, score = sigmoid(a (score_raw - b)), fitted with the
 attribution loss (:mod:`montrage.losses.attribution`) SEPARATELY for the two query kinds: ``prompt``
 (``QuerySet.prompts[j] != ''``) and ``image`` (no prompt). Supervision, no extra labels: the run's anchor
 training images, *perturbed* at two strengths (a shift of 1/32 of the side, colour jitter, pixel noise; and
@@ -61,9 +61,9 @@ FIT_STEPS = 400
 FIT_SEED_OFFSET = 700_000  # noise draws of the perturbed anchors (distinct from probes / training queries)
 WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
-CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
+CONCEPT_TEMPERATURE = 0.1  # of the concept-level term, in units of the calibrated score
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 6
+MODEL_VERSION = 7
 
 
 def query_kind(prompt: str) -> str:
@@ -129,7 +129,8 @@ def recombined_captions(captions: Sequence[str], concepts: Sequence[str], anchor
                         seed: int = 0) -> List[str]:
     """Per anchor (concept c), a prompt naming c with what another concept's caption shows -- preferably something
     no caption of c shows: what a new composition is. Made from the run's own captions and concept labels (another
-    concept's caption with its concept words replaced by c's). '' where the captions do not name their concept."""
+    concept's caption with its concept words replaced by c's; half of them with one other word dropped). '' where
+    the captions do not name their concept."""
     words = concept_words(captions, concepts)
     rng = np.random.default_rng(seed)
 
@@ -152,7 +153,12 @@ def recombined_captions(captions: Sequence[str], concepts: Sequence[str], anchor
         d = pool[int(rng.integers(len(pool)))]
         toks, key = captions[d].split(), set(words[concepts[d]])
         first = next(n for n, w in enumerate(toks) if w in key)
-        out.append(" ".join(toks[:first] + words[c] + [w for w in toks[first:] if w not in key]))
+        toks = toks[:first] + words[c] + [w for w in toks[first:] if w not in key]
+        other = [n for n, w in enumerate(toks) if w not in words[c]]
+        if len(toks) >= 3 and other and rng.random() < 0.5:  # half are shorter, as prompts often are (never the
+            drop = other[int(rng.integers(len(other)))]      # concept's words): cf. augment_prompt
+            toks = [w for n, w in enumerate(toks) if n != drop]
+        out.append(" ".join(toks))
     return out
 
 
@@ -407,7 +413,9 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
         cal = torch.sigmoid(log_scale.exp() * (raw - bias))
         loss = attribution_loss(raw, cal, y, temperature=RANK_TEMPERATURE) + WEIGHT_DECAY * (w ** 2).sum()
         if members is not None:
-            loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(raw, members, own, temperature=CONCEPT_TEMPERATURE)
+            # on the calibrated score, the one montrage returns: concepts are read as the mean of their top-3 returned
+            # scores, and a sigmoid after a raw-score ranking would reorder them
+            loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(cal, members, own, temperature=CONCEPT_TEMPERATURE)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -505,6 +513,8 @@ def supervision_sets(ctx: ScoringContext, images: np.ndarray, anchors: Sequence[
         log.info("montrage: no generated supervision (%s)", exc)
         return out
     out.append(qset("generation", gen, [captions[i] if kind == PROMPT else "" for i in anchors], 60_000))
+    if kind != PROMPT:  # without its prompt a composition is an image of a concept (no source): measured on
+        return out      # synthetic s0 it cost copies (R@1 1.00 -> .97) and did not help unseen images
     recombined = recombined_captions(captions, store.concepts, anchors)
     keep = [n for n, p in enumerate(recombined) if p]
     if len(keep) < 2:
@@ -518,7 +528,7 @@ def supervision_sets(ctx: ScoringContext, images: np.ndarray, anchors: Sequence[
         log.info("montrage: no composition supervision (%s)", exc)
         return out
     out.append(QuerySet(ids=[f"composition-{anchors[n]}" for n in keep], images=comp,
-                        prompts=[recombined[n] if kind == PROMPT else "" for n in keep], seeds=[None] * len(keep),
+                        prompts=[recombined[n] for n in keep], seeds=[None] * len(keep),
                         item_seeds=[FIT_SEED_OFFSET + 70_000 + anchors[n] for n in keep],
                         concepts=[concepts[n] for n in keep]))
     return out
@@ -617,15 +627,13 @@ class FusedScorer:
             ctx.options["_query_info"] = info
             return (with_c - without).astype(np.float32)
         raw, info = self._raw(ctx, list(q.prompts))
-        for i, p in enumerate(q.prompts):
-            model = fitted_model(ctx, self.name, query_kind(p), self.final_only)
-            info[i]["calibration"] = {"scale": model.scale, "bias": model.bias}
         ctx.options["_query_info"] = info
-        # The score is the fitted combination itself, not its calibrated probability: the fit ranks concepts by
-        # the mean of their top-3 raw scores (concept_ranking_loss), and a sigmoid applied per image before that
-        # mean reorders concepts (typefaces s0, new compositions: between top-1 .91 raw, .66 calibrated). The
-        # probability sigmoid(scale (score - bias)) is reported per top image as ``source_probability``.
-        return raw
+        out = np.empty_like(raw)
+        for kind in (PROMPT, IMAGE):
+            idx = [i for i, p in enumerate(q.prompts) if query_kind(p) == kind]
+            if idx:
+                out[idx] = fitted_model(ctx, self.name, kind, self.final_only).calibrate(raw[idx])
+        return out
 
 
 register("montrage")(lambda: FusedScorer(

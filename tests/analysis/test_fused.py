@@ -76,10 +76,7 @@ def test_scorer_routes_each_query_kind_to_its_model_and_reports_it(planted_run, 
     res = attribute(path, "montrage", queries=q, options={"query_mode": "A"}, write_store=False, progress=False,
                     store=store)
     assert np.mean(res.scores.argmax(1) == targets) >= 0.9
-    assert np.isfinite(res.scores).all()
-    for row in res.payload["queries"]:  # the ranking score is the fitted combination; its calibration rides along
-        probs = [t["source_probability"] for t in row["top"]]
-        assert all(0.0 <= p <= 1.0 for p in probs) and probs == sorted(probs, reverse=True)
+    assert ((res.scores >= 0) & (res.scores <= 1)).all()
     for i, row in enumerate(res.payload["queries"]):
         kind = F.IMAGE if i in image_only else F.PROMPT
         assert row["query_kind"] == kind
@@ -256,7 +253,9 @@ def test_recombined_captions_name_the_concept_with_another_concepts_object():
         words = prompt.split()
         assert words[-1] == c and sum(w.startswith("artist-") for w in words) == 1, prompt
         assert prompt not in [cap for cap, k in zip(captions, concepts) if k == c], prompt  # a new composition
-        assert " ".join(words[:-1]) in {" ".join(x.split()[:-1]) for x in captions}, prompt  # a real object
+        objects = [x.split()[:-1] for x in captions]  # another caption's object, or it less one word
+        assert any(words[:-1] == o or (len(o) == len(words) and any(o[:n] + o[n + 1:] == words[:-1]
+                                                                     for n in range(len(o)))) for o in objects), prompt
     # captions that do not name their concept, or one caption per concept: no composition
     assert F.recombined_captions(["a cat", "a dog", "a cat", "a bird"], ["x", "x", "y", "y"], [0, 2]) == ["", ""]
     assert F.recombined_captions(["a cat", "a dog"], ["x", "y"], [0, 1]) == ["", ""]
