@@ -84,9 +84,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _featurize_pending(args: argparse.Namespace) -> None:
     """Checkpoints snapshotted but not featurized yet (background or deferred capture): featurize them, or wait
-    for the worker doing it, saying so, before reading the run."""
+    for the worker doing it, saying so, before reading the run. Called before the analysis modules are imported
+    (torch, diffusers: seconds), so a missing or unreadable run is reported at once."""
     from montrage.capture import ensure_featurized
+    from montrage.storage import RunStore
 
+    RunStore.open(args.run).close()  # the error attribute/compare/report would raise, without their imports
     ensure_featurized(args.run, progress=not args.quiet)
 
 
@@ -104,9 +107,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    from montrage.analysis.attribute import attribute, between_concept_accuracy, write_json
-
     _featurize_pending(args)
+    from montrage.analysis.attribute import attribute, between_concept_accuracy, write_json
 
     options = {"query_mode": args.query_mode}
     if args.concept:
@@ -131,10 +133,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    _featurize_pending(args)
     from montrage.analysis.attribute import write_json
     from montrage.analysis.compare import compare
 
-    _featurize_pending(args)
     plot = Path(args.plot) if args.plot else Path(args.run) / f"compare_{args.method}.png"
     res = compare(args.run, args.method, args.from_step, args.to_step, plot=plot, progress=not args.quiet,
                   options={"base": args.base} if args.base else None)
@@ -150,17 +152,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    _featurize_pending(args)
     from montrage.report import build_report
 
-    _featurize_pending(args)
     path = build_report(args.run, method=args.method, out=args.out, progress=not args.quiet, base=args.base)
     print(f"report: {path}")
     return 0
 
 
 def cmd_featurize(args: argparse.Namespace) -> int:
-    from montrage.analysis.gradient_features import featurize
     from montrage.storage import RunStore
+
+    RunStore.open(args.run).close()  # a missing run: one error before the gradient code is imported (seconds)
+    from montrage.analysis.gradient_features import featurize
 
     steps = [int(x) for x in args.checkpoints.split(",")] if args.checkpoints else None
     ks = None if steps is None else [RunStore.open(args.run).checkpoint_index(st) for st in steps]

@@ -6,16 +6,21 @@ channels (32, 64), attention only at 8x8, v-prediction with a cosine schedule.
 """
 from __future__ import annotations
 
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from typing import TYPE_CHECKING
 
 from montrage.config import EmbeddedModelConfig
 from montrage.models.text import WordTextEncoder, WordTokenizer
+
+if TYPE_CHECKING:  # diffusers is imported when a model is built: importing it (and peft with it) costs seconds
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                         prediction_type="v_prediction", clip_sample=False)
 
 
 def build_unet(cfg: EmbeddedModelConfig) -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
     levels = len(cfg.block_out_channels)
     down = ("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",)
     up = ("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1)
@@ -33,4 +38,6 @@ def build_text(cfg: EmbeddedModelConfig) -> tuple[WordTokenizer, WordTextEncoder
 
 
 def build_schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:
+    from diffusers import DDIMScheduler, DDPMScheduler
+
     return DDPMScheduler(**SCHEDULER_KWARGS), DDIMScheduler(**SCHEDULER_KWARGS)

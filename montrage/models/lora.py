@@ -1,12 +1,13 @@
-"""LoRA adapters on the UNet (peft), and flat views of their weights for the store."""
+"""LoRA adapters on the UNet (peft), and flat views of their weights for the store.
+
+peft is imported where an adapter is built or read (importing it costs seconds: transformers comes with it),
+so modules that only import this one (the CLI's error paths, the analysis registry) do not pay for it."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from montrage.config import LoraSettings
 from montrage.errors import ConfigError
@@ -21,6 +22,8 @@ def add_lora(unet: torch.nn.Module, settings: LoraSettings, seed: int = 0) -> Li
         if not any(n == target or n.endswith("." + target) for n in names):
             raise ConfigError(f"LoRA target module {target!r} matches nothing in the UNet; "
                               "give suffixes of module names such as to_q, to_v, conv1")
+    from peft import LoraConfig
+
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, init_lora_weights="gaussian",
                      target_modules=list(settings.target_modules))
     with torch.random.fork_rng(devices=[]):
@@ -64,6 +67,8 @@ def add_lora_from_config(unet: torch.nn.Module, recorded: Dict[str, Any]) -> Non
         settings = LoraSettings(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items()
                                    if k in ("rank", "alpha", "target_modules")})
         recorded = {"r": settings.rank, "lora_alpha": settings.alpha, "target_modules": list(settings.target_modules)}
+    from peft import LoraConfig
+
     known = {f for f in RECORDED_FIELDS if f in LoraConfig.__dataclass_fields__}
     kwargs = {k: v for k, v in recorded.items() if k in known and v is not None}
     with torch.random.fork_rng(devices=[]):
@@ -71,10 +76,14 @@ def add_lora_from_config(unet: torch.nn.Module, recorded: Dict[str, Any]) -> Non
 
 
 def lora_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
     return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
 
 
 def load_lora_state(unet: torch.nn.Module, state: Dict[str, torch.Tensor | np.ndarray]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
     tensors = {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in state.items()}
     set_peft_model_state_dict(unet, tensors, adapter_name=ADAPTER)
 
