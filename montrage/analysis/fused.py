@@ -18,7 +18,8 @@ Channels of a (query j, training image i) pair, each standardised per query acro
 * ``dyn/learned``: the learned per-module/timestep dynamics score (``montrage-dynamics``), which the group
   means of ``rep/*`` average away;
 * ``text/encoder`` (prompt known): prompt vs training caption through the run's own text encoder, the path by
-  which the prompt conditions the UNet. Word matching (TF-IDF) is never a channel: it is the ``text-only``
+  which the prompt conditions the UNet; ``text/concept``: its mean over each concept's images (the prompt's pull
+  towards a concept as a whole, which is what a new composition's concept word carries). Word matching (TF-IDF) is never a channel: it is the ``text-only``
   baseline that ``montrage`` is reported against;
 * ``steps/learned``: how much of each image the LoRA learned, from the per-step losses the loop recorded
   (a per-image prior; only when the run recorded per-step signals).
@@ -63,7 +64,7 @@ WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
 CONCEPT_TEMPERATURE = 0.1  # of the concept-level term, in units of the calibrated score
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 7
+MODEL_VERSION = 8
 
 
 def query_kind(prompt: str) -> str:
@@ -290,7 +291,20 @@ def text_channels(ctx: ScoringContext) -> Dict[str, np.ndarray]:
     if not captions or not any(c.strip() for c in captions):
         raise ScorerError("no training captions recorded")
     prompts = list(ctx.queries.prompts)
-    return {"text/encoder": encoder_similarity(ctx, prompts, captions).astype(np.float32)}
+    sim = encoder_similarity(ctx, prompts, captions).astype(np.float32)
+    return {"text/encoder": sim, "text/concept": concept_mean(sim, ctx.store.concepts)}
+
+
+def concept_mean(values: np.ndarray, concepts: Sequence[str]) -> np.ndarray:
+    """Each image's value replaced by the mean over its concept's images (unlabelled images keep their own): the
+    prompt's pull towards a concept as a whole -- a concept's word in a prompt acts through what all of its
+    captioned images taught the LoRA, whatever object the prompt pairs it with."""
+    out = np.array(values, np.float32, copy=True)
+    arr = np.asarray(concepts)
+    for c in set(concepts) - {""}:
+        cols = arr == c
+        out[:, cols] = values[:, cols].mean(1, keepdims=True)
+    return out
 
 
 def steps_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:

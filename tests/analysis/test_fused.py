@@ -224,7 +224,7 @@ def test_end_to_end_on_a_tiny_run(tmp_path, tiny_run):
     assert all(r["query_kind"] == "prompt" for r in rows)
     used = rows[0]["channels"]
     assert {"rep/null/sim-final", "rep/caption/sim-final", "rep/null/move", "grad/dtrak", "pixel", "dup/pixel",
-            "dyn/learned", "text/encoder", "steps/learned"} <= set(used)
+            "dyn/learned", "text/encoder", "text/concept", "steps/learned"} <= set(used)
     assert "text/tfidf" not in used  # word matching is the text-only baseline, never a montrage channel
     st = RunStore.open(run)
     q = probe_queries(st)
@@ -259,3 +259,12 @@ def test_recombined_captions_name_the_concept_with_another_concepts_object():
     # captions that do not name their concept, or one caption per concept: no composition
     assert F.recombined_captions(["a cat", "a dog", "a cat", "a bird"], ["x", "x", "y", "y"], [0, 2]) == ["", ""]
     assert F.recombined_captions(["a cat", "a dog"], ["x", "y"], [0, 1]) == ["", ""]
+
+
+def test_concept_mean_spreads_a_prompts_pull_over_its_concept():
+    """A prompt naming concept b with an object only a drew: per image, text similarity peaks on a's image of that
+    object; averaged per concept, b's images lead (the composition's concept), unlabelled images keep their own."""
+    sim = np.array([[0.9, 0.1, 0.6, 0.6, 0.3]], np.float32)  # a's circle, a's square, b's two images, unlabelled
+    out = F.concept_mean(sim, ["a", "a", "b", "b", ""])
+    np.testing.assert_allclose(out, [[0.5, 0.5, 0.6, 0.6, 0.3]])
+    assert sim.argmax() == 0 and out[0, :4].argmax() == 2
