@@ -19,8 +19,8 @@ Channels of a (query j, training image i) pair, each standardised per query acro
   means of ``rep/*`` average away;
 * ``text/encoder`` (prompt known): prompt vs training caption through the run's own text encoder, the path by
   which the prompt conditions the UNet; ``text/concept``: its mean over each concept's images (the prompt's pull
-  towards a concept as a whole, which is what a new composition's concept word carries). Word matching (TF-IDF) is never a channel: it is the ``text-only``
-  baseline that ``montrage`` is reported against;
+  towards a concept as a whole, which is what a new composition's concept word carries). Word matching (TF-IDF)
+  is never a channel: it is the ``text-only`` baseline that ``montrage`` is reported against;
 * ``steps/learned``: how much of each image the LoRA learned, from the per-step losses the loop recorded
   (a per-image prior; only when the run recorded per-step signals).
 
@@ -62,9 +62,9 @@ FIT_STEPS = 400
 FIT_SEED_OFFSET = 700_000  # noise draws of the perturbed anchors (distinct from probes / training queries)
 WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
-CONCEPT_TEMPERATURE = 0.1  # of the concept-level term, in units of the calibrated score
+CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 8
+MODEL_VERSION = 9
 
 
 def query_kind(prompt: str) -> str:
@@ -108,59 +108,6 @@ def augment_prompt(prompt: str, rng: np.random.Generator) -> str:
         return prompt
     drop = int(rng.integers(len(words)))
     return " ".join(w for i, w in enumerate(words) if i != drop)
-
-
-def concept_words(captions: Sequence[str], concepts: Sequence[str]) -> Dict[str, List[str]]:
-    """Per concept, the words every one of its captions has and not every caption of the run has (in the order of
-    its first caption): how the captions name the concept ("artist-3", "dejavusans"). Empty when they don't."""
-    tokens = [c.split() for c in captions]
-    common = set.intersection(*[set(t) for t in tokens]) if tokens else set()
-    out: Dict[str, List[str]] = {}
-    for c in sorted(set(concepts) - {""}):
-        rows = [t for t, k in zip(tokens, concepts) if k == c]
-        if len(rows) < 2:  # one caption cannot tell the concept's words from its object's
-            out[c] = []
-            continue
-        shared = set.intersection(*[set(t) for t in rows]) - common
-        out[c] = [w for w in dict.fromkeys(rows[0]) if w in shared]
-    return out
-
-
-def recombined_captions(captions: Sequence[str], concepts: Sequence[str], anchors: Sequence[int],
-                        seed: int = 0) -> List[str]:
-    """Per anchor (concept c), a prompt naming c with what another concept's caption shows -- preferably something
-    no caption of c shows: what a new composition is. Made from the run's own captions and concept labels (another
-    concept's caption with its concept words replaced by c's; half of them with one other word dropped). '' where
-    the captions do not name their concept."""
-    words = concept_words(captions, concepts)
-    rng = np.random.default_rng(seed)
-
-    def rest(caption: str, concept: str) -> Tuple[str, ...]:
-        return tuple(w for w in caption.split() if w not in words.get(concept, []))
-
-    shown = {c: {rest(cap, k) for cap, k in zip(captions, concepts) if k == c} for c in words}
-    out = []
-    for a in anchors:
-        c = concepts[a]
-        if not words.get(c):
-            out.append("")
-            continue
-        donors = [i for i, k in enumerate(concepts) if k and k != c and words.get(k)]
-        novel = [i for i in donors if rest(captions[i], concepts[i]) not in shown[c]]
-        pool = novel or donors
-        if not pool:
-            out.append("")
-            continue
-        d = pool[int(rng.integers(len(pool)))]
-        toks, key = captions[d].split(), set(words[concepts[d]])
-        first = next(n for n, w in enumerate(toks) if w in key)
-        toks = toks[:first] + words[c] + [w for w in toks[first:] if w not in key]
-        other = [n for n, w in enumerate(toks) if w not in words[c]]
-        if len(toks) >= 3 and other and rng.random() < 0.5:  # half are shorter, as prompts often are (never the
-            drop = other[int(rng.integers(len(other)))]      # concept's words): cf. augment_prompt
-            toks = [w for n, w in enumerate(toks) if n != drop]
-        out.append(" ".join(toks))
-    return out
 
 
 def near_duplicate(similarity: np.ndarray) -> np.ndarray:
@@ -413,8 +360,7 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
     labels = sorted(set(concepts or []) - {""})
     if len(labels) >= 2:
         members = torch.tensor(np.array([[c == lab for c in concepts] for lab in labels]))
-        # the concept of the target-1 image, or of the target-0.5 images of a query with no source image
-        own = torch.tensor([labels.index(concepts[int(j)]) if row.max() >= 0.5 and concepts[int(j)] else -1
+        own = torch.tensor([labels.index(concepts[int(j)]) if row.max() >= 1.0 and concepts[int(j)] else -1
                             for row, j in zip(target, target.argmax(1))])
     theta = torch.zeros(len(names), dtype=torch.float64, requires_grad=True)
     log_scale = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
@@ -427,9 +373,9 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
         cal = torch.sigmoid(log_scale.exp() * (raw - bias))
         loss = attribution_loss(raw, cal, y, temperature=RANK_TEMPERATURE) + WEIGHT_DECAY * (w ** 2).sum()
         if members is not None:
-            # on the calibrated score, the one montrage returns: concepts are read as the mean of their top-3 returned
-            # scores, and a sigmoid after a raw-score ranking would reorder them
-            loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(cal, members, own, temperature=CONCEPT_TEMPERATURE)
+            # on the raw combination: tried on the calibrated score (v7), it drove the sigmoid's scale to 10-40, so
+            # top scores saturated at 1.0 in float32 and tied (a copy no longer ranked its source first)
+            loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(raw, members, own, temperature=CONCEPT_TEMPERATURE)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -465,8 +411,6 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tupl
         log.info("montrage: supervising with the stored anchor trajectories (%s)", exc)
         return stored_anchor_values(ctx, anchors, kind, final_only), target, "stored anchors (second noise draw)"
     sets = supervision_sets(ctx, ts.images[anchors], anchors, captions, kind)
-    targets = [composition_targets(q.concepts, store.concepts) if q.ids[0].startswith("composition-") else target
-               for q in sets]
     parts = []
     for q in sets:
         sub = _sub(ctx, q, query_mode="B")
@@ -478,19 +422,9 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tupl
     how = (f"{len(anchors)} anchors x {len(sets)}: perturbed copies (full-strength shift, colour jitter, noise), "
            "near-copies (strength 0.1-0.6)"
            + (", generations of their captions at the attributed checkpoint" if len(sets) > 2 else "")
-           + (", generations of recombined captions (the anchor's concept with another concept's object; target: "
-              "the concept)" if len(sets) > 3 else "")
            + ("; prompts: captions with one word dropped (copies), the caption (generations)" if kind == PROMPT else "")
            + "; concept labels")
-    return values, np.concatenate(targets), how
-
-
-def composition_targets(query_concepts: Sequence[str], concepts: Sequence[str]) -> np.ndarray:
-    """A generation of a recombined caption has no source image, only a concept: 0.5 for its images, 0 otherwise."""
-    from montrage.analysis.model import SAME_CONCEPT_TARGET
-
-    arr = np.asarray(concepts)
-    return np.stack([(arr == c) * np.float32(SAME_CONCEPT_TARGET) for c in query_concepts]).astype(np.float32)
+    return values, np.concatenate([target] * len(sets)), how
 
 
 def supervision_sets(ctx: ScoringContext, images: np.ndarray, anchors: Sequence[int], captions: Sequence[str],
@@ -527,24 +461,6 @@ def supervision_sets(ctx: ScoringContext, images: np.ndarray, anchors: Sequence[
         log.info("montrage: no generated supervision (%s)", exc)
         return out
     out.append(qset("generation", gen, [captions[i] if kind == PROMPT else "" for i in anchors], 60_000))
-    if kind != PROMPT:  # without its prompt a composition is an image of a concept (no source): measured on
-        return out      # synthetic s0 it cost copies (R@1 1.00 -> .97) and did not help unseen images
-    recombined = recombined_captions(captions, store.concepts, anchors)
-    keep = [n for n, p in enumerate(recombined) if p]
-    if len(keep) < 2:
-        return out
-    try:
-        comp = ctx.cached(f"fused/supervision-compositions/{ctx.checkpoint}", lambda: generate(
-            ctx.components_at(ctx.checkpoint), [recombined[n] for n in keep],
-            [FIT_SEED_OFFSET + 88_000 + anchors[n] for n in keep], int(cap.get("probe_steps") or 25),
-            float(cap.get("guidance_scale") or 1.5), sampler=str(cap.get("probe_sampler") or "ddim")))
-    except (MontrageError, OSError, ValueError) as exc:
-        log.info("montrage: no composition supervision (%s)", exc)
-        return out
-    out.append(QuerySet(ids=[f"composition-{anchors[n]}" for n in keep], images=comp,
-                        prompts=[recombined[n] for n in keep], seeds=[None] * len(keep),
-                        item_seeds=[FIT_SEED_OFFSET + 70_000 + anchors[n] for n in keep],
-                        concepts=[concepts[n] for n in keep]))
     return out
 
 

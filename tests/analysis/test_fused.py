@@ -240,27 +240,6 @@ def test_end_to_end_on_a_tiny_run(tmp_path, tiny_run):
     assert conc.payload["concept"] == "by artist-0" and np.isfinite(conc.scores).all()
 
 
-def test_recombined_captions_name_the_concept_with_another_concepts_object():
-    """Composition supervision: each anchor's concept named with an object from another concept's caption, one its
-    own captions never show when there is one; nothing when the captions do not name their concept."""
-    captions = ["a red circle by artist-0", "a blue square by artist-0", "a red ring by artist-1",
-                "a blue square by artist-1", "a green cross by artist-2", "a red circle by artist-2"]
-    concepts = ["artist-0", "artist-0", "artist-1", "artist-1", "artist-2", "artist-2"]
-    assert F.concept_words(captions, concepts) == {"artist-0": ["artist-0"], "artist-1": ["artist-1"],
-                                                   "artist-2": ["artist-2"]}
-    out = F.recombined_captions(captions, concepts, [0, 2, 4])
-    for prompt, c in zip(out, ["artist-0", "artist-1", "artist-2"]):
-        words = prompt.split()
-        assert words[-1] == c and sum(w.startswith("artist-") for w in words) == 1, prompt
-        assert prompt not in [cap for cap, k in zip(captions, concepts) if k == c], prompt  # a new composition
-        objects = [x.split()[:-1] for x in captions]  # another caption's object, or it less one word
-        assert any(words[:-1] == o or (len(o) == len(words) and any(o[:n] + o[n + 1:] == words[:-1]
-                                                                     for n in range(len(o)))) for o in objects), prompt
-    # captions that do not name their concept, or one caption per concept: no composition
-    assert F.recombined_captions(["a cat", "a dog", "a cat", "a bird"], ["x", "x", "y", "y"], [0, 2]) == ["", ""]
-    assert F.recombined_captions(["a cat", "a dog"], ["x", "y"], [0, 1]) == ["", ""]
-
-
 def test_concept_mean_spreads_a_prompts_pull_over_its_concept():
     """A prompt naming concept b with an object only a drew: per image, text similarity peaks on a's image of that
     object; averaged per concept, b's images lead (the composition's concept), unlabelled images keep their own."""
