@@ -190,11 +190,13 @@ def _with_condition(ctx: ScoringContext, condition: str) -> ScoringContext:
 
 def grad_channels(ctx: ScoringContext, final_only: bool) -> Dict[str, np.ndarray]:
     from montrage.analysis.gradient_scorers import (GradientSettings, dtrak_combine, query_gradients,
-                                                   tracin_checkpoints, train_gradients)
+                                                   query_gradients_at, tracin_checkpoints, train_gradients)
     from montrage.analysis.gradients import normalize_rows
 
     s = GradientSettings.from_ctx(ctx)
     k = ctx.checkpoint
+    if not final_only:  # the query's gradients at every TracIn checkpoint in one batched pass
+        query_gradients_at(ctx, tracin_checkpoints(k), "denoise", s)
     out = {"grad/dtrak": dtrak_combine(train_gradients(ctx, k, "sqnorm", s), query_gradients(ctx, k, "sqnorm", s),
                                        float(ctx.options.get("dtrak_lambda", 0.1)))}
     for kk in ([k] if final_only else tracin_checkpoints(k)):

@@ -99,18 +99,10 @@ def _query_key(ctx: ScoringContext, k: int, output: str, s: GradientSettings) ->
 
 
 def query_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> np.ndarray:
-    """(Q, T, D) projected gradients of the queries (their prompts; '' = null prompt) at checkpoint k.
-
-    Asked for the first of TracIn's checkpoints (``tracin_checkpoints(ctx.checkpoint)``) of the training loss,
-    it computes all of them in one batched pass (:func:`query_gradients_at`): the callers that ask for it
-    (TracIn, the ``montrage`` model's per-checkpoint terms) walk them all; ``dtrak`` and ``montrage-final`` ask
-    for the attributed checkpoint only and pay for that one."""
-    key = _query_key(ctx, k, output, s)
-    if key in ctx._cache:
-        return ctx._cache[key]
-    walk = tracin_checkpoints(ctx.checkpoint)
-    query_gradients_at(ctx, walk if output == "denoise" and len(walk) > 1 and k == walk[0] else [k], output, s)
-    return ctx._cache[key]
+    """(Q, T, D) projected gradients of the queries (their prompts; '' = null prompt) at checkpoint k (cached).
+    Callers that walk several checkpoints ask :func:`query_gradients_at` for all of them first (one batched
+    pass); this then reads the cache."""
+    return query_gradients_at(ctx, [k], output, s)[0]
 
 
 def query_gradients_at(ctx: ScoringContext, ks: Sequence[int], output: str, s: GradientSettings) -> List[np.ndarray]:
