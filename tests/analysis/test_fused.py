@@ -247,3 +247,27 @@ def test_concept_mean_spreads_a_prompts_pull_over_its_concept():
     out = F.concept_mean(sim, ["a", "a", "b", "b", ""])
     np.testing.assert_allclose(out, [[0.5, 0.5, 0.6, 0.6, 0.3]])
     assert sim.argmax() == 0 and out[0, :4].argmax() == 2
+
+
+def test_each_query_kind_is_supervised_by_the_queries_of_that_kind(tiny_run):
+    """Image-only kind: full-strength copies, near-copies and prompt-less generations; prompt kind: no full-strength
+    copies (a prompt-known query is a generation of its prompt -- fitted on copies the model trusted pixels over
+    the prompt and lost new compositions), near-copies with a word-dropped caption, generations with the caption."""
+    from montrage.analysis.base import ScoringContext
+    from montrage.analysis.gradients import training_images
+
+    store = RunStore.open(tiny_run)
+    ctx = ScoringContext(store=store, queries=probe_queries(store), checkpoint=store.n_checkpoints - 1)
+    anchors = F._anchors(store)
+    captions = list(store.train_meta["captions"])
+    images = training_images(store).images[anchors]
+    image_sets = F.supervision_sets(ctx, images, anchors, captions, F.IMAGE)
+    prompt_sets = F.supervision_sets(ctx, images, anchors, captions, F.PROMPT)
+    assert [q.ids[0].split("-")[0] for q in image_sets] == ["anchor", "near", "generation"]
+    assert [q.ids[0].split("-")[0] for q in prompt_sets] == ["near", "generation"]
+    assert all(p == "" for q in image_sets for p in q.prompts)
+    near, gen = prompt_sets
+    assert all(len(p.split()) == len(captions[a].split()) - 1 for p, a in zip(near.prompts, anchors))
+    assert gen.prompts == [captions[a] for a in anchors]
+    np.testing.assert_array_equal(near.images, image_sets[1].images)  # same near-copies for both kinds
+    np.testing.assert_array_equal(gen.images, image_sets[2].images)  # and the same generations
