@@ -1,6 +1,6 @@
 import numpy as np
 
-from benchmarks.concept import compositional_queries, precision_at_k
+from benchmarks.concept import compositional_queries, precision_at_k, precision_ceiling
 from montrage.storage import schema as S
 
 
@@ -9,6 +9,16 @@ def test_precision_at_k_hand_case():
     relevant = np.array([[True, False, False, True], [True, True, False, False]])
     np.testing.assert_allclose(precision_at_k(scores, relevant, k=2), [0.5, 0.0])
     np.testing.assert_allclose(precision_at_k(scores, relevant, k=4), [0.5, 0.5])
+
+
+def test_precision_ceiling_is_what_a_perfect_ranking_reaches():
+    """8 images per artist cap P@10 at 0.80: the ceiling is reported next to the artist target."""
+    relevant = np.zeros((3, 64), bool)
+    relevant[0, :8] = relevant[1, 8:16] = True
+    relevant[2, :12] = True
+    assert precision_ceiling(relevant) == (0.8 + 0.8 + 1.0) / 3
+    perfect = relevant.astype(float)  # a perfect ranking scores the relevant images highest
+    assert precision_at_k(perfect, relevant).mean() == precision_ceiling(relevant)
 
 
 class _FakeStore:
