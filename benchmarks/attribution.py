@@ -43,10 +43,9 @@ from benchmarks.datasets import BenchData, BenchDataConfig, MixedSpec, build_ben
 from montrage.analysis.attribute import attribute, concept_scores, proportions
 from montrage.analysis.base import QuerySet, available
 from montrage.config import CaptureConfig, LoraSettings, TrainConfig, to_dict
-from montrage.losses.diffusion import noised, per_sample_mse, training_target
 from montrage.models.checkpoints import RunModel
 from montrage.models.components import Conditioning, DiffusionComponents
-from montrage.models.sampling import generate, pixels_to_uint8, seeded_noise, uint8_to_pixels
+from montrage.models.sampling import denoising_losses, generate, pixels_to_uint8, seeded_noise
 from montrage.storage import RunStore
 from montrage.storage import schema as S
 from montrage.training import train
@@ -169,29 +168,9 @@ def generate_blend(components: DiffusionComponents, prompts_a: Sequence[str], pr
 @torch.no_grad()
 def probe_losses(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
                  timesteps: Sequence[int], noise_seed: int = LDS_NOISE_SEED, batch_size: int = 64) -> np.ndarray:
-    """(Q,) mean (unweighted) denoising loss of each image with its prompt over ``timesteps``.
-
-    The noise of (query q, timestep k) is a fixed draw seeded by (noise_seed, q, k): every model sees
-    exactly the same noisy inputs.
-    """
-    unet, sched = components.unet, components.noise_scheduler
-    was_training = unet.training
-    unet.eval()
-    out = np.zeros(len(images), np.float64)
-    try:
-        for s in range(0, len(images), batch_size):
-            sl = slice(s, min(len(images), s + batch_size))
-            x0 = components.to_latents(uint8_to_pixels(images[sl]).to(components.device))
-            hidden = components.encode_prompts(list(prompts[sl]))
-            for k, t in enumerate(timesteps):
-                noise = seeded_noise([noise_seed * 1_000_003 + q * 131 + k for q in range(sl.start, sl.stop)],
-                                     components.latent_shape).to(components.device)
-                tt = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=components.device)
-                pred = components.predict(noised(sched, x0, noise, tt), tt, hidden)
-                out[sl] += per_sample_mse(pred, training_target(sched, x0, noise, tt)).double().cpu().numpy()
-    finally:
-        unet.train(was_training)
-    return out / len(timesteps)
+    """(Q,) mean denoising loss of each image with its prompt over ``timesteps`` (the library's
+    :func:`montrage.models.sampling.denoising_losses`, with the benchmark's LDS noise seed)."""
+    return denoising_losses(components, images, prompts, timesteps, noise_seed, batch_size)
 
 
 # ----------------------------------------------------------------------------- LDS retraining

@@ -1,4 +1,4 @@
-"""The ``montrage`` command line: train, demo, inspect, attribute, compare, report, bench."""
+"""The ``montrage`` command line: train, demo, inspect, attribute, compare, report, fit, bench."""
 from __future__ import annotations
 
 import argparse
@@ -176,6 +176,32 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from montrage.storage import RunStore
+
+    RunStore.open(args.run).close()  # a missing run: one error before training code is imported
+    from montrage.retrains import fit_run, retrain
+
+    if args.retrains:
+        res = retrain(args.run, args.retrains, fraction=args.fraction, steps=args.steps, seed=args.seed,
+                      prior_dir=args.prior, progress=not args.quiet)
+        print(f"{len(res.loras)} retrained subsets ({res.reused} reused) -> {res.targets}")
+    models = fit_run(args.run, [m.strip() for m in args.methods.split(",") if m.strip()])
+    for name, kinds in models.items():
+        for kind, m in kinds.items():
+            top = sorted(zip(m["channels"], m["weights"]), key=lambda cw: -cw[1])[:5]
+            print(f"{name} [{kind}]: " + ", ".join(f"{c} {w:.3f}" for c, w in top))
+            cf = m.get("counterfactual") or {}
+            if cf.get("heldout_lds_with") is not None:
+                print(f"  counterfactual term ({cf['retrains']} retrains): held-out LDS {cf['heldout_lds_with']:.3f} "
+                      f"with it, {cf['heldout_lds_without']:.3f} without ({cf['heldout']})")
+            elif cf:
+                print(f"  counterfactual term ({cf['retrains']} retrains): held-out LDS not measured: {cf['heldout']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(models, indent=1))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from montrage.demo import run_demo
 
@@ -335,6 +361,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu); the projection is generated there")
     p.add_argument("--overwrite", action="store_true", help="replace features stored with other settings")
     p.set_defaults(func=cmd_featurize)
+
+    p = sub.add_parser("fit", help="fit the fused attribution model of a run now (it is otherwise fitted on first "
+                       "use); --retrains N adds counterfactual targets from LoRAs retrained on N training subsets")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--retrains", type=int, default=0, metavar="N",
+                   help="retrain the LoRA on N random subsets (cached in RUN/retrains/) and fit the prompt model "
+                   "to their losses too; the fit reports a held-out LDS (4+ subsets). Costs N trainings")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of the training images per subset (default 0.5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps of each retraining (default: the run's steps x fraction, the same passes per image)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets (default 0)")
+    p.add_argument("--prior", default=None, metavar="DIR",
+                   help="prior images, when the run's recorded prior folder has moved")
+    p.add_argument("--methods", default="montrage", help="fused models to fit: montrage,montrage-final (default montrage)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the fitted models as JSON")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("bench", help="benchmarks, from a montrage checkout: attribution quality, cost, overhead, faults",
                        description="Runs `python -m benchmarks KIND ...` in a montrage source checkout (the "

@@ -66,6 +66,7 @@ RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of 
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
 MODEL_VERSION = 10
+COUNTERFACTUAL_WEIGHT = 1.0  # of the LDS-style term, when the run has retrained subsets (`montrage fit --retrains`)
 
 
 def query_kind(prompt: str) -> str:
@@ -316,6 +317,18 @@ def channel_values(ctx: ScoringContext, kind: str, final_only: bool, families: S
 
 # ---------------------------------------------------------------------------------------------- the model
 @dataclass
+class Counterfactual:
+    """Denoising losses of supervision rows under LoRAs retrained on subsets of the training set: what removing
+    training images actually did, the target D-TRAK's LDS scores attribution against."""
+    rows: np.ndarray  # (R,) indices of the supervised rows (the run's generations of the anchors' captions)
+    masks: np.ndarray  # (M, N): 1 where training image i was in retrained subset m
+    losses: np.ndarray  # (M, R)
+
+    def take(self, subsets: Sequence[int]) -> "Counterfactual":
+        return Counterfactual(self.rows, self.masks[list(subsets)], self.losses[list(subsets)])
+
+
+@dataclass
 class FusedModel:
     kind: str
     channels: List[str]
@@ -324,6 +337,7 @@ class FusedModel:
     bias: float = 0.0
     supervision: str = ""
     history: List[float] = field(default_factory=list)
+    counterfactual: Dict[str, object] = field(default_factory=dict)  # retrains used, and held-out LDS
 
     def raw(self, values: Dict[str, np.ndarray]) -> np.ndarray:
         missing = [c for c in self.channels if c not in values]
@@ -339,22 +353,25 @@ class FusedModel:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "channels": self.channels, "weights": [float(w) for w in self.weights],
-                "scale": self.scale, "bias": self.bias, "supervision": self.supervision}
+                "scale": self.scale, "bias": self.bias, "supervision": self.supervision,
+                "counterfactual": self.counterfactual}
 
     @classmethod
     def from_json(cls, d: dict) -> "FusedModel":
         return cls(d["kind"], list(d["channels"]), np.asarray(d["weights"], np.float64), float(d["scale"]),
-                   float(d["bias"]), d.get("supervision", ""))
+                   float(d["bias"]), d.get("supervision", ""), counterfactual=dict(d.get("counterfactual") or {}))
 
 
 def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str,
-        concepts: Optional[Sequence[str]] = None, steps: int = FIT_STEPS, lr: float = 0.05) -> FusedModel:
+        concepts: Optional[Sequence[str]] = None, steps: int = FIT_STEPS, lr: float = 0.05,
+        counterfactual: Optional[Counterfactual] = None) -> FusedModel:
     """Non-negative channel weights + calibration minimising the attribution loss on (A, N) supervision, plus
     (with training-image ``concepts``) the between-concept ranking term: each supervision query's own concept
-    (that of its target-1 image) should have the best concept score."""
+    (that of its target-1 image) should have the best concept score; plus (with ``counterfactual``, 2+ retrained
+    subsets) the LDS-style term on the calibrated scores of its rows."""
     import torch
 
-    from montrage.losses.attribution import attribution_loss, concept_ranking_loss
+    from montrage.losses.attribution import attribution_loss, concept_ranking_loss, counterfactual_loss
 
     names = sorted(values)
     feats = torch.from_numpy(np.stack([feature(c, values[c]) for c in names])).double()  # (C, A, N)
@@ -365,6 +382,11 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
         members = torch.tensor(np.array([[c == lab for c in concepts] for lab in labels]))
         own = torch.tensor([labels.index(concepts[int(j)]) if row.max() >= 1.0 and concepts[int(j)] else -1
                             for row, j in zip(target, target.argmax(1))])
+    use_cf = counterfactual is not None and len(counterfactual.masks) >= 2
+    if use_cf:
+        cf_rows = torch.from_numpy(np.asarray(counterfactual.rows, np.int64))
+        cf_masks = torch.from_numpy(np.asarray(counterfactual.masks, np.float64))
+        cf_losses = torch.from_numpy(np.asarray(counterfactual.losses, np.float64))
     theta = torch.zeros(len(names), dtype=torch.float64, requires_grad=True)
     log_scale = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
@@ -375,6 +397,8 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
         raw = torch.einsum("c,can->an", w, feats)
         cal = torch.sigmoid(log_scale.exp() * (raw - bias))
         loss = attribution_loss(raw, cal, y, temperature=RANK_TEMPERATURE) + WEIGHT_DECAY * (w ** 2).sum()
+        if use_cf:
+            loss = loss + COUNTERFACTUAL_WEIGHT * counterfactual_loss(cal[cf_rows], cf_masks, cf_losses)
         if members is not None:
             # on the raw combination: tried on the calibrated score (v7), it drove the sigmoid's scale to 10-40, so
             # top scores saturated at 1.0 in float32 and tied (a copy no longer ranked its source first)
@@ -385,6 +409,67 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
         history.append(float(loss.detach()))
     w = torch.nn.functional.softplus(theta).detach().numpy()
     return FusedModel(kind, names, w, float(log_scale.detach().exp()), float(bias.detach()), supervision, history)
+
+
+def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> float:
+    """D-TRAK's linear datamodeling score: mean over queries of the Spearman correlation, across subsets, of
+    -(sum of the query's scores over the subset) with its loss under the model retrained on it. (Q, N), (M, N), (M, Q)."""
+    pred = -(np.asarray(masks, np.float64) @ np.asarray(scores, np.float64).T)
+    out = []
+    for q in range(pred.shape[1]):
+        a, b = np.argsort(np.argsort(pred[:, q])), np.argsort(np.argsort(losses[:, q]))
+        if np.std(a) > 0 and np.std(b) > 0:
+            out.append(float(np.corrcoef(a, b)[0, 1]))
+    return float(np.mean(out)) if out else float("nan")
+
+
+def counterfactual_check(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str,
+                         concepts: Sequence[str], cf: Counterfactual) -> Dict[str, object]:
+    """Held-out LDS of the counterfactual term: fitted on one half of the retrained subsets, scored on the other
+    half (both ways round), against the same model fitted without it -- never on subsets it was fitted on."""
+    m = len(cf.masks)
+    out: Dict[str, object] = {"retrains": m, "weight": COUNTERFACTUAL_WEIGHT}
+    if m < 4:
+        out["heldout"] = "needs 4+ retrained subsets (2 to fit, 2 to score)"
+        return out
+    halves = (list(range(m // 2)), list(range(m // 2, m)))
+    rows = {c: v[cf.rows] for c, v in values.items()}
+    plain = fit(values, target, kind, supervision, concepts)
+    with_cf, without = [], []
+    for a, b in ((0, 1), (1, 0)):
+        model = fit(values, target, kind, supervision, concepts, counterfactual=cf.take(halves[a]))
+        held = cf.take(halves[b])
+        with_cf.append(lds(model.calibrate(model.raw(rows)), held.masks, held.losses))
+        without.append(lds(plain.calibrate(plain.raw(rows)), held.masks, held.losses))
+    out.update(heldout_lds_with=round(float(np.mean(with_cf)), 4), heldout_lds_without=round(float(np.mean(without)), 4),
+               heldout="2-fold over the retrained subsets, on the run's generations of the anchors' captions")
+    return out
+
+
+def load_counterfactual(ctx: ScoringContext, anchors: Sequence[int], n_rows: int) -> Optional[Counterfactual]:
+    """The run's counterfactual targets (``montrage fit --retrains``) when they were measured on this checkpoint's
+    generations of these anchors' captions, the last ``len(anchors)`` of ``n_rows`` supervision rows."""
+    from montrage.storage import schema as S
+
+    path = ctx.store.run_dir / S.RETRAINS_DIRNAME / S.RETRAIN_TARGETS_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            masks, losses, got_anchors, step = z["masks"], z["losses"], list(z["anchors"]), int(z["step"])
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("montrage: counterfactual targets %s unreadable (%s); fitting without them", path, exc)
+        return None
+    if got_anchors != list(anchors) or step != int(ctx.store.steps[ctx.checkpoint]) or n_rows < len(anchors):
+        return None  # measured for another checkpoint or anchor set
+    return Counterfactual(np.arange(n_rows - len(anchors), n_rows), masks, losses)
+
+
+def _counterfactual_fingerprint(ctx: ScoringContext) -> str:
+    from montrage.storage import schema as S
+
+    path = ctx.store.run_dir / S.RETRAINS_DIRNAME / S.RETRAIN_TARGETS_FILENAME
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else ""
 
 
 def _anchors(store, seed: int = 0) -> List[int]:
@@ -438,9 +523,8 @@ def supervision_sets(ctx: ScoringContext, images: np.ndarray, anchors: Sequence[
     """The supervision queries, each targeting its anchor: the queries users bring, of this kind, made from the run
     itself -- perturbed copies (full strength: image-only kind; near-copies: both kinds, so the model sees both what
     pixels can and cannot match) and the run's own generations of the anchors' captions at the attributed checkpoint
-    (fresh seeds: what a generation of a training caption looks like). No benchmark query or label is used."""
-    from montrage.models.sampling import generate
-
+    (fresh seeds: what a generation of a training caption looks like), always last. No benchmark query or label
+    is used."""
     store = ctx.store
     concepts = [store.concepts[i] for i in anchors]
     n = len(anchors)
@@ -460,17 +544,25 @@ def supervision_sets(ctx: ScoringContext, images: np.ndarray, anchors: Sequence[
     strength = np.random.default_rng(99).uniform(0.1, 0.6, n)
     out.append(qset("near-copy", perturb(images, seed=1235, strength=strength),
                     [augment_prompt(captions[i], rng) if kind == PROMPT else "" for i in anchors], 50_000))
-    cap = store.capture or {}
     try:
-        gen = ctx.cached(f"fused/supervision-generations/{ctx.checkpoint}", lambda: generate(
-            ctx.components_at(ctx.checkpoint), [captions[i] for i in anchors],
-            [FIT_SEED_OFFSET + 77_000 + i for i in anchors], int(cap.get("probe_steps") or 25),
-            float(cap.get("guidance_scale") or 1.5), sampler=str(cap.get("probe_sampler") or "ddim")))
+        gen = supervision_generations(ctx, anchors, captions)
     except (MontrageError, OSError, ValueError) as exc:
         log.info("montrage: no generated supervision (%s)", exc)
         return out
     out.append(qset("generation", gen, [captions[i] if kind == PROMPT else "" for i in anchors], 60_000))
     return out
+
+
+def supervision_generations(ctx: ScoringContext, anchors: Sequence[int], captions: Sequence[str]) -> np.ndarray:
+    """The run's own generations of the anchors' captions at the attributed checkpoint (fixed fresh seeds): the
+    generation supervision set, and the images whose losses under retrained LoRAs are the counterfactual targets."""
+    from montrage.models.sampling import generate
+
+    cap = ctx.store.capture or {}
+    return ctx.cached(f"fused/supervision-generations/{ctx.checkpoint}", lambda: generate(
+        ctx.components_at(ctx.checkpoint), [captions[i] for i in anchors],
+        [FIT_SEED_OFFSET + 77_000 + i for i in anchors], int(cap.get("probe_steps") or 25),
+        float(cap.get("guidance_scale") or 1.5), sampler=str(cap.get("probe_sampler") or "ddim")))
 
 
 def stored_anchor_values(ctx: ScoringContext, anchors: Sequence[int], kind: str, final_only: bool
@@ -497,7 +589,9 @@ def _model_path(ctx: ScoringContext, name: str, kind: str):
     store = ctx.store
     ident = json.dumps([MODEL_VERSION, name, kind, int(store.steps[ctx.checkpoint]), store.n_checkpoints,
                         _anchors(store), sorted((k, str(v)) for k, v in ctx.options.items()
-                                                if k in ("proj_dim", "proj_seed", "grad_timesteps", "dtrak_lambda"))])
+                                                if k in ("proj_dim", "proj_seed", "grad_timesteps", "dtrak_lambda"))]
+                       + ([_counterfactual_fingerprint(ctx)] if kind == PROMPT and _counterfactual_fingerprint(ctx)
+                          else []))
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     return store.run_dir / "montrage-models" / f"{name}-{kind}-{key}.json"
 
@@ -512,7 +606,13 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
             except (ValueError, KeyError):
                 pass
         values, target, how = supervision_values(ctx, kind, final_only)
-        model = fit(values, target, kind, how, ctx.store.concepts)
+        cf = (load_counterfactual(ctx, _anchors(ctx.store), len(target))
+              if kind == PROMPT and "generations" in how else None)
+        if cf is not None:
+            how += f"; counterfactual: losses of the generations under {len(cf.masks)} retrained subsets"
+        model = fit(values, target, kind, how, ctx.store.concepts, counterfactual=cf)
+        if cf is not None:
+            model.counterfactual = counterfactual_check(values, target, kind, how, ctx.store.concepts, cf)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

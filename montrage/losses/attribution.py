@@ -50,3 +50,15 @@ def concept_ranking_loss(raw: torch.Tensor, members: torch.Tensor, target: torch
         return raw.sum() * 0.0
     logp = torch.log_softmax(concept_scores_soft(raw[ok], members, top) / temperature, dim=-1)
     return -logp.gather(1, target[ok].long()[:, None]).mean()
+
+
+def counterfactual_loss(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """1 - mean over queries of the Pearson correlation, across retrained subsets m, between the predicted effect
+    -(sum of the query's scores over subset m) and the query's denoising loss under the model retrained on m: the
+    differentiable form of D-TRAK's LDS (a Spearman). ``scores`` (Q, N), ``masks`` (M, N) in {0, 1}, ``losses``
+    (M, Q); needs M >= 2."""
+    pred = -(masks.to(scores.dtype) @ scores.T)  # (M, Q)
+    p = pred - pred.mean(0, keepdim=True)
+    y = losses.to(scores.dtype) - losses.to(scores.dtype).mean(0, keepdim=True)
+    corr = (p * y).sum(0) / (p.norm(dim=0) * y.norm(dim=0) + 1e-12)
+    return 1.0 - corr.mean()

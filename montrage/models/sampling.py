@@ -81,3 +81,31 @@ def generate(components: DiffusionComponents, prompts: Sequence[str], seeds: Seq
     finally:
         unet.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, components.resolution, components.resolution, 3), np.uint8)
+
+
+def denoising_losses(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
+                     timesteps: Sequence[int], noise_seed: int, batch_size: int = 64) -> np.ndarray:
+    """(Q,) mean (unweighted) denoising loss of each image with its prompt over ``timesteps``: the counterfactual
+    target of a retrained model (D-TRAK's LDS). The noise of (image q, timestep k) is a fixed draw seeded by
+    (noise_seed, q, k), so every model compared sees exactly the same noisy inputs."""
+    from montrage.losses.diffusion import noised, per_sample_mse, training_target
+
+    unet, sched = components.unet, components.noise_scheduler
+    was_training = unet.training
+    unet.eval()
+    out = np.zeros(len(images), np.float64)
+    try:
+        with torch.no_grad():
+            for s in range(0, len(images), batch_size):
+                sl = slice(s, min(len(images), s + batch_size))
+                x0 = components.to_latents(uint8_to_pixels(images[sl]).to(components.device))
+                hidden = components.encode_prompts(list(prompts[sl]))
+                for k, t in enumerate(timesteps):
+                    noise = seeded_noise([noise_seed * 1_000_003 + q * 131 + k for q in range(sl.start, sl.stop)],
+                                         components.latent_shape).to(components.device)
+                    tt = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=components.device)
+                    pred = components.predict(noised(sched, x0, noise, tt), tt, hidden)
+                    out[sl] += per_sample_mse(pred, training_target(sched, x0, noise, tt)).double().cpu().numpy()
+    finally:
+        unet.train(was_training)
+    return out / len(timesteps)

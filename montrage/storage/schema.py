@@ -35,6 +35,11 @@ STORE_DIRNAME = "store.zarr"
 LOCK_FILENAME = ".montrage.lock"
 FINAL_LORA_FILENAME = "lora_final.safetensors"
 RESUME_DIRNAME = "resume"
+# beside the store: LoRAs retrained on subsets of the training set (`montrage fit --retrains N`), one folder per
+# subset (its LoRA + subset.json), and the counterfactual targets the fused model is fitted with
+RETRAINS_DIRNAME = "retrains"
+RETRAIN_SUBSET_FILENAME = "subset.json"
+RETRAIN_TARGETS_FILENAME = "targets.npz"
 
 # root attributes
 ATTR_LAYOUT = "layout_version"

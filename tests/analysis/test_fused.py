@@ -271,3 +271,39 @@ def test_each_query_kind_is_supervised_by_the_queries_of_that_kind(tiny_run):
     assert gen.prompts == [captions[a] for a in anchors]
     np.testing.assert_array_equal(near.images, image_sets[1].images)  # same near-copies for both kinds
     np.testing.assert_array_equal(gen.images, image_sets[2].images)  # and the same generations
+
+
+def test_counterfactual_term_moves_weight_to_the_channel_that_predicts_retrained_losses():
+    """Both channels find every query's source (the anchor supervision cannot tell them apart), but only one says
+    how much the OTHER images matter; the retrained losses follow it. With the counterfactual term the fit moves
+    weight to it and the LDS of held-out subsets rises."""
+    rng = np.random.default_rng(0)
+    n, q, m = 40, 30, 12
+    targets = np.arange(q)
+    influence = rng.gamma(1.0, size=(q, n))  # how much image i lowers query j's loss (hidden)
+    influence[targets, targets] = 0.0
+    right = np.log1p(influence) + rng.normal(0, 0.05, (q, n))
+    wrong = rng.normal(0, 1.0, (q, n))
+    for v in (right, wrong):
+        v[targets, targets] = 8.0
+    values = {"grad/dtrak": right.astype(np.float32), "rep/null/move": wrong.astype(np.float32)}
+    y = np.zeros((q, n), np.float32)
+    y[targets, targets] = 1.0
+    masks = (rng.random((m, n)) < 0.5).astype(np.float64)
+    losses = 5.0 - masks @ influence.T + rng.normal(0, 0.1, (m, q))
+    cf = F.Counterfactual(np.arange(q), masks[:8], losses[:8])
+    plain = F.fit(values, y, F.PROMPT, "planted", steps=300)
+    with_cf = F.fit(values, y, F.PROMPT, "planted", steps=300, counterfactual=cf)
+    share = lambda mod: mod.used()["grad/dtrak"] / sum(mod.used().values())  # noqa: E731
+    assert share(with_cf) > share(plain) + 0.1, (plain.used(), with_cf.used())
+    held_plain = F.lds(plain.calibrate(plain.raw(values)), masks[8:], losses[8:])
+    held_cf = F.lds(with_cf.calibrate(with_cf.raw(values)), masks[8:], losses[8:])
+    assert held_cf > held_plain + 0.1, (held_plain, held_cf)
+
+
+def test_lds_is_the_spearman_of_predicted_effect_and_loss():
+    masks = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], float)
+    scores = np.array([[3.0, 2.0, 1.0]])
+    losses = -(masks @ scores.T)  # a perfect prediction: more attributed images in -> lower loss
+    assert F.lds(scores, masks, losses) == pytest.approx(1.0)
+    assert F.lds(scores, masks, -losses) == pytest.approx(-1.0)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from montrage.losses.attribution import attribution_loss, listwise_ranking_loss, shifted_cosine
+from montrage.losses.attribution import attribution_loss, counterfactual_loss, listwise_ranking_loss, shifted_cosine
 
 
 def test_shifted_cosine_hand_cases():
@@ -48,3 +48,14 @@ def test_concept_ranking_loss_prefers_the_own_concept_and_skips_unlabelled():
     raw.requires_grad_(True)
     concept_ranking_loss(raw, members, torch.tensor([0, -1])).backward()
     assert raw.grad[0, :2].sum() < 0 < raw.grad[0, 2:].sum() and (raw.grad[1] == 0).all()
+
+
+def test_counterfactual_loss_is_one_minus_the_correlation_of_predicted_effect_and_loss():
+    masks = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    scores = torch.tensor([[0.9, 0.1, 0.5]])
+    effect = -(masks @ scores.T)  # (M, 1): what the scores predict
+    assert math.isclose(float(counterfactual_loss(scores, masks, effect)), 0.0, abs_tol=1e-6)
+    assert math.isclose(float(counterfactual_loss(scores, masks, -effect)), 2.0, abs_tol=1e-6)
+    s = scores.clone().requires_grad_(True)
+    counterfactual_loss(s, masks, -effect).backward()  # differentiable: the fit can follow it
+    assert s.grad is not None and torch.isfinite(s.grad).all()

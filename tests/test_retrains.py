@@ -1,0 +1,86 @@
+"""`montrage fit --retrains N`: LoRAs retrained on subsets of the run's training set, the losses of the run's own
+generations under them, and a fused prompt model fitted to them with a held-out LDS."""
+import json
+
+import numpy as np
+import pytest
+
+from montrage.analysis import fused as F
+from montrage.cli import main
+from montrage.errors import ConfigError
+from montrage.retrains import retrain, subsets
+from montrage.storage import RunStore
+from montrage.storage import schema as S
+
+
+def test_subsets_are_seeded_distinct_halves():
+    a, b = subsets(10, 3, 0.5, seed=0), subsets(10, 3, 0.5, seed=1)
+    assert all(len(s) == 5 and s == sorted(set(s)) for s in a + b)
+    assert a == subsets(10, 3, 0.5, seed=0) and a != b and len({tuple(s) for s in a}) == 3
+
+
+@pytest.mark.slow
+def test_retrains_store_targets_and_the_prompt_model_is_fitted_to_them(tiny_run_copy, capsys):
+    run = tiny_run_copy
+    res = retrain(run, 4, steps=2, progress=False)
+    store = RunStore.open(run)
+    n, anchors = len(store.train_meta["file_names"]), F._anchors(store)
+    assert res.reused == 0 and len(res.loras) == 4 and all(p.is_file() for p in res.loras)
+    with np.load(res.targets) as z:
+        assert z["masks"].shape == (4, n) and z["losses"].shape == (4, len(anchors))
+        assert np.isfinite(z["losses"]).all() and (z["losses"] > 0).all()
+        assert list(z["anchors"]) == anchors and int(z["step"]) == int(store.steps[-1])
+        # every subset is a half of the training set, and the subsets differ
+        assert (z["masks"].sum(1) == n // 2).all() and len({tuple(m) for m in z["masks"]}) == 4
+        # a retrained LoRA is a different model: the losses differ between subsets
+        assert np.ptp(z["losses"], axis=0).max() > 0
+    again = retrain(run, 4, steps=2, progress=False)
+    assert again.reused == 4  # cached: nothing retrained
+
+    assert main(["--quiet", "fit", str(run), "--json", str(run / "fit.json")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out LDS" in out and "montrage [prompt]" in out
+    models = json.loads((run / "fit.json").read_text())["montrage"]
+    prompt, image = models[F.PROMPT], models[F.IMAGE]
+    assert "counterfactual: losses of the generations under 4 retrained subsets" in prompt["supervision"]
+    cf = prompt["counterfactual"]
+    assert cf["retrains"] == 4 and -1.0 <= cf["heldout_lds_with"] <= 1.0 and -1.0 <= cf["heldout_lds_without"] <= 1.0
+    assert not image["counterfactual"]  # image-only queries are not fitted to the caption generations' losses
+    saved = list((run / "montrage-models").glob("montrage-prompt-*.json"))
+    assert saved and any(json.loads(p.read_text())["counterfactual"] for p in saved)
+
+
+def test_bad_retrain_requests_get_one_clear_error(tiny_run_copy):
+    with pytest.raises(ConfigError, match="at least 2 subsets"):
+        retrain(tiny_run_copy, 1)
+    with pytest.raises(ConfigError, match="fraction"):
+        retrain(tiny_run_copy, 2, fraction=1.0)
+    assert not (tiny_run_copy / S.RETRAINS_DIRNAME).exists()  # nothing half-written
+
+
+def test_a_run_without_recorded_training_settings_cannot_be_retrained(tiny_run_copy, monkeypatch):
+    """A run recorded by a user's own loop has no `montrage train` settings to retrain with."""
+    cfg = dict(RunStore.open(tiny_run_copy).run_config)
+    cfg.pop("train", None)
+    monkeypatch.setattr(RunStore, "run_config", property(lambda self: cfg))
+    with pytest.raises(ConfigError, match="did not record"):
+        retrain(tiny_run_copy, 2)
+
+
+def test_targets_of_another_checkpoint_are_not_used(tiny_run_copy):
+    """Counterfactual targets are losses of one checkpoint's generations: a fit at another checkpoint ignores them."""
+    from montrage.analysis.base import ScoringContext
+    from montrage.analysis.queries import probe_queries
+
+    store = RunStore.open(tiny_run_copy)
+    anchors = F._anchors(store)
+    path = tiny_run_copy / S.RETRAINS_DIRNAME / S.RETRAIN_TARGETS_FILENAME
+    path.parent.mkdir()
+    np.savez(path, masks=np.ones((2, 8)), losses=np.ones((2, len(anchors))), anchors=np.asarray(anchors),
+             step=int(store.steps[-1]), timesteps=np.asarray([100]))
+    last = ScoringContext(store=store, queries=probe_queries(store), checkpoint=store.n_checkpoints - 1)
+    first = ScoringContext(store=store, queries=probe_queries(store), checkpoint=0)
+    cf = F.load_counterfactual(last, anchors, 3 * len(anchors))
+    assert cf is not None and list(cf.rows) == list(range(2 * len(anchors), 3 * len(anchors)))
+    assert F.load_counterfactual(first, anchors, 3 * len(anchors)) is None
+    assert F.load_counterfactual(last, anchors[:-1], 3 * len(anchors)) is None
