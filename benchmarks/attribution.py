@@ -592,12 +592,15 @@ def run_dir_for(out: str | Path, dataset: str, seed: int, quick: bool) -> Path:
 
 def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Optional[AttributionBenchSettings] = None,
                           echo: Callable[[str], None] = print, dataset: str = "synthetic", seed: int = 0,
-                          prepare_only: bool = False, rescore: Optional[Sequence[str]] = None) -> dict:
+                          prepare_only: bool = False, rescore: Optional[Sequence[str]] = None,
+                          retrains: int = 0) -> dict:
     """Run the attribution benchmark of one (dataset, seed) into ``out_dir``; returns the results (also
     ``results.json``). The monitored run, the generated queries and the LDS retrains are cached there;
     ``prepare_only`` builds just those (no scoring), so scorers can be re-scored later without retraining;
     ``rescore`` (method names): recompute only these, and reuse the saved scores of every other method that were
-    computed on exactly these queries (``scores/<method>.npz``)."""
+    computed on exactly these queries (``scores/<method>.npz``); ``retrains`` N > 0: ``montrage fit --retrains N``
+    on the run first (cached beside it), so the fused model is also fitted to counterfactual targets (subsets drawn
+    apart from the LDS subsets it is scored on)."""
     s = settings or settings_for(dataset, seed, quick)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -629,6 +632,17 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
     train_concepts = list(store.train_meta[S.ATTR_CONCEPTS])
     echo(f"[3/6] queries: {', '.join(f'{k} {len(v)}' for k, v in queries.items())}")
     stage("queries", t0)
+
+    retrain_info: Dict[str, object] = {"n": int(retrains)}
+    if retrains and not prepare_only:
+        from montrage.retrains import retrain
+
+        t0 = time.time()
+        rr = retrain(run_dir, int(retrains), progress=False)
+        with np.load(rr.targets) as z:
+            retrain_info.update(reused=rr.reused, subset_sizes=z["masks"].sum(1).astype(int).tolist())
+        echo(f"[3b/6] counterfactual targets: {retrains} retrained subsets ({rr.reused} from cache) -> {rr.targets}")
+        stage("retrains", t0)
 
     registered = [] if prepare_only else available()
     methods = [m for m in registered if (m in s.methods if s.methods is not None else m not in s.exclude)]
@@ -729,6 +743,7 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
         "lds": {"subsets": len(subsets), "subset_seeds": [sd for sd, _ in subsets], "fraction": s.lds_fraction,
                 "steps": lds_cfg.steps, "timesteps": list(s.lds_timesteps), "noise_seed": LDS_NOISE_SEED,
                 "queries": "caption", "sign_convention": SIGN_CONVENTION, "reused_from_cache": int(reused)},
+        "retrains": retrain_info,
         "timings_s": timings, "methods": entries, "dynamics_ablation": ablation, "reused_scores": reused_scores,
         "prepare_timings_s": (json.loads((out / "prepare.json").read_text()).get("timings_s")
                               if (out / "prepare.json").is_file() else None),
@@ -822,6 +837,11 @@ def _setup_lines(res: dict) -> List[str]:
         f"{d['checkpoint_steps']}; queries {res['queries']}",
         f"- LDS: {res['lds']['subsets']} retrained random halves ({res['lds']['steps']} steps each, no monitor), "
         f"losses of the caption queries at timesteps {res['lds']['timesteps']}; {SIGN_CONVENTION}",
+        (f"- `montrage` fitted with counterfactual targets (`montrage fit --retrains {res['retrains']['n']}`): "
+         f"{res['retrains']['n']} more retrained subsets, drawn apart from the LDS subsets above, and the losses of "
+         "the run's own generations of its anchors' captions under them (no benchmark query)"
+         if (res.get("retrains") or {}).get("n") else
+         "- `montrage` fitted without counterfactual targets (no `--retrains`)"),
         f"- timings (s): data {t.get('data')}, monitored training {t.get('train_monitored')}, queries "
         f"{t.get('queries')}, scoring {t.get('scoring')}, LDS retraining + losses {t.get('lds_retrain_and_losses')}, "
         f"metrics {t.get('metrics')}, total {t.get('total')} (cached stages count their reuse only)"
@@ -914,7 +934,8 @@ def run_from_cli(args) -> int:
     else:
         res = run_attribution_bench(out, quick=quick, dataset=dataset, seed=seed,
                                     prepare_only=bool(getattr(args, "prepare", False)),
-                                    rescore=None if rescore is None else [m for m in rescore.split(",") if m])
+                                    rescore=None if rescore is None else [m for m in rescore.split(",") if m],
+                                    retrains=int(getattr(args, "retrains", 0) or 0))
     if "prepared" in res:
         print(f"prepared {res['prepared']} (run, queries, LDS retrains); timings {res['timings_s']}")
         return 0

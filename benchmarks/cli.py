@@ -51,6 +51,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--seed", str(args.seed)]
     if getattr(args, "dataset", None) and args.kind in ("attribution", "quality"):
         parts += ["--dataset", str(args.dataset)]
+    if getattr(args, "retrains", 0) and args.kind == "attribution":
+        parts += ["--retrains", str(args.retrains)]
     if getattr(args, "run", None):
         parts += ["--run", str(args.run)]
     if getattr(args, "write_md", None):
@@ -192,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rescore", default=None, metavar="M1,M2",
                     help="attribution: recompute only these methods' scores, reuse the saved scores of the others "
                     "(computed on the same queries)")
+    ap.add_argument("--retrains", type=int, default=0, metavar="N",
+                    help="attribution: `montrage fit --retrains N` on the run before scoring (counterfactual targets "
+                    "for the fused model; cached beside the run)")
     ap.add_argument("--from-results", action="store_true",
                     help="attribution: report the saved results.json of this (dataset, seed) again (with --write-md)")
     add_write_md_option(ap)
