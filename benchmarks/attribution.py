@@ -633,16 +633,19 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
     echo(f"[3/6] queries: {', '.join(f'{k} {len(v)}' for k, v in queries.items())}")
     stage("queries", t0)
 
-    retrain_info: Dict[str, object] = {"n": int(retrains)}
+    retrain_info: Dict[str, object] = {"n": 0}
     if retrains and not prepare_only:
         from montrage.retrains import retrain
 
         t0 = time.time()
         rr = retrain(run_dir, int(retrains), progress=False)
-        with np.load(rr.targets) as z:
-            retrain_info.update(reused=rr.reused, subset_sizes=z["masks"].sum(1).astype(int).tolist())
+        retrain_info["reused"] = rr.reused
         echo(f"[3b/6] counterfactual targets: {retrains} retrained subsets ({rr.reused} from cache) -> {rr.targets}")
         stage("retrains", t0)
+    targets = run_dir / S.RETRAINS_DIRNAME / S.RETRAIN_TARGETS_FILENAME
+    if targets.is_file():  # the fused model uses the run's targets whenever they are there: say so
+        with np.load(targets) as z:
+            retrain_info.update(n=int(len(z["masks"])), subset_sizes=z["masks"].sum(1).astype(int).tolist())
 
     registered = [] if prepare_only else available()
     methods = [m for m in registered if (m in s.methods if s.methods is not None else m not in s.exclude)]
