@@ -194,9 +194,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
             cf = m.get("counterfactual") or {}
             if cf.get("heldout_lds_with") is not None:
                 print(f"  counterfactual term ({cf['retrains']} retrains): held-out LDS {cf['heldout_lds_with']:.3f} "
-                      f"with it, {cf['heldout_lds_without']:.3f} without ({cf['heldout']})")
+                      f"with it, {cf['heldout_lds_without']:.3f} without ({cf['heldout']}); "
+                      + ("adopted" if cf.get("adopted") else "not adopted"))
             elif cf:
-                print(f"  counterfactual term ({cf['retrains']} retrains): held-out LDS not measured: {cf['heldout']}")
+                print(f"  counterfactual term ({cf['retrains']} retrains): not adopted, held-out LDS not measured: "
+                      f"{cf['heldout']}")
     if args.json:
         Path(args.json).write_text(json.dumps(models, indent=1))
     return 0

@@ -42,9 +42,12 @@ def test_retrains_store_targets_and_the_prompt_model_is_fitted_to_them(tiny_run_
     assert "held-out LDS" in out and "montrage [prompt]" in out
     models = json.loads((run / "fit.json").read_text())["montrage"]
     prompt, image = models[F.PROMPT], models[F.IMAGE]
-    assert "counterfactual: losses of the generations under 4 retrained subsets" in prompt["supervision"]
     cf = prompt["counterfactual"]
     assert cf["retrains"] == 4 and -1.0 <= cf["heldout_lds_with"] <= 1.0 and -1.0 <= cf["heldout_lds_without"] <= 1.0
+    # adopted only when the held-out LDS says so, and the supervision line says which
+    gain = cf["heldout_lds_with"] - cf["heldout_lds_without"]
+    assert cf["adopted"] == (gain > max(F.COUNTERFACTUAL_ADOPT_MARGIN, 2 * cf["heldout_gain_se"]))
+    assert cf["adopted"] == ("counterfactual: losses of the generations" in prompt["supervision"])
     assert not image["counterfactual"]  # image-only queries are not fitted to the caption generations' losses
     saved = list((run / "montrage-models").glob("montrage-prompt-*.json"))
     assert saved and any(json.loads(p.read_text())["counterfactual"] for p in saved)

@@ -301,6 +301,31 @@ def test_counterfactual_term_moves_weight_to_the_channel_that_predicts_retrained
     assert held_cf > held_plain + 0.1, (held_plain, held_cf)
 
 
+def test_counterfactual_term_is_adopted_only_when_held_out_subsets_confirm_it():
+    """Retrained losses that follow a channel: the term raises the held-out LDS and is adopted. Losses that are
+    noise: no held-out gain, the plain fit is kept (the same weights as without targets)."""
+    rng = np.random.default_rng(1)
+    n, q, m = 40, 30, 16
+    targets = np.arange(q)
+    influence = rng.gamma(1.0, size=(q, n))
+    influence[targets, targets] = 0.0
+    right = np.log1p(influence) + rng.normal(0, 0.05, (q, n))
+    wrong = rng.normal(0, 1.0, (q, n))
+    for v in (right, wrong):
+        v[targets, targets] = 8.0
+    values = {"grad/dtrak": right.astype(np.float32), "rep/null/move": wrong.astype(np.float32)}
+    y = np.zeros((q, n), np.float32)
+    y[targets, targets] = 1.0
+    masks = (rng.random((m, n)) < 0.5).astype(np.float64)
+    real = F.Counterfactual(np.arange(q), masks, 5.0 - masks @ influence.T + rng.normal(0, 0.1, (m, q)))
+    noise = F.Counterfactual(np.arange(q), masks, rng.normal(size=(m, q)))
+    adopted = F.fit_with_counterfactual(values, y, F.PROMPT, "planted", [], real)
+    assert adopted.counterfactual["adopted"] and "counterfactual" in adopted.supervision
+    kept = F.fit_with_counterfactual(values, y, F.PROMPT, "planted", [], noise)
+    assert not kept.counterfactual["adopted"] and "held-out LDS" in kept.counterfactual["why"]
+    np.testing.assert_allclose(kept.weights, F.fit(values, y, F.PROMPT, "planted", []).weights)
+
+
 def test_lds_is_the_spearman_of_predicted_effect_and_loss():
     masks = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], float)
     scores = np.array([[3.0, 2.0, 1.0]])
