@@ -70,6 +70,7 @@ COUNTERFACTUAL_WEIGHT = 1.0  # of the LDS-style term, when the run has retrained
 # the term is adopted only when it raises the held-out LDS by more than this and 2 standard errors: forced on 4
 # retrains, it traded new compositions for LDS (typefaces s0 composition 1.00 -> .53; synthetic s0 LDS .52 -> .44)
 COUNTERFACTUAL_ADOPT_MARGIN = 0.02
+COUNTERFACTUAL_RULE = 2  # part of a saved model's key when the run has targets: a model fitted under another rule is refit
 
 
 def query_kind(prompt: str) -> str:
@@ -627,8 +628,8 @@ def _model_path(ctx: ScoringContext, name: str, kind: str):
     ident = json.dumps([MODEL_VERSION, name, kind, int(store.steps[ctx.checkpoint]), store.n_checkpoints,
                         _anchors(store), sorted((k, str(v)) for k, v in ctx.options.items()
                                                 if k in ("proj_dim", "proj_seed", "grad_timesteps", "dtrak_lambda"))]
-                       + ([_counterfactual_fingerprint(ctx)] if kind == PROMPT and _counterfactual_fingerprint(ctx)
-                          else []))
+                       + ([COUNTERFACTUAL_RULE, _counterfactual_fingerprint(ctx)]
+                          if kind == PROMPT and _counterfactual_fingerprint(ctx) else []))
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     return store.run_dir / "montrage-models" / f"{name}-{kind}-{key}.json"
 
