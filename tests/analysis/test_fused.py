@@ -273,12 +273,11 @@ def test_each_query_kind_is_supervised_by_the_queries_of_that_kind(tiny_run):
     np.testing.assert_array_equal(gen.images, image_sets[2].images)  # and the same generations
 
 
-def test_counterfactual_term_moves_weight_to_the_channel_that_predicts_retrained_losses():
-    """Both channels find every query's source (the anchor supervision cannot tell them apart), but only one says
-    how much the OTHER images matter; the retrained losses follow it. With the counterfactual term the fit moves
-    weight to it and the LDS of held-out subsets rises."""
-    rng = np.random.default_rng(0)
-    n, q, m = 40, 30, 12
+def planted_influence(seed, m, n=40, q=30):
+    """Two channels that both find every query's source (the anchor supervision cannot tell them apart); only
+    ``grad/dtrak`` also says how much the OTHER images matter (a hidden influence), and the losses of models
+    retrained on ``m`` random halves follow that influence. Returns (rng, values, targets, masks, losses)."""
+    rng = np.random.default_rng(seed)
     targets = np.arange(q)
     influence = rng.gamma(1.0, size=(q, n))  # how much image i lowers query j's loss (hidden)
     influence[targets, targets] = 0.0
@@ -291,7 +290,14 @@ def test_counterfactual_term_moves_weight_to_the_channel_that_predicts_retrained
     y[targets, targets] = 1.0
     masks = (rng.random((m, n)) < 0.5).astype(np.float64)
     losses = 5.0 - masks @ influence.T + rng.normal(0, 0.1, (m, q))
-    cf = F.Counterfactual(np.arange(q), masks[:8], losses[:8])
+    return rng, values, y, masks, losses
+
+
+def test_counterfactual_term_moves_weight_to_the_channel_that_predicts_retrained_losses():
+    """With the counterfactual term the fit moves weight to the channel the retrained losses follow, and the LDS of
+    held-out subsets rises."""
+    _, values, y, masks, losses = planted_influence(0, 12)
+    cf = F.Counterfactual(np.arange(len(y)), masks[:8], losses[:8])
     plain = F.fit(values, y, F.PROMPT, "planted", steps=300)
     with_cf = F.fit(values, y, F.PROMPT, "planted", steps=300, counterfactual=cf)
     share = lambda mod: mod.used()["grad/dtrak"] / sum(mod.used().values())  # noqa: E731
@@ -304,21 +310,10 @@ def test_counterfactual_term_moves_weight_to_the_channel_that_predicts_retrained
 def test_counterfactual_term_is_adopted_only_when_held_out_subsets_confirm_it():
     """Retrained losses that follow a channel: the term raises the held-out LDS and is adopted. Losses that are
     noise: no held-out gain, the plain fit is kept (the same weights as without targets)."""
-    rng = np.random.default_rng(1)
-    n, q, m = 40, 30, 16
-    targets = np.arange(q)
-    influence = rng.gamma(1.0, size=(q, n))
-    influence[targets, targets] = 0.0
-    right = np.log1p(influence) + rng.normal(0, 0.05, (q, n))
-    wrong = rng.normal(0, 1.0, (q, n))
-    for v in (right, wrong):
-        v[targets, targets] = 8.0
-    values = {"grad/dtrak": right.astype(np.float32), "rep/null/move": wrong.astype(np.float32)}
-    y = np.zeros((q, n), np.float32)
-    y[targets, targets] = 1.0
-    masks = (rng.random((m, n)) < 0.5).astype(np.float64)
-    real = F.Counterfactual(np.arange(q), masks, 5.0 - masks @ influence.T + rng.normal(0, 0.1, (m, q)))
-    noise = F.Counterfactual(np.arange(q), masks, rng.normal(size=(m, q)))
+    rng, values, y, masks, losses = planted_influence(1, 16)
+    rows = np.arange(len(y))
+    real = F.Counterfactual(rows, masks, losses)
+    noise = F.Counterfactual(rows, masks, rng.normal(size=losses.shape))
     adopted = F.fit_with_counterfactual(values, y, F.PROMPT, "planted", [], real)
     assert adopted.counterfactual["adopted"] and "counterfactual" in adopted.supervision
     kept = F.fit_with_counterfactual(values, y, F.PROMPT, "planted", [], noise)
