@@ -82,11 +82,12 @@ def lds_per_query(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> 
     scores (Q, N) attribution; masks (M, N) 0/1 membership of each retrained subset;
     losses (M, Q) the query's denoising loss under each subset's model. Returns (Q,).
     """
+    from montrage.analysis.fused import lds_per_query as library_lds  # the one definition, shared with the fit
+
     scores, masks, losses = (np.asarray(a, dtype=np.float64) for a in (scores, masks, losses))
     if masks.shape[1] != scores.shape[1] or losses.shape != (masks.shape[0], scores.shape[0]):
         raise ValueError(f"shapes: scores {scores.shape}, masks {masks.shape}, losses {losses.shape}")
-    predicted = masks @ scores.T  # (M, Q): predicted group effect
-    return np.array([spearman(-predicted[:, q], losses[:, q]) for q in range(scores.shape[0])])
+    return library_lds(scores, masks, losses)
 
 
 # ----------------------------------------------------------------------------- bootstrap

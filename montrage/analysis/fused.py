@@ -417,13 +417,16 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
 
 def lds_per_query(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.ndarray:
     """(Q,) Spearman correlation, across subsets, of -(sum of the query's scores over the subset) with its loss under
-    the model retrained on it (NaN where either is constant). (Q, N), (M, N), (M, Q)."""
+    the model retrained on it (NaN where either is constant or there are fewer than 2 subsets). (Q, N), (M, N),
+    (M, Q). The benchmark's LDS (``benchmarks.metrics.lds_per_query``) is this."""
+    from scipy import stats
+
     pred = -(np.asarray(masks, np.float64) @ np.asarray(scores, np.float64).T)
+    loss = np.asarray(losses, np.float64)
     out = np.full(pred.shape[1], np.nan)
     for q in range(pred.shape[1]):
-        a, b = np.argsort(np.argsort(pred[:, q])), np.argsort(np.argsort(losses[:, q]))
-        if np.std(a) > 0 and np.std(b) > 0:
-            out[q] = float(np.corrcoef(a, b)[0, 1])
+        if len(pred) >= 2 and np.ptp(pred[:, q]) > 0 and np.ptp(loss[:, q]) > 0:
+            out[q] = float(stats.spearmanr(pred[:, q], loss[:, q]).statistic)
     return out
 
 
@@ -625,11 +628,11 @@ def stored_anchor_values(ctx: ScoringContext, anchors: Sequence[int], kind: str,
 
 def _model_path(ctx: ScoringContext, name: str, kind: str):
     store = ctx.store
+    targets = _counterfactual_fingerprint(ctx) if kind == PROMPT else ""
     ident = json.dumps([MODEL_VERSION, name, kind, int(store.steps[ctx.checkpoint]), store.n_checkpoints,
                         _anchors(store), sorted((k, str(v)) for k, v in ctx.options.items()
                                                 if k in ("proj_dim", "proj_seed", "grad_timesteps", "dtrak_lambda"))]
-                       + ([COUNTERFACTUAL_RULE, _counterfactual_fingerprint(ctx)]
-                          if kind == PROMPT and _counterfactual_fingerprint(ctx) else []))
+                       + ([COUNTERFACTUAL_RULE, targets] if kind == PROMPT and targets else []))
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     return store.run_dir / "montrage-models" / f"{name}-{kind}-{key}.json"
 
