@@ -12,6 +12,7 @@ It sits beside :mod:`montrage.training` (it trains), above ``analysis`` (it fits
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -58,25 +59,17 @@ def _train_config(store: RunStore, fraction: float, steps: Optional[int]) -> Tra
     cfg = from_dict(TrainConfig, rc["train"])
     total = int(cfg.steps or 0)
     # same passes over each image as the run (half the images: half the steps), unless told
-    return TrainConfig(**{**{k: getattr(cfg, k) for k in to_dict(cfg)},
-                          "steps": int(steps) if steps else max(1, int(round(total * fraction)))})
+    return dataclasses.replace(cfg, steps=int(steps) if steps else max(1, int(round(total * fraction))))
 
 
 def _write_subset(store: RunStore, indices: Sequence[int], folder: Path) -> Path:
     """An imagefolder of the run's own (stored) training images ``indices``: what the run trained on."""
-    from PIL import Image
-
     from montrage.analysis.gradients import training_images
+    from montrage.data.imagefolder import write_imagefolder
 
     ts = training_images(store)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in indices:
-        name = f"{i:06d}.png"
-        Image.fromarray(np.asarray(ts.images[i], np.uint8)).save(folder / name)
-        lines.append(json.dumps({"file_name": name, "text": ts.captions[i], "concept": ts.concepts[i]}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+    rows = [{"file_name": f"{i:06d}.png", "text": ts.captions[i], "concept": ts.concepts[i]} for i in indices]
+    return write_imagefolder(folder, [ts.images[i] for i in indices], rows)
 
 
 def _prior_dir(store: RunStore, prior_dir: Optional[str | Path], cfg: TrainConfig) -> Optional[Path]:
@@ -109,7 +102,7 @@ def retrain(run_dir: str | Path, n: int, fraction: float = 0.5, steps: Optional[
     cfg = _train_config(store, fraction, steps)
     prior = _prior_dir(store, prior_dir, cfg)
     if prior is None:
-        cfg = TrainConfig(**{**{k: getattr(cfg, k) for k in to_dict(cfg)}, "prior_fraction": 0.0})
+        cfg = dataclasses.replace(cfg, prior_fraction=0.0)
     base = (store.run_config or {}).get("base") or "embedded"
     root = run_dir / S.RETRAINS_DIRNAME
     loras, reused = [], 0

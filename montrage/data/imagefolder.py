@@ -35,7 +35,7 @@ _REQUIRED = ("file_name", "text")
 _KNOWN = ("file_name", "text", "concept")
 _EXAMPLE_LINE = '{"file_name": "0001.png", "text": "a circle by artist-0", "concept": "artist-0"}'
 
-__all__ = ["TrainingSet", "load_imagefolder", "METADATA_NAME"]
+__all__ = ["TrainingSet", "load_imagefolder", "write_imagefolder", "METADATA_NAME"]
 
 
 @dataclass
@@ -230,6 +230,17 @@ def _read_file(path: Path, resolution: int, where: str) -> Tuple[np.ndarray, Opt
                         f"PNG/JPEG or remove its row") from None
     if out[0].shape != (resolution, resolution, 3):  # defensive: PIL should never give this
         raise DataError(f"image {path} decoded to shape {out[0].shape}, expected ({resolution}, {resolution}, 3)")
+    return out
+
+
+def write_imagefolder(folder: Union[str, Path], images: Sequence[np.ndarray], rows: Sequence[Dict[str, Any]]) -> Path:
+    """Write a diffusers imagefolder: each (H, W, 3) uint8 image saved as its row's ``file_name`` and the rows, one
+    JSON object a line, as ``metadata.jsonl`` (what :func:`load_imagefolder` reads)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for img, row in zip(images, rows):
+        Image.fromarray(np.asarray(img, np.uint8)).save(out / row["file_name"])
+    (out / METADATA_NAME).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return out
 
 

@@ -7,13 +7,14 @@ stroke. Written as a diffusers imagefolder, so it doubles as an example of the u
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from montrage.data.imagefolder import write_imagefolder
 
 RGB = Tuple[int, int, int]
 
@@ -179,14 +180,8 @@ class ConceptRecord:
 
 
 def _write_folder(out_dir: Path, images: Sequence[np.ndarray], records: Sequence[ConceptRecord]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for img, rec in zip(images, records):
-        Image.fromarray(img).save(out_dir / rec.file_name)
-        lines.append(json.dumps({"file_name": rec.file_name, "text": rec.text, "concept": rec.concept,
-                                 "object": rec.object, **rec.extra}))
-    (out_dir / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return out_dir
+    return write_imagefolder(out_dir, images, [{"file_name": rec.file_name, "text": rec.text, "concept": rec.concept,
+                                                "object": rec.object, **rec.extra} for rec in records])
 
 
 def write_concept_dataset(out_dir: str | Path, n_artists: int = 3, images_per_artist: int = 8,

@@ -38,6 +38,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from montrage.data.imagefolder import write_imagefolder
 from montrage.errors import ConfigError, DataError
 
 __all__ = ["FaceSpec", "FACES", "DEFAULT_FACES", "DEFAULT_CHARACTERS", "UNSEEN_CHARACTERS", "GlyphRecord",
@@ -247,9 +248,4 @@ def write_typeface_folder(root: str | Path, faces: Sequence[str] = DEFAULT_FACES
     if not pairs:
         raise ConfigError("every (face, character) pair is excluded: nothing to write")
     images, records = render_pairs(pairs, per_pair, resolution, seed)
-    out = Path(root)
-    out.mkdir(parents=True, exist_ok=True)
-    for img, rec in zip(images, records):
-        Image.fromarray(img).save(out / rec.file_name)
-    (out / "metadata.jsonl").write_text("\n".join(json.dumps(r.to_json()) for r in records) + "\n")
-    return out
+    return write_imagefolder(root, images, [r.to_json() for r in records])
