@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from montrage.config import TrainConfig, from_dict, to_dict
+from montrage.config import LoraSettings, TrainConfig, from_dict, to_dict
 from montrage.errors import ConfigError
 from montrage.storage import RunStore
 from montrage.storage import schema as S
@@ -51,14 +51,35 @@ def subsets(n: int, m: int, fraction: float, seed: int) -> List[List[int]]:
 
 
 def _train_config(store: RunStore, fraction: float, steps: Optional[int]) -> TrainConfig:
+    """The run's training settings for retraining a ``fraction`` of its images with the same passes over each.
+
+    ``montrage train`` records all of them; a user's loop records them with ``TrainingMonitor(training=...)``,
+    where fields left None are read from what every run records: steps from its last checkpoint, lr from its
+    optimizer, the adapter from its UNet."""
     rc = store.run_config or {}
     if not isinstance(rc.get("train"), dict):
-        raise ConfigError("--retrains retrains the LoRA with the run's own settings, but this run did not record "
-                          "them (it was not made by `montrage train`); record runs with `montrage train`, or fit "
-                          "without --retrains")
+        raise ConfigError("--retrains retrains the LoRA with the run's own training settings, but this run did not "
+                          "record them; record them in your loop with TrainingMonitor(..., training=TrainConfig("
+                          "batch_size=B)) (or record with `montrage train`), or fit without --retrains")
     cfg = from_dict(TrainConfig, rc["train"])
-    total = int(cfg.steps or 0)
-    # same passes over each image as the run (half the images: half the steps), unless told
+    filled = {}
+    if cfg.steps is None and len(store.steps):
+        filled["steps"] = int(store.steps[-1])
+    if cfg.lr is None:
+        lr = ((rc.get("optimizer") or {}).get("defaults") or {}).get("lr")
+        if lr is None:
+            raise ConfigError("--retrains needs the run's learning rate: record it with TrainingMonitor(training="
+                              "TrainConfig(lr=...)) or pass the optimizer to TrainingMonitor(optimizer=...)")
+        filled["lr"] = float(lr)
+    if cfg.lora is None and isinstance(rc.get("lora"), dict) and "r" in rc["lora"]:
+        lo = rc["lora"]
+        filled["lora"] = LoraSettings(rank=int(lo["r"]), alpha=float(lo.get("lora_alpha") or lo["r"]),
+                                      target_modules=tuple(sorted(lo.get("target_modules") or ())) or
+                                      LoraSettings().target_modules)
+    cfg = dataclasses.replace(cfg, **filled)
+    # the run trained on world_size processes, each with batch_size images per step; a retrain runs on one
+    total = int(cfg.steps or 0) * max(1, int(rc.get("world_size") or 1))
+    # same passes over each image as the run (a fraction of the images: that fraction of the steps), unless told
     return dataclasses.replace(cfg, steps=int(steps) if steps else max(1, int(round(total * fraction))))
 
 

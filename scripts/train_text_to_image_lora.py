@@ -25,7 +25,8 @@ Two ways to record montrage checkpoints (both also record step 0 before training
 
 Either way the run is self-contained: the monitor reads the LoRA config from the UNet, the base model's
 location from its config, and the optimizer's learning rate (after the lr scheduler) at each checkpoint;
-the training images are stored in the run.
+the training images are stored in the run. ``training=TrainConfig(...)`` records how this loop trains (batch
+size, steps, lr, warm-up), which ``montrage fit RUN --retrains N`` needs to retrain subsets the same way.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 
-from montrage import CaptureConfig, LoraSettings, TrainingMonitor, add_lora, load_base, load_imagefolder
+from montrage import CaptureConfig, LoraSettings, TrainConfig, TrainingMonitor, add_lora, load_base, load_imagefolder
 from montrage.data.probes import load_probe_file
 from montrage.losses.diffusion import training_target
 from montrage.models.lora import lora_state
@@ -116,8 +117,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         extra["timesteps"] = tuple(int(t) for t in args.capture_timesteps.split(","))
     capture = CaptureConfig(every_n_steps=args.checkpointing_steps, probe_steps=args.probe_steps, **extra)
     probes = load_probe_file(args.probes_file) if args.probes_file else None
+    # montrage: how this loop trains, so `montrage fit RUN --retrains N` can retrain subsets the same way
+    training = TrainConfig(steps=args.max_train_steps, batch_size=args.train_batch_size, lr=args.learning_rate,
+                           warmup_steps=args.lr_warmup_steps, seed=args.seed, resolution=args.resolution,
+                           prior_fraction=0.0, grad_clip=1.0, lora=LoraSettings(rank=args.rank, alpha=args.lora_alpha))
     monitor = TrainingMonitor(output_dir, components, training_set, probes=probes, capture=capture,  # montrage
-                              accelerator=accelerator, optimizer=optimizer)
+                              accelerator=accelerator, optimizer=optimizer, training=training)
     step = 0
     if args.use_save_state_hook:
         def save_lora_only(models, weights, save_dir):  # keep the GBs of frozen base weights out of checkpoints

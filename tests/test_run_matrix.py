@@ -53,7 +53,10 @@ def _hand_loop(run: Path, data: Path, attach: bool) -> None:
     ts = load_imagefolder(data, comps.resolution)
     acc = Accelerator(cpu=True)
     unet, opt, sched = acc.prepare(comps.unet, opt, sched)
-    monitor = TrainingMonitor(run, comps, ts, probes=PROBES, capture=capture(), accelerator=acc, optimizer=opt)
+    # "calls" records its batch size and warm-up (steps, lr and the adapter are read from the run); "attach" nothing
+    training = None if attach else TrainConfig(batch_size=2, warmup_steps=2, prior_fraction=0.0)
+    monitor = TrainingMonitor(run, comps, ts, probes=PROBES, capture=capture(), accelerator=acc, optimizer=opt,
+                              training=training)
     step = 0
     if attach:
         monitor.attach(acc, global_step=lambda: step)
@@ -174,3 +177,40 @@ def test_every_method_compare_and_report_from_elsewhere(recorded, tmp_path, monk
     html = (tmp_path / "r.html").read_text()
     assert "training images unavailable" not in html and "could not be read" not in html
     assert html.count("data:image/png;base64,") >= 6 + n_probes  # training thumbnails + probe generations
+
+
+def test_recorded_training_settings_are_what_a_retrain_uses(recorded):
+    """Every way that records its training settings can be retrained as the run trained (same passes over each
+    image); fields a user's loop leaves None come from the run itself. A run that recorded none gets one clear
+    error naming the fix."""
+    from montrage.errors import ConfigError
+    from montrage.retrains import _train_config
+
+    way, run = recorded
+    st = RunStore.open(run)
+    if way == "attach":  # this loop passed no training settings
+        with pytest.raises(ConfigError, match=r"training=TrainConfig"):
+            _train_config(st, 0.5, None)
+        return
+    cfg = _train_config(st, 0.5, None)
+    assert (cfg.steps, cfg.batch_size, cfg.warmup_steps, cfg.prior_fraction) == (STEPS // 2, 2, 2, 0.0)
+    assert cfg.lr == pytest.approx(LR) and (cfg.lora.rank, cfg.lora.alpha) == (RANK, ALPHA)
+    assert _train_config(st, 0.5, 7).steps == 7  # told
+
+
+@pytest.mark.slow
+def test_a_run_recorded_by_the_example_script_is_refitted_with_retrains(recorded, tmp_path):
+    """`montrage fit --retrains` on a run the user's own (example) loop recorded, from its store alone."""
+    from montrage.cli import main
+
+    way, run = recorded
+    if way != "script-calls":
+        pytest.skip("one user-loop way is enough end to end; the settings of every way are checked above")
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["--quiet", "fit", str(copy), "--retrains", "2", "--json", str(tmp_path / "fit.json")]) == 0
+    targets = np.load(copy / "retrains" / "targets.npz")
+    assert targets["masks"].shape == (2, 6) and targets["masks"].sum(1).tolist() == [3, 3]
+    assert targets["losses"].shape == (2, len(targets["anchors"])) and np.isfinite(targets["losses"]).all()
+    fitted = json.loads((tmp_path / "fit.json").read_text())["montrage"]["prompt"]
+    assert fitted["counterfactual"]["retrains"] == 2

@@ -30,7 +30,7 @@ from montrage.callbacks.background import log_capture_time
 from montrage.callbacks.base import MontrageCallback
 from montrage.callbacks.capture import CaptureEngine
 from montrage.callbacks.capture import concat_shards as _concat_shards  # noqa: F401 (tests import it from here)
-from montrage.config import CaptureConfig, to_dict
+from montrage.config import CaptureConfig, TrainConfig, from_dict, to_dict
 from montrage.data.imagefolder import TrainingSet
 from montrage.data.probes import Probe, default_probes
 from montrage.data.sources import as_training_set
@@ -91,15 +91,32 @@ def _portable(exc: BaseException) -> BaseException:
         return StoreError(f"rank 0 failed: {type(exc).__name__}: {exc}")
 
 
+def _training_settings(training: Any, recorded: Any) -> dict:
+    """``training`` as the run config's "train" entry (the key ``montrage train`` writes), validated now."""
+    if isinstance(training, dict):
+        training = from_dict(TrainConfig, training)
+    if not isinstance(training, TrainConfig):
+        raise ConfigError(f"TrainingMonitor(training=...) takes a montrage TrainConfig (e.g. TrainConfig(batch_size=4)), "
+                          f"got {type(training).__name__}")
+    if recorded is not None:
+        raise ConfigError("TrainingMonitor got training settings twice (training=... and run_config['train']); "
+                          "pass one")
+    return to_dict(training)
+
+
 class TrainingMonitor(MontrageCallback):
     """Records a run; see the module docstring. ``optimizer`` (optional) records its hyperparameters and the
     learning rate at each checkpoint (TracIn needs it); ``store_images=False`` keeps only the training images'
-    source paths and content hashes (large sets; checked when read)."""
+    source paths and content hashes (large sets; checked when read). ``training`` (a :class:`TrainConfig`, e.g.
+    ``TrainConfig(batch_size=4)``) records how the loop trains, so that ``montrage fit RUN --retrains N`` can
+    retrain subsets with the same passes over each image; fields left None (steps, lr, lora) are read from the
+    run (its last step, the optimizer, the UNet's adapter) when retraining."""
 
     def __init__(self, output_dir: str | Path, components: DiffusionComponents, training_set: TrainingSet,
                  probes: Optional[Sequence[Probe]] = None, capture: Optional[CaptureConfig] = None,
                  run_config: Optional[dict] = None, accelerator: Optional[Any] = None,
-                 optimizer: Optional[Any] = None, store_images: bool = True) -> None:
+                 optimizer: Optional[Any] = None, store_images: bool = True,
+                 training: Optional[TrainConfig | dict] = None) -> None:
         self.output_dir = Path(output_dir)
         self.components = components
         self.training_set = training_set = as_training_set(training_set, components.resolution)  # any source, lazy
@@ -117,6 +134,8 @@ class TrainingMonitor(MontrageCallback):
         n_anchor = min(n, self.capture.anchors)
         self.anchor_indices = sorted({int(i) for i in np.linspace(0, n - 1, n_anchor).round()}) if n_anchor else []
         self._user_config = dict(run_config or {})
+        if training is not None:
+            self._user_config["train"] = _training_settings(training, self._user_config.get("train"))
         self.store: Optional[RunStore] = None
         self._opened = False
         self._began = False

@@ -349,3 +349,22 @@ def test_store_images_false_needs_a_folder(tmp_path, data):
     with pytest.raises(ConfigError, match="store_images=True"):
         TrainingMonitor(tmp_path / "run", comps, rows, probes=PROBES, capture=CaptureConfig(**CAPTURE),
                         store_images=False)
+
+
+def test_training_settings_are_recorded_as_montrage_train_records_them(tmp_path, data):
+    """``training=`` lands in the run config under the key `montrage train` writes; a wrong type, or settings given
+    twice, is one clear error before anything is written."""
+    from montrage.config import TrainConfig
+    from montrage.errors import ConfigError
+
+    comps, params = lora_model()
+    with make_monitor(tmp_path / "run", data, comps, training={"batch_size": 3, "warmup_steps": 0}) as mon:
+        mon.on_train_begin()
+    train = RunStore.open(tmp_path / "run").run_config["train"]
+    assert (train["batch_size"], train["warmup_steps"], train["steps"], train["lr"]) == (3, 0, None, None)
+    for bad, match in ((dict(training=4), "takes a montrage TrainConfig"),
+                       (dict(training=TrainConfig(batch_size=2), run_config={"train": {"batch_size": 2}}), "twice"),
+                       (dict(training={"batch_size": 0}), "batch_size")):
+        with pytest.raises(ConfigError, match=match):
+            make_monitor(tmp_path / "bad", data, comps, **bad)
+    assert not (tmp_path / "bad").exists()
