@@ -172,7 +172,7 @@ def measure_targets(store: RunStore, loras: Sequence[Path], masks: np.ndarray) -
 
     last = store.n_checkpoints - 1
     ctx = ScoringContext(store=store, queries=probe_queries(store), checkpoint=last, progress=False)
-    anchors = F._anchors(store)
+    anchors = F.supervision_anchors(store)
     if not anchors:
         raise ConfigError("--retrains measures the losses of the run's generations of its anchors' captions, but "
                           "this run recorded no anchors (CaptureConfig.anchors=0)")

@@ -106,6 +106,10 @@ def train(data_dir: str | Path, output_dir: str | Path, base: str = "embedded", 
     output_dir = Path(output_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     ctx = ProcessContext(accelerator)
+    # the data's metadata and files first (cheap): a bad folder is reported before a base model is loaded
+    load_imagefolder(data_dir, cfg.resolution or 16, lazy=True)
+    if prior_dir:
+        load_imagefolder(prior_dir, cfg.resolution or 16, lazy=True)
     components = load_base(base, device=accelerator.device)
     base_resolution = components.resolution
     resolution = cfg.resolution or components.resolution

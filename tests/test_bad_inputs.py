@@ -97,6 +97,18 @@ def rows_of(data: Path) -> List[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- training data
+def test_bad_data_is_reported_before_the_base_model_is_loaded(data, tmp_path, monkeypatch):
+    """A real base takes minutes to load: a missing file must not wait for it."""
+    import montrage.training as T
+    from montrage.training import train
+
+    (data / "artist-0_001.png").unlink()
+    monkeypatch.setattr(T, "load_base", lambda *a, **k: pytest.fail("the base was loaded before the data was checked"))
+    with pytest.raises(DataError, match="artist-0_001.png"):
+        train(data, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_image_file(data, tmp_path, capsys):
     (data / "artist-0_001.png").unlink()
     out = tmp_path / "out"

@@ -24,7 +24,7 @@ def test_retrains_store_targets_and_the_prompt_model_is_fitted_to_them(tiny_run_
     run = tiny_run_copy
     res = retrain(run, 4, steps=2, progress=False)
     store = RunStore.open(run)
-    n, anchors = len(store.train_meta["file_names"]), F._anchors(store)
+    n, anchors = len(store.train_meta["file_names"]), F.supervision_anchors(store)
     assert res.reused == 0 and len(res.loras) == 4 and all(p.is_file() for p in res.loras)
     with np.load(res.targets) as z:
         assert z["masks"].shape == (4, n) and z["losses"].shape == (4, len(anchors))
@@ -76,7 +76,7 @@ def test_targets_of_another_checkpoint_are_not_used(tiny_run_copy):
     from montrage.analysis.queries import probe_queries
 
     store = RunStore.open(tiny_run_copy)
-    anchors = F._anchors(store)
+    anchors = F.supervision_anchors(store)
     path = tiny_run_copy / S.RETRAINS_DIRNAME / S.RETRAIN_TARGETS_FILENAME
     path.parent.mkdir()
     np.savez(path, masks=np.ones((2, 8)), losses=np.ones((2, len(anchors))), anchors=np.asarray(anchors),

@@ -513,7 +513,9 @@ def _counterfactual_fingerprint(ctx: ScoringContext) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else ""
 
 
-def _anchors(store, seed: int = 0) -> List[int]:
+def supervision_anchors(store, seed: int = 0) -> List[int]:
+    """The stored anchors the fit is supervised on (at most MAX_FIT_ANCHORS, evenly spread): also the images whose
+    captions' generations the counterfactual targets measure."""
     idx = list(store.anchor_indices)
     if len(idx) > MAX_FIT_ANCHORS:
         pick = np.linspace(0, len(idx) - 1, MAX_FIT_ANCHORS).round().astype(int)
@@ -526,7 +528,7 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tupl
     from montrage.analysis.gradients import training_images
 
     store = ctx.store
-    anchors = _anchors(store)
+    anchors = supervision_anchors(store)
     if not anchors:
         raise ScorerError("montrage learns from anchors, but this run recorded none (CaptureConfig.anchors=0); "
                           "use montrage-unsupervised")
@@ -630,7 +632,7 @@ def _model_path(ctx: ScoringContext, name: str, kind: str):
     store = ctx.store
     targets = _counterfactual_fingerprint(ctx) if kind == PROMPT else ""
     ident = json.dumps([MODEL_VERSION, name, kind, int(store.steps[ctx.checkpoint]), store.n_checkpoints,
-                        _anchors(store), sorted((k, str(v)) for k, v in ctx.options.items()
+                        supervision_anchors(store), sorted((k, str(v)) for k, v in ctx.options.items()
                                                 if k in ("proj_dim", "proj_seed", "grad_timesteps", "dtrak_lambda"))]
                        + ([COUNTERFACTUAL_RULE, targets] if kind == PROMPT and targets else []))
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
@@ -647,7 +649,7 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
             except (ValueError, KeyError):
                 pass
         values, target, how = supervision_values(ctx, kind, final_only)
-        cf = (load_counterfactual(ctx, _anchors(ctx.store), len(target))
+        cf = (load_counterfactual(ctx, supervision_anchors(ctx.store), len(target))
               if kind == PROMPT and "generations" in how else None)
         model = (fit(values, target, kind, how, ctx.store.concepts) if cf is None
                  else fit_with_counterfactual(values, target, kind, how, ctx.store.concepts, cf))

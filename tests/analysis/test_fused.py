@@ -258,7 +258,7 @@ def test_each_query_kind_is_supervised_by_the_queries_of_that_kind(tiny_run):
 
     store = RunStore.open(tiny_run)
     ctx = ScoringContext(store=store, queries=probe_queries(store), checkpoint=store.n_checkpoints - 1)
-    anchors = F._anchors(store)
+    anchors = F.supervision_anchors(store)
     captions = list(store.train_meta["captions"])
     images = training_images(store).images[anchors]
     image_sets = F.supervision_sets(ctx, images, anchors, captions, F.IMAGE)
