@@ -199,23 +199,11 @@ def retrain_subset(cache_root: Path, seed: int, indices: Sequence[int], data: Be
 
     Returns (path, reused). The cache is reused only if its recorded subset, config and dataset match.
     """
-    d = cache_root / f"subset-{seed}"
-    lora, meta = d / S.FINAL_LORA_FILENAME, d / "subset.json"
-    want = json.loads(json.dumps({"seed": seed, "indices": list(map(int, indices)), "train": to_dict(cfg), **identity}))
-    if lora.is_file() and meta.is_file():
-        try:
-            if json.loads(meta.read_text()) == want:
-                return lora, True
-        except json.JSONDecodeError:
-            pass
-    shutil.rmtree(d, ignore_errors=True)
-    sub = _write_subset_folder(data.data_dir, d / "data", indices)
-    res = train(sub, d / "run", cfg=cfg, prior_dir=data.prior_dir, monitor=False, progress=False)
-    shutil.move(str(res.final_lora), lora)
-    shutil.rmtree(d / "run", ignore_errors=True)
-    shutil.rmtree(d / "data", ignore_errors=True)
-    meta.write_text(json.dumps(want, indent=1))
-    return lora, False
+    from montrage.retrains import retrained_lora
+
+    want = {"seed": seed, "indices": list(map(int, indices)), "train": to_dict(cfg), **identity}
+    return retrained_lora(cache_root / f"subset-{seed}", want,
+                          lambda dst: _write_subset_folder(data.data_dir, dst, indices), cfg, prior_dir=data.prior_dir)
 
 
 def load_lora_file(path: Path) -> Dict[str, np.ndarray]:

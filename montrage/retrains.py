@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -105,12 +105,43 @@ def _prior_dir(store: RunStore, prior_dir: Optional[str | Path], cfg: TrainConfi
     return Path(recorded)
 
 
+def is_cached(folder: Path, want: dict) -> bool:
+    """Whether ``folder`` holds a final LoRA recorded with exactly the key ``want``."""
+    lora, meta = folder / S.FINAL_LORA_FILENAME, folder / S.RETRAIN_SUBSET_FILENAME
+    if not (lora.is_file() and meta.is_file()):
+        return False
+    try:
+        return json.loads(meta.read_text()) == json.loads(json.dumps(want))
+    except json.JSONDecodeError:
+        return False
+
+
+def retrained_lora(folder: Path, want: dict, write_data: Callable[[Path], Path], cfg: TrainConfig,
+                   base: str = "embedded", prior_dir: Optional[str | Path] = None) -> Tuple[Path, bool]:
+    """(final LoRA, reused): trained without a monitor on the imagefolder ``write_data(dst)`` writes, cached in
+    ``folder`` under the key ``want`` (JSON: what the LoRA depends on). Reused only when the recorded key matches;
+    never half-written (a temporary folder, then a rename). Shared by ``--retrains`` and the LDS benchmark."""
+    from montrage.training import train
+
+    lora, meta = folder / S.FINAL_LORA_FILENAME, folder / S.RETRAIN_SUBSET_FILENAME
+    if is_cached(folder, want):
+        return lora, True
+    with tempfile.TemporaryDirectory(prefix="montrage-retrain-") as tmp:
+        data = write_data(Path(tmp) / "data")
+        res = train(data, Path(tmp) / "run", base=base, cfg=cfg, prior_dir=prior_dir, monitor=False, progress=False)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta.unlink(missing_ok=True)  # a stale key never describes the new LoRA
+        part = folder / (S.FINAL_LORA_FILENAME + ".part")
+        shutil.copyfile(res.final_lora, part)
+        part.replace(lora)
+    meta.write_text(json.dumps(want, indent=1))
+    return lora, False
+
+
 def retrain(run_dir: str | Path, n: int, fraction: float = 0.5, steps: Optional[int] = None, seed: int = 0,
             prior_dir: Optional[str | Path] = None, progress: bool = True) -> RetrainResult:
     """Retrain the run's LoRA on ``n`` random subsets (cached in ``RUN/retrains/subset-<seed>/``), then measure the
     denoising losses of the run's generations of its anchors' captions under each, into ``RUN/retrains/targets.npz``."""
-    from montrage.training import train
-
     if n < 2:
         raise ConfigError(f"--retrains needs at least 2 subsets (a correlation across subsets), got {n}")
     if not 0.0 < fraction < 1.0:
@@ -132,29 +163,13 @@ def retrain(run_dir: str | Path, n: int, fraction: float = 0.5, steps: Optional[
     for j, idx in enumerate(picks):
         masks[j, idx] = 1.0
         d = root / f"subset-{RETRAIN_SEED0 + 1000 * seed + j}"
-        lora, meta = d / S.FINAL_LORA_FILENAME, d / S.RETRAIN_SUBSET_FILENAME
         want = {"indices": idx, "train": to_dict(cfg), "base": base, "prior": str(prior) if prior else None,
                 "dataset": store.train_meta.get(S.ATTR_DATASET_FINGERPRINT)}
-        want = json.loads(json.dumps(want))
-        if lora.is_file() and meta.is_file():
-            try:
-                if json.loads(meta.read_text()) == want:
-                    loras.append(lora)
-                    reused += 1
-                    continue
-            except json.JSONDecodeError:
-                pass
-        if progress:
+        if progress and not is_cached(d, want):
             print(f"retraining subset {j + 1}/{n} ({len(idx)} of {n_train} images, {cfg.steps} steps)", flush=True)
-        with tempfile.TemporaryDirectory(prefix="montrage-retrain-") as tmp:
-            data = _write_subset(store, idx, Path(tmp) / "data")
-            res = train(data, Path(tmp) / "run", base=base, cfg=cfg, prior_dir=prior, monitor=False, progress=False)
-            d.mkdir(parents=True, exist_ok=True)
-            part = d / (S.FINAL_LORA_FILENAME + ".part")
-            shutil.copyfile(res.final_lora, part)
-            part.replace(lora)  # never a half-written LoRA under the final name
-        meta.write_text(json.dumps(want, indent=1))
+        lora, was_cached = retrained_lora(d, want, lambda dst, idx=idx: _write_subset(store, idx, dst), cfg, base, prior)
         loras.append(lora)
+        reused += int(was_cached)
     targets = measure_targets(store, loras, masks)
     return RetrainResult(loras, masks, reused, targets)
 
