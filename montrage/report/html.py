@@ -353,6 +353,39 @@ def _train_figure(i: int, score: Optional[float], names: List[str], concepts: Li
             f'{_tag(concepts[i], colors)}{sc}</figcaption></figure>')
 
 
+CHANNEL_FAMILIES = (("text/", "the prompt vs each training caption through the run's text encoder"),
+                    ("rep/", "UNet representations (under the null prompt, and under the query's prompt): similarity at "
+                             "the final and earlier checkpoints, co-movement, loss co-descent"),
+                    ("dyn/", "the learned trajectory model (montrage-dynamics) as one channel"),
+                    ("grad/", "projected LoRA gradient kernels (D-TRAK; TracIn per checkpoint)"),
+                    ("pixel", "pixel similarity"), ("dup/", "near-duplicate ratio tests (copies)"),
+                    ("steps/", "per-step training signals"))
+
+
+def _evidence_rows(payload: dict, top: int = 6) -> List[Tuple[str, str]]:
+    """What the fused model weighed, per query kind (from the payload's per-query ``channels``): an auditor can
+    see whether an attribution rests on the prompt, the image, or the training dynamics."""
+    seen: Dict[str, Dict[str, float]] = {}
+    for q in payload.get("queries", []):
+        if q.get("channels") and q.get("query_kind") and q["query_kind"] not in seen:
+            seen[q["query_kind"]] = q["channels"]
+    rows = []
+    for kind, channels in sorted(seen.items()):
+        total = sum(channels.values()) or 1.0
+        families: Dict[str, float] = {}
+        for c, w in channels.items():
+            fam = next((f for f, _ in CHANNEL_FAMILIES if c.startswith(f)), c)
+            families[fam] = families.get(fam, 0.0) + w / total
+        best = sorted(channels.items(), key=lambda cw: -cw[1])[:top]
+        fam_text = ", ".join(f"{f.rstrip('/')} {v:.0%}" for f, v in sorted(families.items(), key=lambda fv: -fv[1]))
+        label = "prompt known" if kind == "prompt" else "image only"
+        rows.append((f"evidence weighed ({label})", e(f"{fam_text}; largest: " +
+                                                      ", ".join(f"{c} {w / total:.0%}" for c, w in best))))
+    if rows:
+        rows.append(("channel families", e("; ".join(f"{f.rstrip('/')}: {d}" for f, d in CHANNEL_FAMILIES))))
+    return rows
+
+
 def _probe_section(store: RunStore, payload: dict, source: str, method: str, top_k: int, max_probes: int,
                    thumbs: Optional[Dict[int, str]], colors: Dict[str, str], progress: bool) -> str:
     pm = store.probe_meta
@@ -370,6 +403,7 @@ def _probe_section(store: RunStore, payload: dict, source: str, method: str, top
             ("condition", e(payload.get("condition"))), ("scores", e(source)),
             ("between-concept top-1 accuracy", "n/a (no probe has an expected concept)" if acc is None else
              f"{acc:.3f} over {sum(1 for q in payload['queries'] if q.get('expected_concept'))} probes with a concept")]
+    head += _evidence_rows(payload)
     parts = [f'<section id="probes"><h2>Attribution of each probe</h2>{_kv(head)}']
     if shown < len(kinds):
         parts.append(f'<div class="note">showing {shown} of {len(kinds)} probes (at most {max_probes}, shared '

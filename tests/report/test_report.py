@@ -205,3 +205,21 @@ def test_no_checkpoint_is_an_error(tmp_path):
 
     with pytest.raises(StoreError):
         build_report(tmp_path / "nothing-here", method=METHOD, progress=False)
+
+
+def test_the_fused_models_evidence_is_shown_per_query_kind(tiny_run, tmp_path):
+    """For the fused model, the report says what the attribution rests on: each channel family's share of the
+    weights, per query kind, from the payload's per-query ``channels``; a method without channels shows none."""
+    from montrage.analysis.attribute import attribute
+    from montrage.report import build_report
+
+    att = attribute(tiny_run, METHOD, top_k=3, write_store=False, progress=False)
+    assert "evidence weighed" not in parse(build_report(tiny_run, method=METHOD, out=tmp_path / "plain.html",
+                                                        progress=False, attribution=att)).all_text
+    for q in att.payload["queries"]:
+        q.update(query_kind="prompt", channels={"text/encoder": 0.3, "text/concept": 0.3, "rep/null/sim-final": 0.2,
+                                                "grad/dtrak": 0.2})
+    text = parse(build_report(tiny_run, method=METHOD, out=tmp_path / "r.html", progress=False,
+                              attribution=att)).all_text
+    assert "evidence weighed (prompt known) text 60%, rep 20%, grad 20%; largest: text/encoder 30%" in text
+    assert "image only" not in text and "channel families" in text
