@@ -87,3 +87,39 @@ def test_targets_of_another_checkpoint_are_not_used(tiny_run_copy):
     assert cf is not None and list(cf.rows) == list(range(2 * len(anchors), 3 * len(anchors)))
     assert F.load_counterfactual(first, anchors, 3 * len(anchors)) is None
     assert F.load_counterfactual(last, anchors[:-1], 3 * len(anchors)) is None
+
+
+def test_a_cached_retrain_is_reused_only_under_its_own_key_and_never_half_written(tmp_path, monkeypatch):
+    """The cache behind both `fit --retrains` and the LDS benchmark: same key -> reused; another key -> retrained;
+    a failed retrain leaves neither a LoRA nor a key that would pass for one."""
+    import montrage.training as T
+    from montrage.config import TrainConfig
+    from montrage.retrains import is_cached, retrained_lora
+
+    calls = []
+
+    def fake_train(data, out, **kw):
+        calls.append(sorted(p.name for p in data.iterdir()))
+        if kw["cfg"].seed == 13:
+            raise RuntimeError("interrupted")
+        out.mkdir(parents=True)
+        (out / "final.safetensors").write_bytes(b"lora %d" % len(calls))
+        return T.TrainResult(out, 1, 0, 0.0, out / "final.safetensors")
+
+    monkeypatch.setattr(T, "train", fake_train)
+
+    def write(dst):
+        dst.mkdir(parents=True)
+        (dst / "metadata.jsonl").write_text("{}\n")
+        return dst
+
+    folder, cfg = tmp_path / "subset-1", TrainConfig(steps=1)
+    lora, reused = retrained_lora(folder, {"indices": [0, 2]}, write, cfg)
+    assert not reused and lora.read_bytes() == b"lora 1" and calls == [["metadata.jsonl"]]
+    assert retrained_lora(folder, {"indices": [0, 2]}, write, cfg) == (lora, True) and len(calls) == 1
+    lora, reused = retrained_lora(folder, {"indices": [0, 3]}, write, cfg)  # another subset: trained again
+    assert not reused and lora.read_bytes() == b"lora 2" and is_cached(folder, {"indices": [0, 3]})
+    with pytest.raises(RuntimeError, match="interrupted"):
+        retrained_lora(folder, {"indices": [1, 3]}, write, TrainConfig(steps=1, seed=13))
+    assert not is_cached(folder, {"indices": [1, 3]}) and is_cached(folder, {"indices": [0, 3]})
+    assert not list(folder.glob("*.part"))
