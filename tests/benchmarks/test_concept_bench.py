@@ -36,3 +36,31 @@ def test_in_distribution_triples_are_captions_and_ood_ones_never_are():
     assert len(splits["OOD"]) == 4
     assert all((q["colour"], q["object"], q["artist"]) not in seen for q in splits["OOD"])
     assert all(q["prompt"] == f"a {q['colour']} {q['object']} by {q['artist']}" for q in splits["ID"] + splits["OOD"])
+
+
+def test_a_concept_run_with_more_images_per_artist_keeps_the_passes_per_image(tmp_path, monkeypatch):
+    """`bench concept --per-concept N` trains the attribution benchmark's run with N images per artist (so a
+    perfect ranking can reach artist P@10 1.0), with the same passes over each image and 5 checkpoints."""
+    import json
+    from collections import Counter
+    from types import SimpleNamespace
+
+    import montrage.training as T
+    from benchmarks.attribution import settings_for
+    from benchmarks.concept import concept_run, run_concept
+
+    calls = []
+    monkeypatch.setattr(T, "train", lambda data, run, **kw: calls.append((data, run, kw)))
+    run = concept_run(tmp_path, "synthetic", 0, 6, quick=True)
+    base = settings_for("synthetic", 0, quick=True)
+    (data, got_run, kw), = calls
+    assert got_run == run and kw["monitor"]
+    cfg = kw["cfg"]
+    assert cfg.steps == base.steps * 6 // base.data.per_concept and kw["capture"].every_n_steps == cfg.steps // 4
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    assert set(Counter(r["concept"] for r in rows).values()) == {6}
+    args = SimpleNamespace(dataset="synthetic", seed=0, per_concept=1, run=None, out=str(tmp_path), quick=True,
+                           write_md=None)
+    assert run_concept(args) == 2
+    args.per_concept, args.run = 6, str(run)
+    assert run_concept(args) == 2  # --per-concept builds its own run: not with --run
