@@ -49,10 +49,13 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--out", str(args.out)]
     if getattr(args, "seed", None) is not None and args.kind not in ("list", "faults"):
         parts += ["--seed", str(args.seed)]
-    if getattr(args, "dataset", None) and args.kind in ("attribution", "quality"):
+    if getattr(args, "dataset", None) and args.kind in ("attribution", "quality", "concept") and (
+            args.kind != "concept" or args.dataset != "synthetic"):
         parts += ["--dataset", str(args.dataset)]
     if getattr(args, "retrains", 0) and args.kind == "attribution":
         parts += ["--retrains", str(args.retrains)]
+    if getattr(args, "per_concept", None) and args.kind == "concept":
+        parts += ["--per-concept", str(args.per_concept)]
     if getattr(args, "run", None):
         parts += ["--run", str(args.run)]
     if getattr(args, "write_md", None):
