@@ -123,3 +123,18 @@ def test_a_cached_retrain_is_reused_only_under_its_own_key_and_never_half_writte
         retrained_lora(folder, {"indices": [1, 3]}, write, TrainConfig(steps=1, seed=13))
     assert not is_cached(folder, {"indices": [1, 3]}) and is_cached(folder, {"indices": [0, 3]})
     assert not list(folder.glob("*.part"))
+
+
+def test_a_multi_process_run_is_retrained_with_its_passes_per_image(tiny_run_copy, monkeypatch):
+    """A run trained on W processes saw W x batch_size images per step: a one-process retrain of a fraction of
+    the images takes W x steps x fraction steps (told --steps always win)."""
+    from montrage.retrains import _train_config
+
+    cfg = dict(RunStore.open(tiny_run_copy).run_config)
+    steps = int(cfg["train"]["steps"])
+    for world, want in ((1, round(steps * 0.5)), (2, steps)):
+        patched = dict(cfg, world_size=world)
+        monkeypatch.setattr(RunStore, "run_config", property(lambda self, c=patched: c))
+        store = RunStore.open(tiny_run_copy)
+        assert _train_config(store, 0.5, None).steps == max(1, want)
+        assert _train_config(store, 0.5, 3).steps == 3
