@@ -55,7 +55,7 @@ def _train_config(store: RunStore, fraction: float, steps: Optional[int]) -> Tra
 
     ``montrage train`` records all of them; a user's loop records them with ``TrainingMonitor(training=...)``,
     where fields left None are read from what every run records: steps from its last checkpoint, lr from its
-    optimizer, the adapter from its UNet."""
+    optimizer, the adapter from its UNet, the resolution it trained at."""
     rc = store.run_config or {}
     if not isinstance(rc.get("train"), dict):
         raise ConfigError("--retrains retrains the LoRA with the run's own training settings, but this run did not "
@@ -76,6 +76,8 @@ def _train_config(store: RunStore, fraction: float, steps: Optional[int]) -> Tra
         filled["lora"] = LoraSettings(rank=int(lo["r"]), alpha=float(lo.get("lora_alpha") or lo["r"]),
                                       target_modules=tuple(sorted(lo.get("target_modules") or ())) or
                                       LoraSettings().target_modules)
+    if cfg.resolution is None and rc.get("resolution"):
+        filled["resolution"] = int(rc["resolution"])  # the run's images are stored at the resolution it trained at
     cfg = dataclasses.replace(cfg, **filled)
     # the run trained on world_size processes, each with batch_size images per step; a retrain runs on one
     total = int(cfg.steps or 0) * max(1, int(rc.get("world_size") or 1))

@@ -195,7 +195,7 @@ def test_recorded_training_settings_are_what_a_retrain_uses(recorded):
     cfg = _train_config(st, 0.5, None)
     assert (cfg.steps, cfg.batch_size, cfg.warmup_steps, cfg.prior_fraction) == (STEPS // 2, 2, 2, 0.0)
     assert cfg.lr == pytest.approx(LR) and (cfg.lora.rank, cfg.lora.alpha) == (RANK, ALPHA)
-    assert _train_config(st, 0.5, 7).steps == 7  # told
+    assert cfg.resolution == 16 and _train_config(st, 0.5, 7).steps == 7  # told
 
 
 @pytest.mark.slow
