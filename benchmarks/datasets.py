@@ -214,14 +214,19 @@ def _synthetic(root: Path, cfg: BenchDataConfig, rng: np.random.Generator):
         [(a.name, heldout[a.name]) for a in artists]
 
 
+# characters beyond the 8 defaults, for sets with more images per face (`bench concept --per-concept`); none is
+# an unseen-image character, and the first 8 (the default benchmark's) are unchanged
+MORE_CHARACTERS = ("c", "f", "j", "o", "q", "r", "v", "z")
+
+
 def _typefaces(root: Path, cfg: BenchDataConfig, rng: np.random.Generator):
     from montrage.data import typefaces as T
 
     faces = list(T.DEFAULT_FACES[:cfg.n_concepts])
-    chars = list(T.DEFAULT_CHARACTERS[:cfg.per_concept])
+    chars = list((T.DEFAULT_CHARACTERS + MORE_CHARACTERS)[:cfg.per_concept])
     if len(faces) < cfg.n_concepts or len(chars) < cfg.per_concept:
-        raise ValueError(f"typefaces has {len(T.DEFAULT_FACES)} default faces and {len(T.DEFAULT_CHARACTERS)} "
-                         "default characters")
+        raise ValueError(f"typefaces has {len(T.DEFAULT_FACES)} default faces and "
+                         f"{len(T.DEFAULT_CHARACTERS) + len(MORE_CHARACTERS)} characters")
     heldout = T.holdout_pairs(faces, chars, seed=cfg.seed)
     data_dir = T.write_typeface_folder(root / "data", faces, chars, resolution=cfg.resolution, seed=cfg.seed,
                                        exclude=heldout)

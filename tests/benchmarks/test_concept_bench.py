@@ -64,3 +64,19 @@ def test_a_concept_run_with_more_images_per_artist_keeps_the_passes_per_image(tm
     assert run_concept(args) == 2
     args.per_concept, args.run = 6, str(run)
     assert run_concept(args) == 2  # --per-concept builds its own run: not with --run
+
+
+def test_typeface_sets_with_more_characters_keep_the_default_ones(tmp_path):
+    """`--per-concept` above 8 on typefaces adds characters that are neither default nor unseen-image ones; the
+    default set (the attribution benchmark's) is unchanged."""
+    from collections import Counter
+
+    from benchmarks.datasets import MORE_CHARACTERS, BenchDataConfig, build_bench_data
+    from montrage.data import typefaces as T
+
+    assert not set(MORE_CHARACTERS) & (set(T.UNSEEN_CHARACTERS) | set(T.DEFAULT_CHARACTERS))
+    small = build_bench_data(tmp_path / "a", BenchDataConfig(dataset="typefaces", n_concepts=2, per_concept=8))
+    large = build_bench_data(tmp_path / "b", BenchDataConfig(dataset="typefaces", n_concepts=2, per_concept=11))
+    assert {r["object"] for r in small.rows} <= set(T.DEFAULT_CHARACTERS)
+    assert set(Counter(r["concept"] for r in large.rows).values()) == {10}  # one character per face held out
+    assert {r["object"] for r in large.rows} - set(T.DEFAULT_CHARACTERS) <= set(MORE_CHARACTERS[:3])
