@@ -205,12 +205,14 @@ def run_concept(args) -> int:
     res = run_concept_bench(run, Path(args.out) / f"concept-{tag}", n_per_split=6 if args.quick else 10, seed=seed)
     print(res["markdown"])
     if args.write_md:
+        size = (f"{per} images per artist" if dataset == "synthetic" else
+                f"{per} characters per face (one per face held out: {per - 1} training images each)")
         body = "\n".join([
-            f"## Concept-level attribution (Concept-TRAK), {dataset}" + (f", {per} images per artist" if per else "")
+            f"## Concept-level attribution (Concept-TRAK), {dataset}" + (f", {size}" if per else "")
             + (" (--quick)" if args.quick else ""), "",
             provenance_lines(args, f"query selection {seed}, generation seeds 400000+"),
-            f"- run: `{run}` (" + (f"built for this benchmark: the attribution benchmark's settings with {per} images "
-                                   f"per artist, steps scaled to the same passes per image" if per else
+            f"- run: `{run}` (" + (f"built for this benchmark: the attribution benchmark's settings with {size}, "
+                                   f"steps scaled to the same passes per image" if per else
                                    "the attribution benchmark's monitored run") + f"); {len(res['splits']['ID'])} in-distribution "
             f"and {len(res['splits']['OOD'])} out-of-distribution prompts; chance P@10: object "
             f"{res['chance']['object']:.2f}, artist {res['chance']['artist']:.2f}; {res['seconds']} s",
