@@ -630,7 +630,7 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
         retrain_info["reused"] = rr.reused
         echo(f"[3b/6] counterfactual targets: {retrains} retrained subsets ({rr.reused} from cache) -> {rr.targets}")
         stage("retrains", t0)
-    targets = run_dir / S.RETRAINS_DIRNAME / S.RETRAIN_TARGETS_FILENAME
+    targets = S.retrain_targets_path(run_dir)
     if targets.is_file():  # the fused model uses the run's targets whenever they are there: say so
         with np.load(targets) as z:
             retrain_info.update(n=int(len(z["masks"])), subset_sizes=z["masks"].sum(1).astype(int).tolist())

@@ -201,7 +201,7 @@ def measure_targets(store: RunStore, loras: Sequence[Path], masks: np.ndarray) -
     for j, path in enumerate(loras):
         comps = model.set_weights(load_file(str(path)), tag=None)
         losses[j] = denoising_losses(comps, gen, prompts, LOSS_TIMESTEPS, LOSS_NOISE_SEED)
-    out = store.run_dir / S.RETRAINS_DIRNAME / S.RETRAIN_TARGETS_FILENAME
+    out = S.retrain_targets_path(store.run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".part.npz")
     np.savez(tmp, masks=masks, losses=losses, anchors=np.asarray(anchors), step=int(store.steps[last]),

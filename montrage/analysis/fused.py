@@ -492,7 +492,7 @@ def load_counterfactual(ctx: ScoringContext, anchors: Sequence[int], n_rows: int
     generations of these anchors' captions, the last ``len(anchors)`` of ``n_rows`` supervision rows."""
     from montrage.storage import schema as S
 
-    path = ctx.store.run_dir / S.RETRAINS_DIRNAME / S.RETRAIN_TARGETS_FILENAME
+    path = S.retrain_targets_path(ctx.store.run_dir)
     if not path.is_file():
         return None
     try:
@@ -509,7 +509,7 @@ def load_counterfactual(ctx: ScoringContext, anchors: Sequence[int], n_rows: int
 def _counterfactual_fingerprint(ctx: ScoringContext) -> str:
     from montrage.storage import schema as S
 
-    path = ctx.store.run_dir / S.RETRAINS_DIRNAME / S.RETRAIN_TARGETS_FILENAME
+    path = S.retrain_targets_path(ctx.store.run_dir)
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else ""
 
 

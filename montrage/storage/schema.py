@@ -30,6 +30,8 @@ names, which Zarr allows.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 LAYOUT_VERSION = 2  # 2: training images + hashes, learning_rate, attribution keyed by query set
 STORE_DIRNAME = "store.zarr"
 LOCK_FILENAME = ".montrage.lock"
@@ -161,3 +163,8 @@ def gradient_path(output: str) -> str:
 
 def gradient_norm_path(output: str) -> str:
     return f"{TRAIN}/{GRADIENT_NORMS}/{output}"
+
+
+def retrain_targets_path(run_dir: Path) -> Path:
+    """RUN/retrains/targets.npz: the counterfactual targets of ``montrage fit --retrains`` (beside the store)."""
+    return run_dir / RETRAINS_DIRNAME / RETRAIN_TARGETS_FILENAME
