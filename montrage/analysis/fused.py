@@ -36,6 +36,14 @@ anchor trajectories (a second noise draw, no perturbation) supervise the represe
 Channels that cannot be computed for a run (no LoRA weights, no training images) are left out, and the
 JSON of ``montrage attribute`` lists per query the channels and weights used.
 
+Exact caption first (prompt known): training images whose caption IS the prompt (cosine 1 through the run's text
+encoder, fewer than all images) are ranked above every other image, each just above the best of the rest; the
+rest of the ranking and the scores' scale are untouched. Such an image was trained under exactly the
+conditioning that made the generation -- the most direct path of influence a prompt has -- but the channels'
+weighted sum can let a sibling of the same concept (or a hub image) outscore it. Rank-only, so the graded scores
+the LDS reads stay as fitted. The fit adopts the rule only if it does not lower R@1 on its generated supervision
+(the anchors' own captions), and the JSON lists per query the images it lifted.
+
 ``montrage-final`` is the same model restricted to the attributed checkpoint (``rep/*/sim-final``,
 ``grad/dtrak``, ``grad/tracin/k<last>``, ``pixel``): the dynamics ablation. Concept queries
 (``--concept PHRASE``): score(prompt with the phrase) - score(prompt without it), Concept-TRAK's utility
@@ -65,7 +73,9 @@ WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 10
+MODEL_VERSION = 11
+EXACT_CAPTION_TOLERANCE = 1e-4  # of the text-encoder cosine: 1 - this counts as the same caption
+EXACT_CAPTION_MARGIN = 0.1  # in standard deviations of the query's raw scores: how far above the rest a lifted image goes
 COUNTERFACTUAL_WEIGHT = 1.0  # of the LDS-style term, when the run has retrained subsets (`montrage fit --retrains`)
 # the term is adopted only when it raises the held-out LDS by more than this and 2 standard errors: forced on 4
 # retrains, it traded new compositions for LDS (typefaces s0 composition 1.00 -> .53; synthetic s0 LDS .52 -> .44)
@@ -130,6 +140,32 @@ def near_duplicate(similarity: np.ndarray) -> np.ndarray:
     d1, d2 = dist[rows, order[:, 0]], dist[rows, order[:, 1]]
     out[rows, order[:, 0]] = np.log(d2 / d1)
     return np.where(np.isfinite(out), out, 0.0).astype(np.float32)
+
+
+def exact_caption_first(raw: np.ndarray, text: np.ndarray) -> Tuple[np.ndarray, List[List[int]]]:
+    """Per query, the images whose caption is the prompt (``text``: text-encoder cosine, (Q, N)) ranked first, each
+    lifted to at least EXACT_CAPTION_MARGIN row-std above the best other image; nothing changes for a query that
+    matches no caption or every caption. Returns the new raw scores and, per query, the lifted images."""
+    out = np.array(raw, np.float32, copy=True)
+    lifted: List[List[int]] = []
+    for j in range(len(out)):
+        exact = np.asarray(text[j], np.float64) >= 1.0 - EXACT_CAPTION_TOLERANCE
+        if not exact.any() or exact.all():
+            lifted.append([])
+            continue
+        floor = out[j][~exact].max() + max(EXACT_CAPTION_MARGIN * float(out[j].std()), 1e-3)
+        out[j][exact] = np.maximum(out[j][exact], floor)
+        lifted.append([int(i) for i in np.flatnonzero(exact)])
+    return out, lifted
+
+
+def recall_at_1(scores: np.ndarray, target: np.ndarray) -> float:
+    """Share of rows whose target-1 image scores strictly above every other image."""
+    top = target.argmax(1)
+    rows = np.arange(len(scores))
+    best = scores[rows, top]
+    others = np.where(np.arange(scores.shape[1])[None] == top[:, None], -np.inf, scores).max(1)
+    return float(np.mean(best > others))
 
 
 RAW_SCALE_PREFIXES = ("dup/",)  # channels used on their own scale
@@ -342,6 +378,11 @@ class FusedModel:
     supervision: str = ""
     history: List[float] = field(default_factory=list)
     counterfactual: Dict[str, object] = field(default_factory=dict)  # retrains used, and held-out LDS
+    exact_caption: Dict[str, object] = field(default_factory=dict)  # the exact-caption rule: adopted, and why
+
+    @property
+    def exact_caption_first(self) -> bool:
+        return bool(self.exact_caption.get("adopted"))
 
     def raw(self, values: Dict[str, np.ndarray]) -> np.ndarray:
         missing = [c for c in self.channels if c not in values]
@@ -358,12 +399,13 @@ class FusedModel:
     def to_json(self) -> dict:
         return {"kind": self.kind, "channels": self.channels, "weights": [float(w) for w in self.weights],
                 "scale": self.scale, "bias": self.bias, "supervision": self.supervision,
-                "counterfactual": self.counterfactual}
+                "counterfactual": self.counterfactual, "exact_caption": self.exact_caption}
 
     @classmethod
     def from_json(cls, d: dict) -> "FusedModel":
         return cls(d["kind"], list(d["channels"]), np.asarray(d["weights"], np.float64), float(d["scale"]),
-                   float(d["bias"]), d.get("supervision", ""), counterfactual=dict(d.get("counterfactual") or {}))
+                   float(d["bias"]), d.get("supervision", ""), counterfactual=dict(d.get("counterfactual") or {}),
+                   exact_caption=dict(d.get("exact_caption") or {}))
 
 
 def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str,
@@ -628,6 +670,20 @@ def stored_anchor_values(ctx: ScoringContext, anchors: Sequence[int], kind: str,
     return out
 
 
+def exact_caption_check(model: FusedModel, values: Dict[str, np.ndarray], target: np.ndarray, n_generated: int
+                        ) -> Dict[str, object]:
+    """Whether the exact-caption rule helps on the fit's own generated supervision (the last ``n_generated`` rows:
+    the anchors' captions as prompts): R@1 of the anchor with and without it; adopted unless it lowers R@1."""
+    if "text/encoder" not in values or n_generated < 1:
+        return {"adopted": False, "why": "no text-encoder channel or no generated supervision"}
+    rows = slice(len(target) - n_generated, len(target))
+    raw = model.raw({c: v[rows] for c, v in values.items()})
+    lifted, which = exact_caption_first(raw, values["text/encoder"][rows])
+    before, after = recall_at_1(raw, target[rows]), recall_at_1(lifted, target[rows])
+    return {"adopted": after >= before and any(which), "supervision_r1": [round(before, 4), round(after, 4)],
+            "rows": n_generated}
+
+
 def _model_path(ctx: ScoringContext, name: str, kind: str):
     store = ctx.store
     targets = _counterfactual_fingerprint(ctx) if kind == PROMPT else ""
@@ -653,6 +709,8 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
               if kind == PROMPT and "generations" in how else None)
         model = (fit(values, target, kind, how, ctx.store.concepts) if cf is None
                  else fit_with_counterfactual(values, target, kind, how, ctx.store.concepts, cf))
+        if kind == PROMPT and "generations" in how:
+            model.exact_caption = exact_caption_check(model, values, target, len(supervision_anchors(ctx.store)))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -672,11 +730,17 @@ class FusedScorer:
     description: str
     final_only: bool = False
 
-    def _score_kind(self, ctx: ScoringContext, idx: List[int], kind: str, prompts: Sequence[str]) -> Tuple[np.ndarray, FusedModel]:
+    def _score_kind(self, ctx: ScoringContext, idx: List[int], kind: str, prompts: Sequence[str]
+                    ) -> Tuple[np.ndarray, FusedModel, List[List[int]]]:
         model = fitted_model(ctx, self.name, kind, self.final_only)
         families = {family(c) for c in model.channels}
+        if model.exact_caption_first:
+            families.add("text")
         values = channel_values(_sub(ctx, subset(ctx.queries, idx, prompts)), kind, self.final_only, tuple(families))
-        return model.raw(values), model
+        raw, lifted = model.raw(values), [[] for _ in idx]
+        if model.exact_caption_first and "text/encoder" in values:
+            raw, lifted = exact_caption_first(raw, values["text/encoder"])
+        return raw, model, lifted
 
     def _raw(self, ctx: ScoringContext, prompts: Sequence[str]) -> Tuple[np.ndarray, List[dict]]:
         n = len(ctx.store.train_meta["file_names"])
@@ -686,10 +750,13 @@ class FusedScorer:
             idx = [i for i, p in enumerate(prompts) if query_kind(p) == kind]
             if not idx:
                 continue
-            r, model = self._score_kind(ctx, idx, kind, [prompts[i] for i in idx])
+            r, model, lifted = self._score_kind(ctx, idx, kind, [prompts[i] for i in idx])
             raw[idx] = r
-            for i in idx:
+            for i, lift in zip(idx, lifted):
                 info[i] = {"query_kind": kind, "channels": model.used()}
+                if kind == PROMPT:
+                    info[i]["exact_caption_first"] = lift
+
         return raw, info
 
     def score(self, ctx: ScoringContext) -> np.ndarray:

@@ -238,6 +238,16 @@ def test_end_to_end_on_a_tiny_run(tmp_path, tiny_run):
                    for c in chans)
     conc = attribute(run, "montrage", options={**opts, "concept": "by artist-0"}, write_store=False, progress=False)
     assert conc.payload["concept"] == "by artist-0" and np.isfinite(conc.scores).all()
+    # a generation of an exact training caption: the image trained under it is ranked first, and the JSON says so
+    captions = list(st.train_meta["captions"])
+    picks = [i for i in range(len(captions)) if captions.count(captions[i]) == 1][:3]
+    q = probe_queries(st)
+    q = F.subset(q, [0] * len(picks), [captions[i] for i in picks])
+    q.ids = [f"exact-{i}" for i in picks]
+    exact = attribute(run, "montrage", queries=q, options=dict(opts), write_store=False, progress=False)
+    rows = exact.payload["queries"]
+    assert [r["exact_caption_first"] for r in rows] == [[i] for i in picks]
+    assert list(exact.scores.argmax(1)) == picks
 
 
 def test_concept_mean_spreads_a_prompts_pull_over_its_concept():
@@ -327,3 +337,49 @@ def test_lds_is_the_spearman_of_predicted_effect_and_loss():
     losses = -(masks @ scores.T)  # a perfect prediction: more attributed images in -> lower loss
     assert F.lds(scores, masks, losses) == pytest.approx(1.0)
     assert F.lds(scores, masks, -losses) == pytest.approx(-1.0)
+
+
+def test_exact_caption_first_lifts_only_the_images_trained_under_the_prompt():
+    """Query 0's prompt is image 2's caption but a sibling (image 1) scores higher: image 2 goes first, just above
+    the rest, whose order is kept; query 1 matches no caption and query 2 matches every caption: unchanged."""
+    raw = np.array([[0.1, 3.0, 2.0, -1.0, 0.5],
+                    [0.1, 3.0, 2.0, -1.0, 0.5],
+                    [0.1, 3.0, 2.0, -1.0, 0.5]], np.float32)
+    text = np.array([[0.90, 0.95, 1.0, 0.20, 0.30],
+                     [0.90, 0.95, 0.99, 0.20, 0.30],
+                     [1.0, 1.0, 1.0, 1.0, 1.0]], np.float32)
+    out, lifted = F.exact_caption_first(raw, text)
+    assert lifted == [[2], [], []]
+    assert out[0].argmax() == 2 and out[0, 2] - 3.0 < 0.5
+    others = [0, 1, 3, 4]
+    np.testing.assert_array_equal(out[0, others], raw[0, others])
+    np.testing.assert_array_equal(out[1:], raw[1:])
+    # an exact match that already leads keeps its score
+    out2, _ = F.exact_caption_first(np.array([[5.0, 1.0, 0.0]], np.float32), np.array([[1.0, 0.5, 0.1]], np.float32))
+    np.testing.assert_array_equal(out2, [[5.0, 1.0, 0.0]])
+
+
+def test_exact_caption_rule_is_adopted_only_when_the_supervision_confirms_it():
+    """On the fit's generated supervision (anchor j's caption as prompt, target j): adopted when the caption names
+    the source (R@1 rises), refused when the matching caption belongs to another image (R@1 would fall)."""
+    n = 12
+    targets = np.arange(n)
+    y = np.zeros((n, n), np.float32)
+    y[targets, targets] = 1.0
+    rng = np.random.default_rng(0)
+    rep = rng.normal(size=(n, n)).astype(np.float32)
+    rep[targets, targets] += 2.0
+    rep[targets, (targets + 1) % n] += 2.5  # a sibling outscores the source on half the rows
+    rep[targets[::2], targets[::2]] += 1.0
+    model = F.FusedModel(F.PROMPT, ["rep/null/move"], np.array([1.0]))
+    right = np.full((n, n), 0.5, np.float32)
+    right[targets, targets] = 1.0
+    check = F.exact_caption_check(model, {"rep/null/move": rep, "text/encoder": right}, y, n_generated=n)
+    assert check["adopted"] and check["supervision_r1"][1] == 1.0 > check["supervision_r1"][0]
+    wrong = np.full((n, n), 0.5, np.float32)
+    wrong[targets, (targets + 3) % n] = 1.0
+    check = F.exact_caption_check(model, {"rep/null/move": rep, "text/encoder": wrong}, y, n_generated=n)
+    assert not check["adopted"] and check["supervision_r1"][1] < check["supervision_r1"][0]
+    assert not F.exact_caption_check(model, {"rep/null/move": rep}, y, n_generated=n)["adopted"]
+    restored = F.FusedModel.from_json(model.to_json())
+    assert restored.exact_caption == model.exact_caption
