@@ -73,7 +73,7 @@ figure img{display:block;margin:0 auto}
 img.fig{max-width:100%;height:auto}
 img.px{image-rendering:pixelated;image-rendering:crisp-edges}
 .missing{width:96px;height:96px;display:flex;align-items:center;justify-content:center;background:#eceff3;color:#6b7682;font-size:10px;text-align:center;overflow-wrap:anywhere}
-.ok{color:#1a7f37;font-weight:600}.bad{color:#c62828;font-weight:600}
+.ok{color:#1a7f37;font-weight:600}.bad{color:#c62828;font-weight:600}.exact{color:#6a1b9a;font-weight:600}
 .prompt{font-weight:600;font-size:13px;margin-bottom:2px;overflow-wrap:anywhere}
 table.grid{border-collapse:collapse;background:#fff}
 table.grid th{font-size:10px;font-weight:500;padding:2px;width:66px;vertical-align:bottom;overflow-wrap:anywhere}
@@ -341,7 +341,7 @@ def _summary_section(store: RunStore, info: dict, colors: Dict[str, str], train_
 
 
 def _train_figure(i: int, score: Optional[float], names: List[str], concepts: List[str], captions: List[str],
-                  thumbs: Optional[Dict[int, str]], colors: Dict[str, str]) -> str:
+                  thumbs: Optional[Dict[int, str]], colors: Dict[str, str], exact_caption: bool = False) -> str:
     name = names[i]
     alt = f"{name}: {captions[i]}" if i < len(captions) else name
     if thumbs is not None and i in thumbs:
@@ -349,8 +349,10 @@ def _train_figure(i: int, score: Optional[float], names: List[str], concepts: Li
     else:
         pic = f'<div class="missing" title="{e(alt)}">{e(name)}</div>'
     sc = "" if score is None else f"<br>score {score:.3f}"
+    exact = ('<br><span class="exact" title="ranked first by the fused model: this image was trained under exactly '
+             'the prompt">caption = prompt</span>' if exact_caption else "")
     return (f'<figure class="train">{pic}<figcaption><span class="fname">{e(name)}</span><br>'
-            f'{_tag(concepts[i], colors)}{sc}</figcaption></figure>')
+            f'{_tag(concepts[i], colors)}{sc}{exact}</figcaption></figure>')
 
 
 CHANNEL_FAMILIES = (("text/", "the prompt vs each training caption through the run's text encoder"),
@@ -381,6 +383,11 @@ def _evidence_rows(payload: dict, top: int = 6) -> List[Tuple[str, str]]:
         label = "prompt known" if kind == "prompt" else "image only"
         rows.append((f"evidence weighed ({label})", e(f"{fam_text}; largest: " +
                                                       ", ".join(f"{c} {w / total:.0%}" for c, w in best))))
+    lifted = [q for q in payload.get("queries", []) if q.get("exact_caption_first")]
+    if lifted:
+        rows.append(("exact caption first", e(f"{len(lifted)} of {len(payload.get('queries', []))} queries carry a "
+                                              "training caption as their prompt: the images trained under it are "
+                                              "ranked first (marked \"caption = prompt\"), the rest as fitted")))
     if rows:
         rows.append(("channel families", e("; ".join(f"{f.rstrip('/')}: {d}" for f, d in CHANNEL_FAMILIES))))
     return rows
@@ -427,8 +434,9 @@ def _probe_section(store: RunStore, payload: dict, source: str, method: str, top
                      f'{_img(P.image_data_uri(images[p]), "generated: " + q["prompt"], P.THUMB)}'
                      f'<div>probe {p}, seed {e(q.get("seed"))}</div>'
                      f'<div>predicted {_tag(predicted or "", colors)}</div><div>{verdict}</div></div>')
+            exact = set(q.get("exact_caption_first") or [])
             tops = "".join(_train_figure(int(t["train_index"]), float(t["score"]), names, concepts, captions,
-                                         thumbs, colors) for t in q["top"][:top_k])
+                                         thumbs, colors, int(t["train_index"]) in exact) for t in q["top"][:top_k])
             mixed = _is_mixed(kinds[p], metas[p] if p < len(metas) else {})
             vals = q["concept_proportions"] if mixed else q["concept_scores"]
             chart = ""

@@ -223,3 +223,10 @@ def test_the_fused_models_evidence_is_shown_per_query_kind(tiny_run, tmp_path):
                               attribution=att)).all_text
     assert "evidence weighed (prompt known) text 60%, rep 20%, grad 20%; largest: text/encoder 30%" in text
     assert "image only" not in text and "channel families" in text
+    assert "caption = prompt" not in text and "exact caption first" not in text
+    first = att.payload["queries"][0]
+    first["exact_caption_first"] = [int(first["top"][0]["train_index"])]
+    page = parse(build_report(tiny_run, method=METHOD, out=tmp_path / "exact.html", progress=False, attribution=att))
+    n = len(att.payload["queries"])
+    assert f"exact caption first 1 of {n} queries carry a training caption" in page.all_text
+    assert page.all_text.count("caption = prompt") == 2  # the note names the mark; one image carries it
