@@ -199,6 +199,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
             elif cf:
                 print(f"  counterfactual term ({cf['retrains']} retrains): not adopted, held-out LDS not measured: "
                       f"{cf['heldout']}")
+            ex = m.get("exact_caption") or {}
+            if ex.get("supervision_r1"):
+                before, after = ex["supervision_r1"]
+                print(f"  exact caption first: R@1 on the generated supervision {before:.3f} without, {after:.3f} "
+                      f"with; " + ("adopted" if ex.get("adopted") else "not adopted"))
     if args.json:
         Path(args.json).write_text(json.dumps(models, indent=1))
     return 0

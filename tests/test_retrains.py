@@ -49,6 +49,9 @@ def test_retrains_store_targets_and_the_prompt_model_is_fitted_to_them(tiny_run_
     assert cf["adopted"] == (gain > max(F.COUNTERFACTUAL_ADOPT_MARGIN, 2 * cf["heldout_gain_se"]))
     assert cf["adopted"] == ("counterfactual: losses of the generations" in prompt["supervision"])
     assert not image["counterfactual"]  # image-only queries are not fitted to the caption generations' losses
+    ex = prompt["exact_caption"]  # the exact-caption rule's own check, printed with the fit
+    assert len(ex["supervision_r1"]) == 2 and ex["adopted"] == (ex["supervision_r1"][1] >= ex["supervision_r1"][0])
+    assert "exact caption first: R@1 on the generated supervision" in out and not image["exact_caption"]
     saved = list((run / "montrage-models").glob("montrage-prompt-*.json"))
     assert saved and any(json.loads(p.read_text())["counterfactual"] for p in saved)
 
