@@ -756,7 +756,6 @@ class FusedScorer:
                 info[i] = {"query_kind": kind, "channels": model.used()}
                 if kind == PROMPT:
                     info[i]["exact_caption_first"] = lift
-
         return raw, info
 
     def score(self, ctx: ScoringContext) -> np.ndarray:
