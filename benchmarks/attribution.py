@@ -126,8 +126,33 @@ class AttributionBenchSettings:
                              guidance_scale=self.guidance_scale, timesteps=self.capture_timesteps, anchors=self.anchors)
 
 
-def settings_for(dataset: str = "synthetic", seed: int = 0, quick: bool = False) -> AttributionBenchSettings:
-    """The default (or ``--quick``) settings of one (dataset, seed)."""
+def settings_for(dataset: str = "synthetic", seed: int = 0, quick: bool = False,
+                 variant: Optional[Dict[str, object]] = None) -> AttributionBenchSettings:
+    """The default (or ``--quick``) settings of one (dataset, seed); ``variant`` overrides the LoRA training
+    (``steps``, ``rank``, ``lr``) and the number of LDS subsets (``lds_subsets``), e.g. to train as long as the
+    quality gate does; checkpoints stay 5 (every steps / 4)."""
+    s = _default_settings(dataset, seed, quick)
+    changes = {k: v for k, v in (variant or {}).items() if v is not None}
+    unknown = set(changes) - set(VARIANT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown variant settings {sorted(unknown)}; known: {list(VARIANT_KEYS)}")
+    if "steps" in changes:
+        changes["every_n_steps"] = max(1, int(changes["steps"]) // 4)
+    return dataclasses.replace(s, **changes)
+
+
+VARIANT_KEYS = ("steps", "rank", "lr", "lds_subsets")
+
+
+def variant_tag(s: AttributionBenchSettings, dataset: str, seed: int, quick: bool) -> str:
+    """'' for the default settings of (dataset, seed), else a folder/section suffix naming what differs, so that a
+    variant never overwrites (or is summarised as) the default benchmark."""
+    base = _default_settings(dataset, seed, quick)
+    names = {"steps": "steps", "rank": "rank", "lr": "lr", "lds_subsets": "lds"}
+    return "".join(f"-{names[k]}{getattr(s, k):g}" for k in VARIANT_KEYS if getattr(s, k) != getattr(base, k))
+
+
+def _default_settings(dataset: str, seed: int, quick: bool) -> AttributionBenchSettings:
     if quick:
         data = BenchDataConfig(dataset=dataset, n_concepts=4, per_concept=4, queries_per_concept=2,
                                composition_seeds=2, mixed_pairs=2, n_prior=8, seed=seed)
@@ -574,8 +599,8 @@ def finished_run(run_dir: Path, s: AttributionBenchSettings) -> bool:
         store.close()
 
 
-def run_dir_for(out: str | Path, dataset: str, seed: int, quick: bool) -> Path:
-    return Path(out) / (f"attribution-{dataset}-seed{seed}" + ("-quick" if quick else ""))
+def run_dir_for(out: str | Path, dataset: str, seed: int, quick: bool, tag: str = "") -> Path:
+    return Path(out) / (f"attribution-{dataset}-seed{seed}" + ("-quick" if quick else "") + tag)
 
 
 def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Optional[AttributionBenchSettings] = None,
@@ -905,9 +930,17 @@ def collect_results(out: Path, quick: bool) -> List[dict]:
             r = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if r.get("benchmark") == "attribution" and bool(r.get("quick")) == bool(quick) and "dataset" in r:
+        if (r.get("benchmark") == "attribution" and bool(r.get("quick")) == bool(quick) and "dataset" in r
+                and not _is_variant(r)):
             found.append(r)
     return sorted(found, key=lambda r: (r["dataset"], r["seed"]))
+
+
+def _is_variant(res: dict) -> bool:
+    """A result of non-default settings (``--train-steps`` etc.): reported in its own section, never summarised."""
+    s = res.get("settings") or {}
+    base = _default_settings(res["dataset"], int(res.get("seed", 0)), bool(res.get("quick")))
+    return any(k in s and s[k] != getattr(base, k) for k in VARIANT_KEYS)
 
 
 def run_from_cli(args) -> int:
@@ -916,14 +949,18 @@ def run_from_cli(args) -> int:
 
     dataset, seed, quick = getattr(args, "dataset", "synthetic") or "synthetic", int(getattr(args, "seed", 0) or 0), \
         bool(args.quick)
-    out = run_dir_for(args.out, dataset, seed, quick)
+    s = settings_for(dataset, seed, quick, {"steps": getattr(args, "train_steps", None),
+                                            "rank": getattr(args, "rank", None), "lr": getattr(args, "lr", None),
+                                            "lds_subsets": getattr(args, "lds_subsets", None)})
+    tag = variant_tag(s, dataset, seed, quick)
+    out = run_dir_for(args.out, dataset, seed, quick, tag)
     rescore = getattr(args, "rescore", None)
     if getattr(args, "from_results", False):  # report a finished run again (e.g. --write-md later), no work
         res = json.loads((out / "results.json").read_text())
         if res.get("prepare_timings_s") is None and (out / "prepare.json").is_file():
             res["prepare_timings_s"] = json.loads((out / "prepare.json").read_text()).get("timings_s")
     else:
-        res = run_attribution_bench(out, quick=quick, dataset=dataset, seed=seed,
+        res = run_attribution_bench(out, quick=quick, settings=s, dataset=dataset, seed=seed,
                                     prepare_only=bool(getattr(args, "prepare", False)),
                                     rescore=None if rescore is None else [m for m in rescore.split(",") if m],
                                     retrains=int(getattr(args, "retrains", 0) or 0))
@@ -936,21 +973,26 @@ def run_from_cli(args) -> int:
         return 0
     md_path = Path(args.write_md)
     suffix = "-quick" if quick else ""
-    grid_rel = f"docs/attribution_samples_{dataset}_seed{seed}{suffix}.png"
-    s = settings_for(dataset, seed, quick)
+    grid_rel = f"docs/attribution_samples_{dataset}_seed{seed}{suffix}{tag}.png"
     grid = sample_grid(out / "run", build_bench_data(out / "data", s.data), md_path.parent / grid_rel, seed=seed,
                        num_steps=s.probe_steps, guidance_scale=s.guidance_scale)
     print(f"wrote {grid}")
     seeds = (f"--seed {seed}: data, training, queries, LDS subsets {res['lds']['subset_seeds']}, bootstrap "
              f"({res['settings']['n_bootstrap']} resamples); LDS noise {res['lds']['noise_seed']}")
-    kind = f"attribution-{dataset}-seed{seed}{suffix}"
+    kind = f"attribution-{dataset}-seed{seed}{suffix}{tag}"
     scored = (f"- scored at git commit `{res['git_commit']}` (plus the working tree of that time)" if res.get("git_commit")
               else "- scored before this section was written (see the timings); git commit of the writing below")
-    body = "\n".join([f"### Attribution, {dataset}, seed {seed}" + (" (--quick)" if quick else ""), "",
+    title = f"### Attribution, {dataset}, seed {seed}" + (" (--quick)" if quick else "")
+    if tag:
+        title += (f" -- variant: LoRA {s.steps} steps, rank {s.rank}, lr {s.lr:g}, {s.lds_subsets} LDS subsets "
+                  "(not in the summary above)")
+    body = "\n".join([title, "",
                       provenance_lines(args, seeds), scored, *_setup_lines(res),
                       f"- samples (training images | base model | fine-tuned, same captions and seeds): "
                       f"[{grid_rel}]({grid_rel})", "", res["markdown"]])
     print(f"wrote section '{kind}' of {write_md_section(kind, body, md_path)}")
+    if tag:
+        return 0
     summary = summary_markdown(collect_results(Path(args.out), quick))
     head = ["## Attribution on the queries users bring" + (" (--quick)" if quick else ""), "",
             "Every registered method on every query type (prompt = a training caption; a new composition; image "

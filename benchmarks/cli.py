@@ -54,6 +54,9 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--dataset", str(args.dataset)]
     if getattr(args, "retrains", 0) and args.kind == "attribution":
         parts += ["--retrains", str(args.retrains)]
+    for flag in ("train_steps", "rank", "lr", "lds_subsets"):
+        if getattr(args, flag, None) is not None and args.kind == "attribution":
+            parts += ["--" + flag.replace("_", "-"), f"{getattr(args, flag):g}"]
     if getattr(args, "per_concept", None) and args.kind == "concept":
         parts += ["--per-concept", str(args.per_concept)]
     if getattr(args, "run", None):
@@ -180,6 +183,18 @@ def add_write_md_option(ap: argparse.ArgumentParser) -> None:
                     help="(re)write this benchmark's section of PATH (default: BENCHMARKS.md in the checkout root)")
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description="montrage benchmarks (run from a checkout; "
                                  "`montrage bench KIND ...` runs this)")
@@ -203,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--retrains", type=int, default=0, metavar="N",
                     help="attribution: `montrage fit --retrains N` on the run before scoring (counterfactual targets "
                     "for the fused model; cached beside the run)")
+    ap.add_argument("--train-steps", type=_positive(int), default=None, metavar="N",
+                    help="attribution: a variant whose LoRA trains N steps (5 checkpoints, every N/4); its run and "
+                    "section are kept apart from the default benchmark's and left out of the summary")
+    ap.add_argument("--rank", type=_positive(int), default=None, metavar="R", help="attribution: variant LoRA rank")
+    ap.add_argument("--lr", type=_positive(float), default=None, metavar="LR",
+                    help="attribution: variant learning rate")
+    ap.add_argument("--lds-subsets", type=_positive(int), default=None, metavar="M",
+                    help="attribution: variant number of retrained LDS subsets (default 20; each costs half a training)")
     ap.add_argument("--from-results", action="store_true",
                     help="attribution: report the saved results.json of this (dataset, seed) again (with --write-md)")
     add_write_md_option(ap)

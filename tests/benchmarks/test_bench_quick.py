@@ -125,3 +125,33 @@ def test_verdict_rule(values, diff, tied, met):
     res = {"dataset": "synthetic", "seed": 0, "verdicts": rows, "methods": {}}
     table = summary_markdown([res])
     assert ("; ok" in table) is tied and len(table.splitlines()) >= len(HEADLINE)
+
+
+def test_a_training_variant_gets_its_own_folder_and_stays_out_of_the_summary(tmp_path, capsys):
+    """`--train-steps/--rank/--lr/--lds-subsets` make a variant: 5 checkpoints still, a folder and section named by
+    what differs, and the default benchmark's summary never reads it."""
+    from benchmarks.attribution import collect_results, run_dir_for, settings_for, variant_tag
+    from benchmarks.cli import build_parser, command_line
+
+    base = settings_for("typefaces", 0)
+    assert variant_tag(base, "typefaces", 0, False) == ""
+    long = settings_for("typefaces", 0, variant={"steps": 1600, "rank": 16, "lr": 0.002, "lds_subsets": 8})
+    assert (long.steps, long.every_n_steps, long.rank, long.lr, long.lds_subsets) == (1600, 400, 16, 0.002, 8)
+    assert long.data == base.data and long.capture_timesteps == base.capture_timesteps
+    tag = variant_tag(long, "typefaces", 0, False)
+    assert tag == "-steps1600-rank16-lr0.002-lds8"
+    assert run_dir_for(tmp_path, "typefaces", 0, False, tag).name == "attribution-typefaces-seed0" + tag
+    with pytest.raises(ValueError, match="unknown variant"):
+        settings_for("typefaces", 0, variant={"batch": 4})
+    for folder, s in (("attribution-typefaces-seed0", base), ("attribution-typefaces-seed0" + tag, long)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps(
+            {"benchmark": "attribution", "dataset": "typefaces", "seed": 0, "quick": False,
+             "settings": dataclasses.asdict(s) | {"data": {}}}))
+    assert [r["settings"]["steps"] for r in collect_results(tmp_path, False)] == [base.steps]
+    args = build_parser().parse_args(["attribution", "--dataset", "typefaces", "--train-steps", "1600", "--rank", "16",
+                                      "--lr", "0.002", "--lds-subsets", "8"])
+    assert "--train-steps 1600 --rank 16 --lr 0.002 --lds-subsets 8" in command_line(args)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["attribution", "--train-steps", "0"])
+    assert "expected a positive int" in capsys.readouterr().err
