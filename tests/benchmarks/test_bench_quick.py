@@ -135,11 +135,12 @@ def test_a_training_variant_gets_its_own_folder_and_stays_out_of_the_summary(tmp
 
     base = settings_for("typefaces", 0)
     assert variant_tag(base, "typefaces", 0, False) == ""
-    long = settings_for("typefaces", 0, variant={"steps": 1600, "rank": 16, "lr": 0.002, "lds_subsets": 8})
-    assert (long.steps, long.every_n_steps, long.rank, long.lr, long.lds_subsets) == (1600, 400, 16, 0.002, 8)
+    long = settings_for("typefaces", 0, variant={"steps": 600, "rank": 8, "lr": 0.005, "lds_subsets": 8})
+    assert (long.steps, long.every_n_steps, long.rank, long.lr, long.lds_subsets) == (600, 150, 8, 0.005, 8)
     assert long.data == base.data and long.capture_timesteps == base.capture_timesteps
     tag = variant_tag(long, "typefaces", 0, False)
-    assert tag == "-steps1600-rank16-lr0.002-lds8"
+    assert tag == "-steps600-rank8-lr0.005-lds8"
+    assert variant_tag(settings_for("typefaces", 0, variant={"rank": base.rank}), "typefaces", 0, False) == ""
     assert run_dir_for(tmp_path, "typefaces", 0, False, tag).name == "attribution-typefaces-seed0" + tag
     with pytest.raises(ValueError, match="unknown variant"):
         settings_for("typefaces", 0, variant={"batch": 4})
@@ -149,9 +150,9 @@ def test_a_training_variant_gets_its_own_folder_and_stays_out_of_the_summary(tmp
             {"benchmark": "attribution", "dataset": "typefaces", "seed": 0, "quick": False,
              "settings": dataclasses.asdict(s) | {"data": {}}}))
     assert [r["settings"]["steps"] for r in collect_results(tmp_path, False)] == [base.steps]
-    args = build_parser().parse_args(["attribution", "--dataset", "typefaces", "--train-steps", "1600", "--rank", "16",
-                                      "--lr", "0.002", "--lds-subsets", "8"])
-    assert "--train-steps 1600 --rank 16 --lr 0.002 --lds-subsets 8" in command_line(args)
+    args = build_parser().parse_args(["attribution", "--dataset", "typefaces", "--train-steps", "600", "--rank", "8",
+                                      "--lr", "0.005", "--lds-subsets", "8"])
+    assert "--train-steps 600 --rank 8 --lr 0.005 --lds-subsets 8" in command_line(args)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["attribution", "--train-steps", "0"])
     assert "expected a positive int" in capsys.readouterr().err
