@@ -927,8 +927,11 @@ def summary_markdown(results: Sequence[dict]) -> str:
 
 def collect_results(out: Path, quick: bool) -> List[dict]:
     """results.json of every (dataset, seed) run under ``out`` with the same quick flag, sorted."""
-    found = []
+    found, seen = [], set()
     for p in sorted(Path(out).glob("attribution-*-seed*/results.json")):
+        if p.resolve() in seen:  # a folder linked under a second name is one run
+            continue
+        seen.add(p.resolve())
         try:
             r = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):

@@ -149,7 +149,8 @@ def test_a_training_variant_gets_its_own_folder_and_stays_out_of_the_summary(tmp
         (tmp_path / folder / "results.json").write_text(json.dumps(
             {"benchmark": "attribution", "dataset": "typefaces", "seed": 0, "quick": False,
              "settings": dataclasses.asdict(s) | {"data": {}}}))
-    assert [r["settings"]["steps"] for r in collect_results(tmp_path, False)] == [base.steps]
+    (tmp_path / "attribution-typefaces-seed0-again").symlink_to(tmp_path / "attribution-typefaces-seed0")
+    assert [r["settings"]["steps"] for r in collect_results(tmp_path, False)] == [base.steps]  # once, not twice
     args = build_parser().parse_args(["attribution", "--dataset", "typefaces", "--train-steps", "600", "--rank", "8",
                                       "--lr", "0.005", "--lds-subsets", "8"])
     assert "--train-steps 600 --rank 8 --lr 0.005 --lds-subsets 8" in command_line(args)
