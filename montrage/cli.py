@@ -204,6 +204,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 before, after = ex["supervision_r1"]
                 print(f"  exact caption first: R@1 on the generated supervision {before:.3f} without, {after:.3f} "
                       f"with; " + ("adopted" if ex.get("adopted") else "not adopted"))
+            if ex.get("share_why"):
+                print(f"  exact caption, the other images' share: {ex.get('others_share', 1.0):g} ({ex['share_why']})")
     if args.json:
         Path(args.json).write_text(json.dumps(models, indent=1))
     return 0

@@ -52,6 +52,9 @@ def test_retrains_store_targets_and_the_prompt_model_is_fitted_to_them(tiny_run_
     ex = prompt["exact_caption"]  # the exact-caption rule's own check, printed with the fit
     assert len(ex["supervision_r1"]) == 2 and ex["adopted"] == (ex["supervision_r1"][1] >= ex["supervision_r1"][0])
     assert "exact caption first: R@1 on the generated supervision" in out and not image["exact_caption"]
+    if ex["adopted"]:  # with targets, the other images' share on an exact-caption query is chosen on them too
+        assert ex["others_share"] in F.EXACT_CAPTION_SHARES and "share" in ex["share_why"]
+        assert "the other images' share" in out
     saved = list((run / "montrage-models").glob("montrage-prompt-*.json"))
     assert saved and any(json.loads(p.read_text())["counterfactual"] for p in saved)
 

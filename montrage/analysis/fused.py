@@ -76,11 +76,14 @@ CONCEPT_WEIGHT = 3.0
 MODEL_VERSION = 11
 EXACT_CAPTION_TOLERANCE = 1e-4  # of the text-encoder cosine: 1 - this counts as the same caption
 EXACT_CAPTION_MARGIN = 0.1  # in standard deviations of the query's raw scores: how far above the rest a lifted image goes
+# candidate shares of the influence left to the other images on an exact-caption query, chosen on the counterfactual
+# targets (`montrage fit --retrains`): 1 keeps the fitted scores; 0 says the generation owes its loss to its own image
+EXACT_CAPTION_SHARES = (1.0, 0.5, 0.2, 0.1, 0.0)
 COUNTERFACTUAL_WEIGHT = 1.0  # of the LDS-style term, when the run has retrained subsets (`montrage fit --retrains`)
 # the term is adopted only when it raises the held-out LDS by more than this and 2 standard errors: forced on 4
 # retrains, it traded new compositions for LDS (typefaces s0 composition 1.00 -> .53; synthetic s0 LDS .52 -> .44)
 COUNTERFACTUAL_ADOPT_MARGIN = 0.02
-COUNTERFACTUAL_RULE = 2  # part of a saved model's key when the run has targets: a model fitted under another rule is refit
+COUNTERFACTUAL_RULE = 3  # part of a saved model's key when the run has targets: a model fitted under another rule is refit
 
 
 def query_kind(prompt: str) -> str:
@@ -157,6 +160,20 @@ def exact_caption_first(raw: np.ndarray, text: np.ndarray) -> Tuple[np.ndarray, 
         out[j][exact] = np.maximum(out[j][exact], floor)
         lifted.append([int(i) for i in np.flatnonzero(exact)])
     return out, lifted
+
+
+def share_others(scores: np.ndarray, lifted: Sequence[Sequence[int]], share: float) -> np.ndarray:
+    """``scores`` with the images other than each row's lifted ones multiplied by ``share`` (rows that lifted
+    nothing unchanged): how much of an exact-caption generation is owed to the rest of the training set."""
+    out = np.array(scores, np.float32, copy=True)
+    if share == 1.0:
+        return out
+    for j, lift in enumerate(lifted):
+        if len(lift):
+            keep = out[j][list(lift)].copy()
+            out[j] *= np.float32(share)
+            out[j][list(lift)] = keep
+    return out
 
 
 def recall_at_1(scores: np.ndarray, target: np.ndarray) -> float:
@@ -383,6 +400,12 @@ class FusedModel:
     @property
     def exact_caption_first(self) -> bool:
         return bool(self.exact_caption.get("adopted"))
+
+    @property
+    def others_share(self) -> float:
+        """On an exact-caption query, the factor on the other images' scores (1 unless the counterfactual targets
+        chose less: see :func:`exact_caption_share`)."""
+        return float(self.exact_caption.get("others_share", 1.0)) if self.exact_caption_first else 1.0
 
     def raw(self, values: Dict[str, np.ndarray]) -> np.ndarray:
         missing = [c for c in self.channels if c not in values]
@@ -684,6 +707,53 @@ def exact_caption_check(model: FusedModel, values: Dict[str, np.ndarray], target
             "rows": n_generated}
 
 
+def exact_caption_share(model: FusedModel, values: Dict[str, np.ndarray], cf: Counterfactual,
+                        shares: Sequence[float] = EXACT_CAPTION_SHARES) -> Dict[str, object]:
+    """The share of the other images' scores on an exact-caption query, chosen on the counterfactual targets (whose
+    rows are the run's generations of its anchors' captions: exact-caption queries by construction). Held out like
+    the counterfactual term: the share is picked on one half of the retrained subsets and its LDS read on the other
+    (both ways round), against share 1; a share below 1 is kept only if that held-out gain exceeds
+    COUNTERFACTUAL_ADOPT_MARGIN and two standard errors. Then the share best on all subsets is used."""
+    m = len(cf.masks)
+    out: Dict[str, object] = {"others_share": 1.0, "shares_tried": [float(x) for x in shares]}
+    if m < 4 or "text/encoder" not in values:
+        out["share_why"] = ("needs 4+ retrained subsets (2 to pick, 2 to score)" if m < 4
+                            else "no text-encoder channel")
+        return out
+    rows = {c: v[cf.rows] for c, v in values.items()}
+    raw, lifted = exact_caption_first(model.raw(rows), rows["text/encoder"])
+    cal = model.calibrate(raw)
+    per = {x: share_others(cal, lifted, x) for x in shares}
+
+    def per_query(x: float, take: Sequence[int]) -> np.ndarray:
+        held = cf.take(take)
+        return lds_per_query(per[x], held.masks, held.losses)
+
+    halves = (list(range(m // 2)), list(range(m // 2, m)))
+    picked, kept, base = [], [], []
+    for a, b in ((0, 1), (1, 0)):
+        best = max(shares, key=lambda x: (np.nanmean(per_query(x, halves[a])), x))
+        picked.append(float(best))
+        kept.append(per_query(best, halves[b]))
+        base.append(per_query(1.0, halves[b]))
+    k, b0 = np.concatenate(kept), np.concatenate(base)
+    diff = (k - b0)[np.isfinite(k) & np.isfinite(b0)]
+    gain = float(diff.mean()) if len(diff) else 0.0
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+    every = list(range(m))
+    best_all = float(max(shares, key=lambda x: (np.nanmean(per_query(x, every)), x)))
+    adopt = best_all < 1.0 and gain > max(COUNTERFACTUAL_ADOPT_MARGIN, 2.0 * se)
+    out.update(others_share=best_all if adopt else 1.0, heldout_picked=picked, heldout_lds_gain=round(gain, 4),
+               heldout_gain_se=round(se, 4), lds_by_share={str(x): round(float(np.nanmean(per_query(x, every))), 4)
+                                                          for x in shares},
+               share_why=(f"share {best_all:g} of the other images: held-out LDS {gain:+.3f} (standard error "
+                          f"{se:.3f}) over share 1, picked on the other half of the {m} retrained subsets" if adopt
+                          else f"share 1 kept: held-out LDS {gain:+.3f} (standard error {se:.3f}) for the share "
+                          f"picked on the other half; adopted above +{COUNTERFACTUAL_ADOPT_MARGIN} and 2 standard "
+                          f"errors"))
+    return out
+
+
 def _model_path(ctx: ScoringContext, name: str, kind: str):
     store = ctx.store
     targets = _counterfactual_fingerprint(ctx) if kind == PROMPT else ""
@@ -711,6 +781,8 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
                  else fit_with_counterfactual(values, target, kind, how, ctx.store.concepts, cf))
         if kind == PROMPT and "generations" in how:
             model.exact_caption = exact_caption_check(model, values, target, len(supervision_anchors(ctx.store)))
+            if cf is not None and model.exact_caption_first:
+                model.exact_caption.update(exact_caption_share(model, values, cf))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -777,7 +849,13 @@ class FusedScorer:
         for kind in (PROMPT, IMAGE):
             idx = [i for i, p in enumerate(q.prompts) if query_kind(p) == kind]
             if idx:
-                out[idx] = fitted_model(ctx, self.name, kind, self.final_only).calibrate(raw[idx])
+                model = fitted_model(ctx, self.name, kind, self.final_only)
+                lifted = [info[i].get("exact_caption_first") or [] for i in idx]
+                out[idx] = share_others(model.calibrate(raw[idx]), lifted, model.others_share)
+                if model.others_share != 1.0:
+                    for i, lift in zip(idx, lifted):
+                        if lift:
+                            info[i]["others_share"] = model.others_share
         return out
 
 

@@ -383,3 +383,44 @@ def test_exact_caption_rule_is_adopted_only_when_the_supervision_confirms_it():
     assert not F.exact_caption_check(model, {"rep/null/move": rep}, y, n_generated=n)["adopted"]
     restored = F.FusedModel.from_json(model.to_json())
     assert restored.exact_caption == model.exact_caption
+
+
+def _exact_caption_rows(n: int = 16, seed: int = 0):
+    """A model and supervision rows where row j is a generation of image j's caption (text cosine 1 on j only)."""
+    rng = np.random.default_rng(seed)
+    rep = rng.normal(size=(n, n)).astype(np.float32)
+    rep[np.arange(n), np.arange(n)] += 3.0
+    text = np.full((n, n), 0.5, np.float32)
+    text[np.arange(n), np.arange(n)] = 1.0
+    model = F.FusedModel(F.PROMPT, ["rep/null/move"], np.array([1.0]), exact_caption={"adopted": True})
+    return model, {"rep/null/move": rep, "text/encoder": text}, rng
+
+
+def test_exact_caption_share_follows_what_the_retrained_subsets_show():
+    """Counterfactual targets where a generation's loss depends only on whether its own image was kept choose a
+    share below 1 for the other images, held out; targets that follow the model's graded scores keep share 1."""
+    n, m = 16, 12
+    model, values, rng = _exact_caption_rows(n)
+    masks = np.zeros((m, n), np.float32)
+    for j in range(m):
+        masks[j, rng.choice(n, n // 2, replace=False)] = 1.0
+    rows = np.arange(n)
+    own_only = -masks + 0.01 * rng.normal(size=(m, n))  # (M, R): kept exemplar -> lower loss, nothing else matters
+    check = F.exact_caption_share(model, values, F.Counterfactual(rows, masks, own_only))
+    assert check["others_share"] < 1.0 and check["heldout_lds_gain"] > F.COUNTERFACTUAL_ADOPT_MARGIN
+    assert check["lds_by_share"]["0.0"] > check["lds_by_share"]["1.0"]
+    graded = -(masks @ model.calibrate(model.raw(values)).T)  # the model's own scores, others included, are right
+    check = F.exact_caption_share(model, values, F.Counterfactual(rows, masks, graded))
+    assert check["others_share"] == 1.0 and "share 1 kept" in check["share_why"]
+    # too few subsets to hold any out: nothing chosen
+    assert F.exact_caption_share(model, values, F.Counterfactual(rows, masks[:3], own_only[:3]))["others_share"] == 1.0
+
+
+def test_the_other_images_share_applies_only_to_rows_that_lifted_an_exact_caption():
+    scores = np.array([[0.9, 0.5, 0.2], [0.9, 0.5, 0.2]], np.float32)
+    out = F.share_others(scores, [[1], []], 0.1)
+    np.testing.assert_allclose(out, [[0.09, 0.5, 0.02], [0.9, 0.5, 0.2]], rtol=1e-6)
+    model = F.FusedModel(F.PROMPT, ["a"], np.array([1.0]), exact_caption={"adopted": True, "others_share": 0.2})
+    assert F.FusedModel.from_json(model.to_json()).others_share == 0.2
+    model.exact_caption["adopted"] = False  # the share belongs to the exact-caption rule
+    assert model.others_share == 1.0
