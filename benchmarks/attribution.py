@@ -665,6 +665,14 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
 
     registered = [] if prepare_only else available()
     methods = [m for m in registered if (m in s.methods if s.methods is not None else m not in s.exclude)]
+    if retrain_info.get("n") and "montrage" in methods:  # what the fit decided from the targets (saved with the run)
+        from montrage.retrains import fit_run
+
+        pm = fit_run(run_dir, ["montrage"])["montrage"]["prompt"]
+        cf, ex = pm.get("counterfactual") or {}, pm.get("exact_caption") or {}
+        retrain_info.update(counterfactual_adopted=bool(cf.get("adopted")), counterfactual_why=cf.get("why"),
+                            others_share=float(ex.get("others_share", 1.0)), share_why=ex.get("share_why"),
+                            lds_by_share=ex.get("lds_by_share"))
     echo(f"[4/6] scoring {len(methods)} methods: {', '.join(methods)}")
     t0 = time.time()
     caches: Dict[str, dict] = {q: {} for q in queries}
@@ -859,6 +867,7 @@ def _setup_lines(res: dict) -> List[str]:
         (f"- `montrage` fitted with counterfactual targets (`montrage fit --retrains {res['retrains']['n']}`): "
          f"{res['retrains']['n']} more retrained subsets, drawn apart from the LDS subsets above, and the losses of "
          "the run's own generations of its anchors' captions under them (no benchmark query)"
+         + _fit_decisions(res["retrains"])
          if (res.get("retrains") or {}).get("n") else
          "- `montrage` fitted without counterfactual targets (no `--retrains`)"),
         f"- timings (s): data {t.get('data')}, monitored training {t.get('train_monitored')}, queries "
@@ -870,6 +879,18 @@ def _setup_lines(res: dict) -> List[str]:
         + (f"; scores reused from an earlier scoring of the same queries: {', '.join(res['reused_scores'])}"
            if res.get("reused_scores") else ""),
     ]
+
+
+def _fit_decisions(info: dict) -> str:
+    """What the fit decided from the counterfactual targets, for the section's set-up line."""
+    if "others_share" not in info:
+        return ""
+    out = (f"; the fit {'adopted' if info.get('counterfactual_adopted') else 'did not adopt'} the counterfactual "
+           f"term ({info.get('counterfactual_why')}); the other images' share on an exact-caption query: "
+           f"{info['others_share']:g} ({info.get('share_why')})")
+    if info.get("lds_by_share"):
+        out += "; LDS on the targets by share: " + ", ".join(f"{k}: {v:.3f}" for k, v in info["lds_by_share"].items())
+    return out
 
 
 def summary_markdown(results: Sequence[dict]) -> str:

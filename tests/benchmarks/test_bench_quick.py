@@ -157,3 +157,16 @@ def test_a_training_variant_gets_its_own_folder_and_stays_out_of_the_summary(tmp
     with pytest.raises(SystemExit):
         build_parser().parse_args(["attribution", "--train-steps", "0"])
     assert "expected a positive int" in capsys.readouterr().err
+
+
+def test_the_section_says_what_the_fit_decided_from_its_retrains():
+    """With counterfactual targets the set-up line states the fit's own decisions (term adopted, the other images'
+    share on an exact-caption query and the LDS by share on the targets); without them, that it had none."""
+    from benchmarks.attribution import _fit_decisions
+
+    assert _fit_decisions({"n": 8}) == ""
+    line = _fit_decisions({"n": 8, "counterfactual_adopted": False, "counterfactual_why": "held-out LDS +0.010",
+                           "others_share": 0.0, "share_why": "share 0 of the other images",
+                           "lds_by_share": {"1.0": 0.41, "0.0": 0.62}})
+    assert "did not adopt the counterfactual term (held-out LDS +0.010)" in line
+    assert "exact-caption query: 0 (share 0" in line and "1.0: 0.410, 0.0: 0.620" in line
