@@ -55,7 +55,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -708,12 +708,15 @@ def exact_caption_check(model: FusedModel, values: Dict[str, np.ndarray], target
 
 
 def exact_caption_share(model: FusedModel, values: Dict[str, np.ndarray], cf: Counterfactual,
-                        shares: Sequence[float] = EXACT_CAPTION_SHARES) -> Dict[str, object]:
+                        shares: Sequence[float] = EXACT_CAPTION_SHARES,
+                        refit: Optional[Callable[[Sequence[int]], FusedModel]] = None) -> Dict[str, object]:
     """The share of the other images' scores on an exact-caption query, chosen on the counterfactual targets (whose
     rows are the run's generations of its anchors' captions: exact-caption queries by construction). Held out like
     the counterfactual term: the share is picked on one half of the retrained subsets and its LDS read on the other
     (both ways round), against share 1; a share below 1 is kept only if that held-out gain exceeds
-    COUNTERFACTUAL_ADOPT_MARGIN and two standard errors. Then the share best on all subsets is used."""
+    COUNTERFACTUAL_ADOPT_MARGIN and two standard errors. Then the share best on all subsets is used. ``refit(subsets)``
+    gives the model fitted on those subsets only, when the model itself was fitted to the targets (the
+    counterfactual term), so that the scored half stays unseen."""
     m = len(cf.masks)
     out: Dict[str, object] = {"others_share": 1.0, "shares_tried": [float(x) for x in shares]}
     if m < 4 or "text/encoder" not in values:
@@ -721,31 +724,34 @@ def exact_caption_share(model: FusedModel, values: Dict[str, np.ndarray], cf: Co
                             else "no text-encoder channel")
         return out
     rows = {c: v[cf.rows] for c, v in values.items()}
-    raw, lifted = exact_caption_first(model.raw(rows), rows["text/encoder"])
-    cal = model.calibrate(raw)
-    per = {x: share_others(cal, lifted, x) for x in shares}
 
-    def per_query(x: float, take: Sequence[int]) -> np.ndarray:
+    def shared(fitted: FusedModel) -> Dict[float, np.ndarray]:
+        raw, lifted = exact_caption_first(fitted.raw(rows), rows["text/encoder"])
+        cal = fitted.calibrate(raw)
+        return {x: share_others(cal, lifted, x) for x in shares}
+
+    def per_query(scored: Dict[float, np.ndarray], x: float, take: Sequence[int]) -> np.ndarray:
         held = cf.take(take)
-        return lds_per_query(per[x], held.masks, held.losses)
+        return lds_per_query(scored[x], held.masks, held.losses)
 
     halves = (list(range(m // 2)), list(range(m // 2, m)))
     picked, kept, base = [], [], []
     for a, b in ((0, 1), (1, 0)):
-        best = max(shares, key=lambda x: (np.nanmean(per_query(x, halves[a])), x))
+        fold = shared(refit(halves[a]) if refit is not None else model)
+        best = max(shares, key=lambda x: (np.nanmean(per_query(fold, x, halves[a])), x))
         picked.append(float(best))
-        kept.append(per_query(best, halves[b]))
-        base.append(per_query(1.0, halves[b]))
+        kept.append(per_query(fold, best, halves[b]))
+        base.append(per_query(fold, 1.0, halves[b]))
     k, b0 = np.concatenate(kept), np.concatenate(base)
     diff = (k - b0)[np.isfinite(k) & np.isfinite(b0)]
     gain = float(diff.mean()) if len(diff) else 0.0
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
-    every = list(range(m))
-    best_all = float(max(shares, key=lambda x: (np.nanmean(per_query(x, every)), x)))
+    every, per = list(range(m)), shared(model)
+    best_all = float(max(shares, key=lambda x: (np.nanmean(per_query(per, x, every)), x)))
     adopt = best_all < 1.0 and gain > max(COUNTERFACTUAL_ADOPT_MARGIN, 2.0 * se)
     out.update(others_share=best_all if adopt else 1.0, heldout_picked=picked, heldout_lds_gain=round(gain, 4),
-               heldout_gain_se=round(se, 4), lds_by_share={str(x): round(float(np.nanmean(per_query(x, every))), 4)
-                                                          for x in shares},
+               heldout_gain_se=round(se, 4),
+               lds_by_share={str(x): round(float(np.nanmean(per_query(per, x, every))), 4) for x in shares},
                share_why=(f"share {best_all:g} of the other images: held-out LDS {gain:+.3f} (standard error "
                           f"{se:.3f}) over share 1, picked on the other half of the {m} retrained subsets" if adopt
                           else f"share 1 kept: held-out LDS {gain:+.3f} (standard error {se:.3f}) for the share "
@@ -782,7 +788,9 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
         if kind == PROMPT and "generations" in how:
             model.exact_caption = exact_caption_check(model, values, target, len(supervision_anchors(ctx.store)))
             if cf is not None and model.exact_caption_first:
-                model.exact_caption.update(exact_caption_share(model, values, cf))
+                refit = (None if not model.counterfactual.get("adopted") else
+                         lambda take: fit(values, target, kind, how, ctx.store.concepts, counterfactual=cf.take(take)))
+                model.exact_caption.update(exact_caption_share(model, values, cf, refit=refit))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

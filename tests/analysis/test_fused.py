@@ -412,6 +412,11 @@ def test_exact_caption_share_follows_what_the_retrained_subsets_show():
     graded = -(masks @ model.calibrate(model.raw(values)).T)  # the model's own scores, others included, are right
     check = F.exact_caption_share(model, values, F.Counterfactual(rows, masks, graded))
     assert check["others_share"] == 1.0 and "share 1 kept" in check["share_why"]
+    # a model fitted to the targets is refitted per fold, on the half it picks the share on, never the scored half
+    folds = []
+    check = F.exact_caption_share(model, values, F.Counterfactual(rows, masks, own_only),
+                                  refit=lambda take: folds.append(list(take)) or model)
+    assert folds == [list(range(m // 2)), list(range(m // 2, m))] and check["others_share"] < 1.0
     # too few subsets to hold any out: nothing chosen
     assert F.exact_caption_share(model, values, F.Counterfactual(rows, masks[:3], own_only[:3]))["others_share"] == 1.0
 
