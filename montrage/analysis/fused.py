@@ -83,7 +83,7 @@ COUNTERFACTUAL_WEIGHT = 1.0  # of the LDS-style term, when the run has retrained
 # the term is adopted only when it raises the held-out LDS by more than this and 2 standard errors: forced on 4
 # retrains, it traded new compositions for LDS (typefaces s0 composition 1.00 -> .53; synthetic s0 LDS .52 -> .44)
 COUNTERFACTUAL_ADOPT_MARGIN = 0.02
-COUNTERFACTUAL_RULE = 3  # part of a saved model's key when the run has targets: a model fitted under another rule is refit
+COUNTERFACTUAL_RULE = 4  # part of a saved model's key when the run has targets: a model fitted under another rule is refit
 
 
 def query_kind(prompt: str) -> str:
@@ -501,11 +501,22 @@ def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> float:
     return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
 
+def scored_rows(model: FusedModel, rows: Dict[str, np.ndarray], share: float = 1.0) -> np.ndarray:
+    """The model's scores of supervision rows as the scorer gives them: with ``share`` < 1, exact captions are
+    lifted and the other images' scores scaled (the calibrated scores alone otherwise)."""
+    if share == 1.0 or "text/encoder" not in rows:
+        return model.calibrate(model.raw(rows))
+    raw, lifted = exact_caption_first(model.raw(rows), rows["text/encoder"])
+    return share_others(model.calibrate(raw), lifted, share)
+
+
 def counterfactual_check(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str,
-                         concepts: Sequence[str], cf: Counterfactual, plain: Optional[FusedModel] = None
-                         ) -> Dict[str, object]:
+                         concepts: Sequence[str], cf: Counterfactual, plain: Optional[FusedModel] = None,
+                         share: float = 1.0) -> Dict[str, object]:
     """Held-out LDS of the counterfactual term: fitted on one half of the retrained subsets, scored on the other
-    half (both ways round), against the same model fitted without it -- never on subsets it was fitted on."""
+    half (both ways round), against the same model fitted without it -- never on subsets it was fitted on. Both
+    are scored with the other images' ``share`` already chosen for the plain model, so the term is credited only
+    with what the share does not already give."""
     m = len(cf.masks)
     out: Dict[str, object] = {"retrains": m, "weight": COUNTERFACTUAL_WEIGHT}
     if m < 4:
@@ -518,8 +529,8 @@ def counterfactual_check(values: Dict[str, np.ndarray], target: np.ndarray, kind
     for a, b in ((0, 1), (1, 0)):
         model = fit(values, target, kind, supervision, concepts, counterfactual=cf.take(halves[a]))
         held = cf.take(halves[b])
-        with_cf.append(lds_per_query(model.calibrate(model.raw(rows)), held.masks, held.losses))
-        without.append(lds_per_query(plain.calibrate(plain.raw(rows)), held.masks, held.losses))
+        with_cf.append(lds_per_query(scored_rows(model, rows, share), held.masks, held.losses))
+        without.append(lds_per_query(scored_rows(plain, rows, share), held.masks, held.losses))
     w, wo = np.concatenate(with_cf), np.concatenate(without)
     diff = (w - wo)[np.isfinite(w) & np.isfinite(wo)]
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
@@ -530,12 +541,14 @@ def counterfactual_check(values: Dict[str, np.ndarray], target: np.ndarray, kind
 
 
 def fit_with_counterfactual(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str,
-                            concepts: Sequence[str], cf: Counterfactual) -> FusedModel:
+                            concepts: Sequence[str], cf: Counterfactual, plain: Optional[FusedModel] = None,
+                            share: float = 1.0) -> FusedModel:
     """The model with the counterfactual term if it raises the held-out LDS (by more than
-    COUNTERFACTUAL_ADOPT_MARGIN), else the plain fit; either way ``model.counterfactual`` says what was measured
-    and decided. The choice is made on retrained subsets only, never on a benchmark."""
-    plain = fit(values, target, kind, supervision, concepts)
-    check = counterfactual_check(values, target, kind, supervision, concepts, cf, plain)
+    COUNTERFACTUAL_ADOPT_MARGIN; both scored with the other images' ``share``), else the plain fit; either way
+    ``model.counterfactual`` says what was measured and decided. The choice is made on retrained subsets only, never
+    on a benchmark."""
+    plain = plain or fit(values, target, kind, supervision, concepts)
+    check = counterfactual_check(values, target, kind, supervision, concepts, cf, plain, share)
     gain = (None if check.get("heldout_lds_with") is None
             else float(check["heldout_lds_with"]) - float(check["heldout_lds_without"]))
     se = float(check.get("heldout_gain_se", float("inf")))
@@ -783,14 +796,22 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
         values, target, how = supervision_values(ctx, kind, final_only)
         cf = (load_counterfactual(ctx, supervision_anchors(ctx.store), len(target))
               if kind == PROMPT and "generations" in how else None)
-        model = (fit(values, target, kind, how, ctx.store.concepts) if cf is None
-                 else fit_with_counterfactual(values, target, kind, how, ctx.store.concepts, cf))
+        concepts, n_anchors = ctx.store.concepts, len(supervision_anchors(ctx.store))
+        model = fit(values, target, kind, how, concepts)
         if kind == PROMPT and "generations" in how:
-            model.exact_caption = exact_caption_check(model, values, target, len(supervision_anchors(ctx.store)))
-            if cf is not None and model.exact_caption_first:
-                refit = (None if not model.counterfactual.get("adopted") else
-                         lambda take: fit(values, target, kind, how, ctx.store.concepts, counterfactual=cf.take(take)))
-                model.exact_caption.update(exact_caption_share(model, values, cf, refit=refit))
+            model.exact_caption = exact_caption_check(model, values, target, n_anchors)
+        if cf is not None:
+            # the share first, on the plain model (it moves no weight, so it costs no other query); the term is
+            # then adopted only for a held-out gain beyond what the share gives
+            if model.exact_caption_first:
+                model.exact_caption.update(exact_caption_share(model, values, cf))
+            plain = model
+            model = fit_with_counterfactual(values, target, kind, how, concepts, cf, plain, plain.others_share)
+            if model is not plain:
+                model.exact_caption = exact_caption_check(model, values, target, n_anchors)
+                if model.exact_caption_first:
+                    model.exact_caption.update(exact_caption_share(model, values, cf, refit=lambda take: fit(
+                        values, target, kind, how, concepts, counterfactual=cf.take(take))))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

@@ -429,3 +429,21 @@ def test_the_other_images_share_applies_only_to_rows_that_lifted_an_exact_captio
     assert F.FusedModel.from_json(model.to_json()).others_share == 0.2
     model.exact_caption["adopted"] = False  # the share belongs to the exact-caption rule
     assert model.others_share == 1.0
+
+
+def test_the_counterfactual_term_is_credited_only_beyond_the_other_images_share():
+    """When a generation's loss follows its own image alone, the share (0) already gives what the retrains show:
+    scored with it, a model refitted to the targets gains nothing held out, so it is not adopted and no weight
+    moves (the weights are what the other query kinds rank by)."""
+    n, m = 16, 12
+    model, values, rng = _exact_caption_rows(n)
+    masks = np.zeros((m, n), np.float32)
+    for j in range(m):
+        masks[j, rng.choice(n, n // 2, replace=False)] = 1.0
+    y = np.eye(n, dtype=np.float32)
+    cf = F.Counterfactual(np.arange(n), masks, -masks + 0.01 * rng.normal(size=(m, n)))
+    plain = F.fit(values, y, F.PROMPT, "planted", [])
+    kept = F.fit_with_counterfactual(values, y, F.PROMPT, "planted", [], cf, plain, share=0.0)
+    check = kept.counterfactual
+    assert kept is plain and not check["adopted"]
+    assert check["heldout_lds_with"] == pytest.approx(check["heldout_lds_without"])
