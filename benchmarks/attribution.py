@@ -918,6 +918,11 @@ def summary_markdown(results: Sequence[dict]) -> str:
                     c += " (not above " + ", ".join(m for m, v in row["lds_beats"].items() if not v) + ")"
             cells.append(c)
         out.append(f"| {lbl} | {'-' if tgt is None else f'>= {tgt:.2f}'} | " + " | ".join(cells) + " |")
+    fitted = [f"{c}: " + (f"`montrage fit --retrains {r['retrains']['n']}`" + (
+        f", the other images' share on an exact-caption query {r['retrains']['others_share']:g}"
+        if "others_share" in r["retrains"] else "") if (r.get("retrains") or {}).get("n") else "the default fit")
+        for c, r in zip(cols, results)]
+    out += ["", f"`{FOCUS}` fitted with: " + "; ".join(fitted) + " (see each section's set-up)."]
     text_rows = []
     for r in results:
         tm = r["methods"].get(TEXT_BASELINE, {}).get("metrics", {})
