@@ -135,7 +135,7 @@ def build_payload(store: RunStore, method: str, step: int, scores: np.ndarray, q
     for qi in range(len(queries)):
         cs = {c: float(v[qi]) for c, v in per_concept.items()}
         spread = float(np.nanstd(scores[qi])) if scores.shape[1] else None
-        order = np.argsort(-scores[qi], kind="stable")[:top_k]
+        order = np.asarray(info[qi].get("_order", np.argsort(-scores[qi], kind="stable")))[:top_k]
         out_queries.append({
             "id": queries.ids[qi], "prompt": queries.prompts[qi], "seed": queries.seeds[qi],
             "image": queries.meta[qi].get("file") if queries.meta else None,
@@ -147,7 +147,7 @@ def build_payload(store: RunStore, method: str, step: int, scores: np.ndarray, q
             "top": [{"train_index": int(i), "file_name": files[i], "concept": concepts[i],
                      "score": float(scores[qi, i])} for i in order],
             # what the fused model adds per query: exact_caption_first, others_share, concept_prompts
-            **{k: v for k, v in info[qi].items() if k not in ("query_kind", "channels")},
+            **{k: v for k, v in info[qi].items() if k not in ("query_kind", "channels") and not k.startswith("_")},
         })
     return {"run": str(store.run_dir), "method": method, "checkpoint": step, "condition": condition,
             "concept": options.get("concept"), "score_path": None, "queries": out_queries}

@@ -880,11 +880,14 @@ class FusedScorer:
             if idx:
                 model = fitted_model(ctx, self.name, kind, self.final_only)
                 lifted = [info[i].get("exact_caption_first") or [] for i in idx]
-                out[idx] = share_others(model.calibrate(raw[idx]), lifted, model.others_share)
+                cal = model.calibrate(raw[idx])
+                out[idx] = share_others(cal, lifted, model.others_share)
                 if model.others_share != 1.0:
-                    for i, lift in zip(idx, lifted):
+                    for i, lift, row in zip(idx, lifted, cal):
                         if lift:
                             info[i]["others_share"] = model.others_share
+                            # a share of 0 ties the other images: listed in the model's own order all the same
+                            info[i]["_order"] = np.argsort(-row, kind="stable")
         return out
 
 

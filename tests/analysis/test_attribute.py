@@ -42,3 +42,26 @@ def test_compare_attributes_probe_generations_without_their_prompts(tiny_run, mo
     seen.clear()
     C.compare(tiny_run, "final-sim", progress=False, image_only=False)
     assert seen and all(p == prompts for p in seen)
+
+
+def test_the_json_carries_the_fused_models_fields_and_its_order_under_a_share_of_zero():
+    """What the fused model adds per query reaches the JSON (private fields do not); with the other images' share
+    at 0 their scores tie, and they are listed in the model's own order, not the files' order."""
+    from types import SimpleNamespace
+
+    from montrage.analysis.attribute import build_payload
+    from montrage.analysis.base import QuerySet
+
+    store = SimpleNamespace(train_meta={"file_names": [f"{i}.png" for i in range(4)],
+                                        "concepts": ["a", "a", "b", "b"]}, run_dir="run")
+    scores = np.array([[0.0, 0.0, 0.9, 0.0], [0.1, 0.4, 0.3, 0.2]], np.float32)
+    queries = QuerySet(ids=["q0", "q1"], images=None, prompts=["caption of 2", "other"], seeds=[None, None],
+                       item_seeds=[0, 1])
+    info = [{"query_kind": "prompt", "channels": {"x": 1.0}, "exact_caption_first": [2], "others_share": 0.0,
+             "_order": np.array([2, 3, 0, 1])},
+            {"query_kind": "prompt", "channels": {"x": 1.0}, "exact_caption_first": []}]
+    payload = build_payload(store, "montrage", 4, scores, queries, 4, "null", {"_query_info": info})
+    q0, q1 = payload["queries"]
+    assert [t["train_index"] for t in q0["top"]] == [2, 3, 0, 1] and q0["others_share"] == 0.0
+    assert q0["exact_caption_first"] == [2] and not any(k.startswith("_") for k in q0)
+    assert [t["train_index"] for t in q1["top"]] == [1, 2, 3, 0] and "others_share" not in q1
