@@ -388,6 +388,13 @@ def _evidence_rows(payload: dict, top: int = 6) -> List[Tuple[str, str]]:
         rows.append(("exact caption first", e(f"{len(lifted)} of {len(payload.get('queries', []))} queries carry a "
                                               "training caption as their prompt: the images trained under it are "
                                               "ranked first (marked \"caption = prompt\"), the rest as fitted")))
+        shares = sorted({float(q["others_share"]) for q in lifted if "others_share" in q})
+        if shares:
+            rows.append(("the other images' share", e(
+                f"on those queries the other images' scores are multiplied by {', '.join(f'{x:g}' for x in shares)}: "
+                "the run's own retrains (`montrage fit --retrains`) showed that a generation of a training caption "
+                + ("owes its loss to that caption's image alone; the others are listed in the model's order"
+                   if 0.0 in shares else "owes its loss mostly to that caption's image"))))
     if rows:
         rows.append(("channel families", e("; ".join(f"{f.rstrip('/')}: {d}" for f, d in CHANNEL_FAMILIES))))
     return rows

@@ -230,3 +230,8 @@ def test_the_fused_models_evidence_is_shown_per_query_kind(tiny_run, tmp_path):
     n = len(att.payload["queries"])
     assert f"exact caption first 1 of {n} queries carry a training caption" in page.all_text
     assert page.all_text.count("caption = prompt") == 2  # the note names the mark; one image carries it
+    assert "the other images' share" not in page.all_text
+    first["others_share"] = 0.0  # chosen by the run's retrains: the report says what it means
+    page = parse(build_report(tiny_run, method=METHOD, out=tmp_path / "share.html", progress=False, attribution=att))
+    assert "the other images' share on those queries the other images' scores are multiplied by 0" in page.all_text
+    assert "owes its loss to that caption's image alone" in page.all_text
