@@ -893,6 +893,15 @@ def _fit_decisions(info: dict) -> str:
     return out
 
 
+def _fit_label(info: dict) -> str:
+    """How the focus model was fitted, for the summary: the default fit, or with N retrains and the share they chose."""
+    if not info.get("n"):
+        return "the default fit"
+    share = (f", the other images' share on an exact-caption query {info['others_share']:g}"
+             if "others_share" in info else "")
+    return f"`montrage fit --retrains {info['n']}`{share}"
+
+
 def summary_markdown(results: Sequence[dict]) -> str:
     """The headline: the verdict rows of every (dataset, seed) side by side."""
     if not results:
@@ -918,10 +927,7 @@ def summary_markdown(results: Sequence[dict]) -> str:
                     c += " (not above " + ", ".join(m for m, v in row["lds_beats"].items() if not v) + ")"
             cells.append(c)
         out.append(f"| {lbl} | {'-' if tgt is None else f'>= {tgt:.2f}'} | " + " | ".join(cells) + " |")
-    fitted = [f"{c}: " + (f"`montrage fit --retrains {r['retrains']['n']}`" + (
-        f", the other images' share on an exact-caption query {r['retrains']['others_share']:g}"
-        if "others_share" in r["retrains"] else "") if (r.get("retrains") or {}).get("n") else "the default fit")
-        for c, r in zip(cols, results)]
+    fitted = [f"{c}: {_fit_label(r.get('retrains') or {})}" for c, r in zip(cols, results)]
     out += ["", f"`{FOCUS}` fitted with: " + "; ".join(fitted) + " (see each section's set-up)."]
     text_rows = []
     for r in results:

@@ -501,13 +501,20 @@ def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> float:
     return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
 
+def lifted_scores(model: FusedModel, rows: Dict[str, np.ndarray]) -> Tuple[np.ndarray, List[List[int]]]:
+    """The calibrated scores of supervision rows with exact captions lifted (as the scorer lifts them), and per row
+    the lifted images: what :func:`share_others` scales."""
+    raw, lifted = exact_caption_first(model.raw(rows), rows["text/encoder"])
+    return model.calibrate(raw), lifted
+
+
 def scored_rows(model: FusedModel, rows: Dict[str, np.ndarray], share: float = 1.0) -> np.ndarray:
-    """The model's scores of supervision rows as the scorer gives them: with ``share`` < 1, exact captions are
-    lifted and the other images' scores scaled (the calibrated scores alone otherwise)."""
+    """The model's scores of supervision rows for the counterfactual term's check: with ``share`` < 1, exact captions
+    lifted and the other images' scores scaled; the calibrated scores alone otherwise (the check as it was before
+    the share)."""
     if share == 1.0 or "text/encoder" not in rows:
         return model.calibrate(model.raw(rows))
-    raw, lifted = exact_caption_first(model.raw(rows), rows["text/encoder"])
-    return share_others(model.calibrate(raw), lifted, share)
+    return share_others(*lifted_scores(model, rows), share)
 
 
 def counterfactual_check(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str,
@@ -739,8 +746,7 @@ def exact_caption_share(model: FusedModel, values: Dict[str, np.ndarray], cf: Co
     rows = {c: v[cf.rows] for c, v in values.items()}
 
     def shared(fitted: FusedModel) -> Dict[float, np.ndarray]:
-        raw, lifted = exact_caption_first(fitted.raw(rows), rows["text/encoder"])
-        cal = fitted.calibrate(raw)
+        cal, lifted = lifted_scores(fitted, rows)
         return {x: share_others(cal, lifted, x) for x in shares}
 
     def per_query(scored: Dict[float, np.ndarray], x: float, take: Sequence[int]) -> np.ndarray:
@@ -759,12 +765,12 @@ def exact_caption_share(model: FusedModel, values: Dict[str, np.ndarray], cf: Co
     diff = (k - b0)[np.isfinite(k) & np.isfinite(b0)]
     gain = float(diff.mean()) if len(diff) else 0.0
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
-    every, per = list(range(m)), shared(model)
-    best_all = float(max(shares, key=lambda x: (np.nanmean(per_query(per, x, every)), x)))
+    per = shared(model)
+    lds_all = {x: float(np.nanmean(per_query(per, x, range(m)))) for x in shares}
+    best_all = float(max(shares, key=lambda x: (lds_all[x], x)))
     adopt = best_all < 1.0 and gain > max(COUNTERFACTUAL_ADOPT_MARGIN, 2.0 * se)
     out.update(others_share=best_all if adopt else 1.0, heldout_picked=picked, heldout_lds_gain=round(gain, 4),
-               heldout_gain_se=round(se, 4),
-               lds_by_share={str(x): round(float(np.nanmean(per_query(per, x, every))), 4) for x in shares},
+               heldout_gain_se=round(se, 4), lds_by_share={str(x): round(v, 4) for x, v in lds_all.items()},
                share_why=(f"share {best_all:g} of the other images: held-out LDS {gain:+.3f} (standard error "
                           f"{se:.3f}) over share 1, picked on the other half of the {m} retrained subsets" if adopt
                           else f"share 1 kept: held-out LDS {gain:+.3f} (standard error {se:.3f}) for the share "
