@@ -206,6 +206,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                       f"with; " + ("adopted" if ex.get("adopted") else "not adopted"))
             if ex.get("share_why"):
                 print(f"  exact caption, the other images' share: {ex.get('others_share', 1.0):g} ({ex['share_why']})")
+            if ex.get("memorised_why") and ex.get("memorised_why") != ex.get("share_why"):
+                print(f"  memorisation test (sets the share when the run has no retrains): {ex['memorised_why']}")
     if args.json:
         Path(args.json).write_text(json.dumps(models, indent=1))
     return 0

@@ -16,8 +16,9 @@ mixed prompts; every concept keeps a positive share, see :func:`proportions`).
 ``query_kind`` is "prompt" when the query carries a prompt, else "image"; ``channels`` are the channels and
 fitted weights the fused ``montrage`` / ``montrage-final`` model used for that query (its fitted model for
 that query kind; null for other methods). The fused model adds, per prompt-known query, ``exact_caption_first``
-(training images ranked first because their caption is the prompt), ``others_share`` (when the run's counterfactual
-targets chose to scale the other images' scores on such a query) and, for a ``--concept`` query,
+(training images ranked first because their caption is the prompt), ``others_share`` and ``others_share_why`` (when the
+run's counterfactual targets, or without them its memorisation test, chose to scale the other images' scores on such
+a query) and, for a ``--concept`` query,
 ``concept_prompts`` (the prompt with and without the concept).
 The full (query x train) matrix is written to the store at ``score_path`` (``<query_set>`` is the query set's
 key, so scores of other query sets at the same step are kept; ``RunStore.attributions()`` lists them).
@@ -146,7 +147,7 @@ def build_payload(store: RunStore, method: str, step: int, scores: np.ndarray, q
             "channels": info[qi].get("channels"),
             "top": [{"train_index": int(i), "file_name": files[i], "concept": concepts[i],
                      "score": float(scores[qi, i])} for i in order],
-            # what the fused model adds per query: exact_caption_first, others_share, concept_prompts
+            # what the fused model adds per query: exact_caption_first, others_share(_why), concept_prompts
             **{k: v for k, v in info[qi].items() if k not in ("query_kind", "channels") and not k.startswith("_")},
         })
     return {"run": str(store.run_dir), "method": method, "checkpoint": step, "condition": condition,

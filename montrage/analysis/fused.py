@@ -42,7 +42,10 @@ rest of the ranking and the scores' scale are untouched. Such an image was train
 conditioning that made the generation -- the most direct path of influence a prompt has -- but the channels'
 weighted sum can let a sibling of the same concept (or a hub image) outscore it. Rank-only, so the graded scores
 the LDS reads stay as fitted. The fit adopts the rule only if it does not lower R@1 on its generated supervision
-(the anchors' own captions), and the JSON lists per query the images it lifted.
+(the anchors' own captions), and the JSON lists per query the images it lifted. On such a query the other images'
+scores are then multiplied by a share (``others_share``): chosen held out on the counterfactual targets when the run
+has retrains (:func:`exact_caption_share`), else by the memorisation test (:func:`memorised_share`: 0 when most of
+the run's generations of training captions reproduce their image, 1 otherwise).
 
 ``montrage-final`` is the same model restricted to the attributed checkpoint (``rep/*/sim-final``,
 ``grad/dtrak``, ``grad/tracin/k<last>``, ``pixel``): the dynamics ablation. Concept queries
@@ -73,7 +76,7 @@ WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 11
+MODEL_VERSION = 12
 EXACT_CAPTION_TOLERANCE = 1e-4  # of the text-encoder cosine: 1 - this counts as the same caption
 EXACT_CAPTION_MARGIN = 0.1  # in standard deviations of the query's raw scores: how far above the rest a lifted image goes
 # candidate shares of the influence left to the other images on an exact-caption query, chosen on the counterfactual
@@ -84,6 +87,14 @@ COUNTERFACTUAL_WEIGHT = 1.0  # of the LDS-style term, when the run has retrained
 # retrains, it traded new compositions for LDS (typefaces s0 composition 1.00 -> .53; synthetic s0 LDS .52 -> .44)
 COUNTERFACTUAL_ADOPT_MARGIN = 0.02
 COUNTERFACTUAL_RULE = 4  # part of a saved model's key when the run has targets: a model fitted under another rule is refit
+# Without retrains, the share is read from how much the run memorised: a generation of a training caption reproduces
+# its image when that image is its nearest training image (pixels, RMS, at most MEMO_SIDE px a side) and closer
+# than MEMO_RATIO x the mean distance to the next MEMO_NEIGHBOURS (the ratio test of memorisation studies, e.g.
+# Carlini et al. 2023, on the run's own generations); when at least MEMO_FRACTION of them do, share 0.
+MEMO_RATIO = 0.5
+MEMO_NEIGHBOURS = 5
+MEMO_FRACTION = 0.5
+MEMO_SIDE = 64
 
 
 def query_kind(prompt: str) -> str:
@@ -779,6 +790,55 @@ def exact_caption_share(model: FusedModel, values: Dict[str, np.ndarray], cf: Co
     return out
 
 
+def downsample(images: np.ndarray, side: int = MEMO_SIDE) -> np.ndarray:
+    """(B, H, W, C) uint8 -> float32 in [0, 1], block-averaged by the smallest integer factor that brings the
+    larger side to at most ``side`` (memorisation is a question about the picture, not its finest pixels)."""
+    x = np.asarray(images, np.float32) / 255.0
+    f = max(1, int(np.ceil(max(x.shape[1:3]) / side)))
+    if f > 1:
+        h, w = (x.shape[1] // f) * f, (x.shape[2] // f) * f
+        x = x[:, :h, :w].reshape(len(x), h // f, f, w // f, f, x.shape[3]).mean((2, 4))
+    return x.reshape(len(x), -1)
+
+
+def reproduces(generations: np.ndarray, training: np.ndarray, sources: Sequence[int]) -> np.ndarray:
+    """Per generation of a training caption, whether it reproduces its source image (``sources[j]``): the source is
+    its nearest training image and closer than MEMO_RATIO x the mean distance to the next MEMO_NEIGHBOURS."""
+    if generations.shape[1:] != training.shape[1:]:
+        raise ValueError(f"generations {generations.shape[1:]} and training images {training.shape[1:]} differ in "
+                         "shape")
+    g, t = downsample(generations), downsample(training)
+    d2 = (g ** 2).sum(1)[:, None] + (t ** 2).sum(1)[None] - 2.0 * g @ t.T
+    dist = np.sqrt(np.clip(d2, 0.0, None) / g.shape[1])
+    out = np.zeros(len(g), bool)
+    for j, src in enumerate(sources):
+        others = np.sort(np.delete(dist[j], int(src)))[:MEMO_NEIGHBOURS]
+        out[j] = len(others) > 0 and dist[j, src] < others[0] and dist[j, src] < MEMO_RATIO * others.mean()
+    return out
+
+
+def memorised_share(ctx: ScoringContext, anchors: Sequence[int]) -> Dict[str, object]:
+    """The other images' share on an exact-caption query read from the run itself (no retrains): 0 when at least
+    MEMO_FRACTION of its generations of the anchors' captions reproduce their images (it then draws a training
+    caption from that image, as the typeface runs' retrains showed), else 1."""
+    from montrage.analysis.gradients import training_images
+
+    try:
+        ts = ctx.cached("grad/training_images", lambda: training_images(ctx.store))
+        captions = list(ctx.store.train_meta.get("captions") or [])
+        hit = reproduces(supervision_generations(ctx, anchors, captions), ts.images, anchors)
+    except (MontrageError, OSError, ValueError) as exc:
+        return {"memorised": None, "memorised_why": f"not measured ({exc})"}
+    rate = float(hit.mean()) if len(hit) else 0.0
+    share = 0.0 if rate >= MEMO_FRACTION else 1.0
+    return {"memorised": [int(hit.sum()), int(len(hit))], "memorised_share": share,
+            "memorised_why": (f"{int(hit.sum())} of {len(hit)} of the run's generations of its anchors' captions "
+                              f"reproduce their image (nearest, and under {MEMO_RATIO:g} x the mean distance to the "
+                              f"next {MEMO_NEIGHBOURS}); share {share:g} "
+                              + (f"(at least {MEMO_FRACTION:g} reproduce)" if share == 0.0
+                                 else f"(fewer than {MEMO_FRACTION:g} reproduce)"))}
+
+
 def _model_path(ctx: ScoringContext, name: str, kind: str):
     store = ctx.store
     targets = _counterfactual_fingerprint(ctx) if kind == PROMPT else ""
@@ -806,6 +866,11 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
         model = fit(values, target, kind, how, concepts)
         if kind == PROMPT and "generations" in how:
             model.exact_caption = exact_caption_check(model, values, target, n_anchors)
+            if model.exact_caption_first:  # what the run memorised; it sets the share unless retrains are there
+                memo = memorised_share(ctx, supervision_anchors(ctx.store))
+                model.exact_caption.update(memo)
+                if cf is None and memo.get("memorised_share") is not None:
+                    model.exact_caption.update(others_share=memo["memorised_share"], share_why=memo["memorised_why"])
         if cf is not None:
             # the share first, on the plain model (it moves no weight, so it costs no other query); the term is
             # then adopted only for a held-out gain beyond what the share gives
@@ -815,6 +880,7 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
             model = fit_with_counterfactual(values, target, kind, how, concepts, cf, plain, plain.others_share)
             if model is not plain:
                 model.exact_caption = exact_caption_check(model, values, target, n_anchors)
+                model.exact_caption.update({k: v for k, v in plain.exact_caption.items() if k.startswith("memorised")})
                 if model.exact_caption_first:
                     model.exact_caption.update(exact_caption_share(model, values, cf, refit=lambda take: fit(
                         values, target, kind, how, concepts, counterfactual=cf.take(take))))
@@ -892,6 +958,7 @@ class FusedScorer:
                     for i, lift, row in zip(idx, lifted, cal):
                         if lift:
                             info[i]["others_share"] = model.others_share
+                            info[i]["others_share_why"] = str(model.exact_caption.get("share_why") or "")
                             # a share of 0 ties the other images: listed in the model's own order all the same
                             info[i]["_order"] = np.argsort(-row, kind="stable")
         return out

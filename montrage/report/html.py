@@ -390,11 +390,13 @@ def _evidence_rows(payload: dict, top: int = 6) -> List[Tuple[str, str]]:
                                               "ranked first (marked \"caption = prompt\"), the rest as fitted")))
         shares = sorted({float(q["others_share"]) for q in lifted if "others_share" in q})
         if shares:
+            whys = sorted({str(q.get("others_share_why") or "") for q in lifted if "others_share" in q} - {""})
             rows.append(("the other images' share", e(
                 f"on those queries the other images' scores are multiplied by {', '.join(f'{x:g}' for x in shares)}: "
-                "the run's own retrains (`montrage fit --retrains`) showed that a generation of a training caption "
+                "a generation of a training caption "
                 + ("owes its loss to that caption's image alone; the others are listed in the model's order"
-                   if 0.0 in shares else "owes its loss mostly to that caption's image"))))
+                   if 0.0 in shares else "owes its loss mostly to that caption's image")
+                + (f" (why: {'; '.join(whys)})" if whys else ""))))
     if rows:
         rows.append(("channel families", e("; ".join(f"{f.rstrip('/')}: {d}" for f, d in CHANNEL_FAMILIES))))
     return rows

@@ -58,10 +58,11 @@ def test_the_json_carries_the_fused_models_fields_and_its_order_under_a_share_of
     queries = QuerySet(ids=["q0", "q1"], images=None, prompts=["caption of 2", "other"], seeds=[None, None],
                        item_seeds=[0, 1])
     info = [{"query_kind": "prompt", "channels": {"x": 1.0}, "exact_caption_first": [2], "others_share": 0.0,
-             "_order": np.array([2, 3, 0, 1])},
+             "others_share_why": "memorised", "_order": np.array([2, 3, 0, 1])},
             {"query_kind": "prompt", "channels": {"x": 1.0}, "exact_caption_first": []}]
     payload = build_payload(store, "montrage", 4, scores, queries, 4, "null", {"_query_info": info})
     q0, q1 = payload["queries"]
     assert [t["train_index"] for t in q0["top"]] == [2, 3, 0, 1] and q0["others_share"] == 0.0
+    assert q0["others_share_why"] == "memorised"
     assert q0["exact_caption_first"] == [2] and not any(k.startswith("_") for k in q0)
     assert [t["train_index"] for t in q1["top"]] == [1, 2, 3, 0] and "others_share" not in q1

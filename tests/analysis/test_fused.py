@@ -447,3 +447,37 @@ def test_the_counterfactual_term_is_credited_only_beyond_the_other_images_share(
     check = kept.counterfactual
     assert kept is plain and not check["adopted"]
     assert check["heldout_lds_with"] == pytest.approx(check["heldout_lds_without"])
+
+
+def test_a_generation_reproduces_its_image_only_when_nearest_and_well_clear_of_the_rest():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (12, 16, 16, 3)).astype(np.uint8)
+    noisy = np.clip(train[:4].astype(int) + rng.integers(-6, 7, (4, 16, 16, 3)), 0, 255).astype(np.uint8)
+    blend = ((train[4:6].astype(int) + train[6:8].astype(int)) // 2).astype(np.uint8)  # halfway between two images
+    gens = np.concatenate([noisy, blend, noisy[:1]])
+    hit = F.reproduces(gens, train, [0, 1, 2, 3, 4, 5, 7])  # the last: a copy of image 0 named as 7's generation
+    assert hit.tolist() == [True] * 4 + [False] * 3
+    with pytest.raises(ValueError, match="differ in shape"):
+        F.reproduces(gens[:, :8], train, range(7))
+    big = np.repeat(np.repeat(train[:2], 8, 1), 8, 2)  # 128 px: block-averaged to 64 px before comparing
+    assert F.downsample(big).shape == (2, 64 * 64 * 3)
+    np.testing.assert_allclose(F.downsample(big).reshape(2, 64, 64, 3)[:, ::4, ::4], train[:2] / 255.0, atol=1e-6)
+
+
+def test_without_retrains_the_share_follows_what_the_run_memorised(tiny_run):
+    """The run's own generations of its anchors' captions decide: copies of their images -> share 0 (the
+    generation owes its loss to its own image); generations unlike any training image -> share 1."""
+    from montrage.analysis.base import ScoringContext
+    from montrage.analysis.gradients import training_images
+
+    store = RunStore.open(tiny_run)
+    anchors = F.supervision_anchors(store)
+    images = training_images(store).images
+    k = store.n_checkpoints - 1
+    for gens, share in ((images[anchors], 0.0),
+                        (np.random.default_rng(1).integers(0, 256, images[anchors].shape).astype(np.uint8), 1.0)):
+        ctx = ScoringContext(store=store, queries=probe_queries(store), checkpoint=k, progress=False)
+        ctx._cache[f"fused/supervision-generations/{k}"] = gens  # stands in for generating them with the run's model
+        out = F.memorised_share(ctx, anchors)
+        assert out["memorised_share"] == share
+        assert out["memorised"] == [len(anchors) if share == 0.0 else 0, len(anchors)]

@@ -162,7 +162,7 @@ def test_a_training_variant_gets_its_own_folder_and_stays_out_of_the_summary(tmp
 def test_the_section_says_what_the_fit_decided_from_its_retrains():
     """With counterfactual targets the set-up line states the fit's own decisions (term adopted, the other images'
     share on an exact-caption query and the LDS by share on the targets); without them, that it had none."""
-    from benchmarks.attribution import _fit_decisions
+    from benchmarks.attribution import _fit_decisions, _fit_label
 
     assert _fit_decisions({"n": 8}) == ""
     line = _fit_decisions({"n": 8, "counterfactual_adopted": False, "counterfactual_why": "held-out LDS +0.010",
@@ -170,3 +170,12 @@ def test_the_section_says_what_the_fit_decided_from_its_retrains():
                            "lds_by_share": {"1.0": 0.41, "0.0": 0.62}})
     assert "did not adopt the counterfactual term (held-out LDS +0.010)" in line
     assert "exact-caption query: 0 (share 0" in line and "1.0: 0.410, 0.0: 0.620" in line
+    assert "memorisation" not in line  # not measured: nothing said
+    line = _fit_decisions({"n": 8, "others_share": 0.0, "share_why": "share 0", "memorised": [3, 32],
+                           "memorised_share": 1.0})
+    assert "without retrains the memorisation test would choose 1 (3 of 32 generations" in line
+    # the default fit: no term, the share the run's memorisation test chose
+    line = _fit_decisions({"n": 0, "others_share": 0.0, "share_why": "27 of 32 reproduce; share 0",
+                           "memorised": [27, 32], "memorised_share": 0.0})
+    assert "counterfactual term" not in line and "exact-caption query: 0 (27 of 32 reproduce" in line
+    assert _fit_label({"n": 0, "others_share": 0.0}).startswith("the default fit (no retrains), the other images' share")

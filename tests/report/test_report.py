@@ -234,4 +234,7 @@ def test_the_fused_models_evidence_is_shown_per_query_kind(tiny_run, tmp_path):
     first["others_share"] = 0.0  # chosen by the run's retrains: the report says what it means
     page = parse(build_report(tiny_run, method=METHOD, out=tmp_path / "share.html", progress=False, attribution=att))
     assert "the other images' share on those queries the other images' scores are multiplied by 0" in page.all_text
-    assert "owes its loss to that caption's image alone" in page.all_text
+    assert "owes its loss to that caption's image alone" in page.all_text and "why:" not in page.all_text
+    first["others_share_why"] = "27 of 32 of the run's generations of its anchors' captions reproduce their image"
+    page = parse(build_report(tiny_run, method=METHOD, out=tmp_path / "why.html", progress=False, attribution=att))
+    assert "(why: 27 of 32 of the run's generations" in page.all_text
