@@ -819,8 +819,9 @@ def reproduces(generations: np.ndarray, training: np.ndarray, sources: Sequence[
 
 def memorised_share(ctx: ScoringContext, anchors: Sequence[int]) -> Dict[str, object]:
     """The other images' share on an exact-caption query read from the run itself (no retrains): 0 when at least
-    MEMO_FRACTION of its generations of the anchors' captions reproduce their images (it then draws a training
-    caption from that image, as the typeface runs' retrains showed), else 1."""
+    MEMO_FRACTION of its generations of the anchors' captions reproduce their images (a generation of a training
+    caption then owes its loss to that caption's image, as the retrains of such runs showed), else 1; not measured
+    (share left at 1) when the run's model or training images cannot be loaded."""
     from montrage.analysis.gradients import training_images
 
     try:
