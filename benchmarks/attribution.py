@@ -870,9 +870,8 @@ def _setup_lines(res: dict) -> List[str]:
         (f"- `montrage` fitted with counterfactual targets (`montrage fit --retrains {res['retrains']['n']}`): "
          f"{res['retrains']['n']} more retrained subsets, drawn apart from the LDS subsets above, and the losses of "
          "the run's own generations of its anchors' captions under them (no benchmark query)"
-         + _fit_decisions(res["retrains"])
          if (res.get("retrains") or {}).get("n") else
-         "- `montrage` fitted without counterfactual targets (no `--retrains`)" + _fit_decisions(res.get("retrains") or {})),
+         "- `montrage` fitted without counterfactual targets (no `--retrains`)") + _fit_decisions(res.get("retrains") or {}),
         f"- timings (s): data {t.get('data')}, monitored training {t.get('train_monitored')}, queries "
         f"{t.get('queries')}, scoring {t.get('scoring')}, LDS retraining + losses {t.get('lds_retrain_and_losses')}, "
         f"metrics {t.get('metrics')}, total {t.get('total')} (cached stages count their reuse only)"

@@ -807,9 +807,10 @@ def reproduces(generations: np.ndarray, training: np.ndarray, sources: Sequence[
     if generations.shape[1:] != training.shape[1:]:
         raise ValueError(f"generations {generations.shape[1:]} and training images {training.shape[1:]} differ in "
                          "shape")
+    from scipy.spatial.distance import cdist
+
     g, t = downsample(generations), downsample(training)
-    d2 = (g ** 2).sum(1)[:, None] + (t ** 2).sum(1)[None] - 2.0 * g @ t.T
-    dist = np.sqrt(np.clip(d2, 0.0, None) / g.shape[1])
+    dist = cdist(g, t) / np.sqrt(g.shape[1])  # RMS per pixel value
     out = np.zeros(len(g), bool)
     for j, src in enumerate(sources):
         others = np.sort(np.delete(dist[j], int(src)))[:MEMO_NEIGHBOURS]
