@@ -805,8 +805,8 @@ def reproduces(generations: np.ndarray, training: np.ndarray, sources: Sequence[
     """Per generation of a training caption, whether it reproduces its source image (``sources[j]``): the source is
     its nearest training image and closer than MEMO_RATIO x the mean distance to the next MEMO_NEIGHBOURS."""
     if generations.shape[1:] != training.shape[1:]:
-        raise ValueError(f"generations {generations.shape[1:]} and training images {training.shape[1:]} differ in "
-                         "shape")
+        raise ScorerError(f"generations {generations.shape[1:]} and training images {training.shape[1:]} differ in "
+                          "shape; generate at the run's resolution")
     from scipy.spatial.distance import cdist
 
     g, t = downsample(generations), downsample(training)

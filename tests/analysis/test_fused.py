@@ -9,6 +9,7 @@ from montrage.analysis import fused as F
 from montrage.analysis.attribute import attribute
 from montrage.analysis.base import available
 from montrage.analysis.queries import probe_queries
+from montrage.errors import ScorerError
 from montrage.storage import RunStore
 from tests.analysis.planted import make_planted_store
 
@@ -457,7 +458,7 @@ def test_a_generation_reproduces_its_image_only_when_nearest_and_well_clear_of_t
     gens = np.concatenate([noisy, blend, noisy[:1]])
     hit = F.reproduces(gens, train, [0, 1, 2, 3, 4, 5, 7])  # the last: a copy of image 0 named as 7's generation
     assert hit.tolist() == [True] * 4 + [False] * 3
-    with pytest.raises(ValueError, match="differ in shape"):
+    with pytest.raises(ScorerError, match="differ in shape"):
         F.reproduces(gens[:, :8], train, range(7))
     big = np.repeat(np.repeat(train[:2], 8, 1), 8, 2)  # 128 px: block-averaged to 64 px before comparing
     assert F.downsample(big).shape == (2, 64 * 64 * 3)
