@@ -57,7 +57,8 @@ TEXT_BASELINE = "text-only"
 TIE_TOLERANCE = 0.02  # tied-best: paired difference interval includes 0 and point estimate >= -0.02
 LDS_MUST_BEAT = ("dtrak", "tracin", "final-sim")
 # Does the training trajectory add information beyond the final checkpoint? Each pair differs only in that.
-DYNAMICS_ABLATION = (("montrage", "montrage-final"), ("montrage-dynamics", "final-sim-learned"),
+# montrage-all is the fused model forced to keep every channel: montrage itself may choose the final checkpoint's
+DYNAMICS_ABLATION = (("montrage-all", "montrage-final"), ("montrage-dynamics", "final-sim-learned"),
                      ("montrage-unsupervised", "final-sim"))
 QUERY_ITEM_SEED0 = 900_000
 LDS_NOISE_SEED = 4242
@@ -668,8 +669,11 @@ def run_attribution_bench(out_dir: str | Path, quick: bool = False, settings: Op
     if "montrage" in methods:  # what the fit decided, from the targets or the run itself (saved with the run)
         from montrage.retrains import fit_run
 
-        pm = fit_run(run_dir, ["montrage"])["montrage"]["prompt"]
+        fitted = fit_run(run_dir, ["montrage"])["montrage"]
+        pm = fitted["prompt"]
         cf, ex = pm.get("counterfactual") or {}, pm.get("exact_caption") or {}
+        retrain_info["channel_sets"] = {kind: {k: v for k, v in (m.get("channel_set") or {}).items()
+                                               if k in ("chosen", "why")} for kind, m in fitted.items()}
         if retrain_info.get("n"):
             retrain_info.update(counterfactual_adopted=bool(cf.get("adopted")), counterfactual_why=cf.get("why"),
                                 lds_by_share=ex.get("lds_by_share"))
@@ -883,11 +887,20 @@ def _setup_lines(res: dict) -> List[str]:
     ]
 
 
+def _channel_sets(info: dict) -> str:
+    """The channel set the fit chose per query kind (every channel, or the final checkpoint's), and why."""
+    sets = {k: v for k, v in (info.get("channel_sets") or {}).items() if v.get("chosen")}
+    names = {"final": "the final checkpoint's channels", "all": "every channel"}
+    return "".join(f"; {kind} queries: {names.get(v['chosen'], v['chosen'])} ({v.get('why')})"
+                   for kind, v in sets.items())
+
+
 def _fit_decisions(info: dict) -> str:
-    """What the fit decided from the counterfactual targets, for the section's set-up line."""
+    """What the fit decided (channel sets; from the counterfactual targets or the run itself, the exact-caption
+    share), for the section's set-up line."""
     if "others_share" not in info:
-        return ""
-    out = (f"; the fit {'adopted' if info.get('counterfactual_adopted') else 'did not adopt'} the counterfactual "
+        return _channel_sets(info)
+    out = _channel_sets(info) + (f"; the fit {'adopted' if info.get('counterfactual_adopted') else 'did not adopt'} the counterfactual "
            f"term ({info.get('counterfactual_why')})" if info.get("n") else "")
     out += f"; the other images' share on an exact-caption query: {info['others_share']:g} ({info.get('share_why')})"
     if info.get("lds_by_share"):
@@ -903,9 +916,12 @@ def _fit_label(info: dict) -> str:
     """How the focus model was fitted, for the summary: the default fit, or with N retrains and the share they chose."""
     share = (f", the other images' share on an exact-caption query {info['others_share']:g}"
              if "others_share" in info else "")
+    sets = {k: v.get("chosen") for k, v in (info.get("channel_sets") or {}).items() if v.get("chosen")}
+    chans = ("; channels " + ", ".join(f"{k}: {'final checkpoint' if c == 'final' else 'all'}" for k, c in sets.items())
+             if sets else "")
     if not info.get("n"):
-        return "the default fit (no retrains)" + (share + " (memorisation test)" if share else "")
-    return f"`montrage fit --retrains {info['n']}`{share}"
+        return "the default fit (no retrains)" + (share + " (memorisation test)" if share else "") + chans
+    return f"`montrage fit --retrains {info['n']}`{share}{chans}"
 
 
 def summary_markdown(results: Sequence[dict]) -> str:

@@ -199,6 +199,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
             elif cf:
                 print(f"  counterfactual term ({cf['retrains']} retrains): not adopted, held-out LDS not measured: "
                       f"{cf['heldout']}")
+            cs = m.get("channel_set") or {}
+            if cs.get("chosen"):
+                which = "the final checkpoint's only" if cs["chosen"] == "final" else "every channel"
+                print(f"  channels: {which} ({cs.get('why')})")
             ex = m.get("exact_caption") or {}
             if ex.get("supervision_r1"):
                 before, after = ex["supervision_r1"]
@@ -389,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets (default 0)")
     p.add_argument("--prior", default=None, metavar="DIR",
                    help="prior images, when the run's recorded prior folder has moved")
-    p.add_argument("--methods", default="montrage", help="fused models to fit: montrage,montrage-final (default montrage)")
+    p.add_argument("--methods", default="montrage", help="fused models to fit, comma-separated: montrage, montrage-all, montrage-final (default montrage)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the fitted models as JSON")
     p.set_defaults(func=cmd_fit)
 

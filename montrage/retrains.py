@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from montrage.config import LoraSettings, TrainConfig, from_dict, to_dict
-from montrage.errors import ConfigError
+from montrage.errors import ConfigError, ScorerError
 from montrage.storage import RunStore
 from montrage.storage import schema as S
 
@@ -214,7 +214,7 @@ def fit_run(run_dir: str | Path, names: Sequence[str] = ("montrage",), options: 
             ) -> Dict[str, Dict[str, dict]]:
     """Fit (or load) the fused models of the run's last checkpoint, both query kinds; {name: {kind: model JSON}}."""
     from montrage.analysis import fused as F
-    from montrage.analysis.base import ScoringContext
+    from montrage.analysis.base import ScoringContext, available, get_scorer
     from montrage.analysis.queries import probe_queries
 
     store = RunStore.open(run_dir)
@@ -222,6 +222,9 @@ def fit_run(run_dir: str | Path, names: Sequence[str] = ("montrage",), options: 
                          progress=False, options=dict(options or {}))
     out: Dict[str, Dict[str, dict]] = {}
     for name in names:
-        final_only = name == "montrage-final"
-        out[name] = {kind: F.fitted_model(ctx, name, kind, final_only).to_json() for kind in (F.PROMPT, F.IMAGE)}
+        scorer = get_scorer(name)
+        if not isinstance(scorer, F.FusedScorer):
+            fused = [m for m in available() if isinstance(get_scorer(m), F.FusedScorer)]
+            raise ScorerError(f"{name!r} is not a fitted model; --methods takes {', '.join(fused)}")
+        out[name] = {kind: scorer.model(ctx, kind).to_json() for kind in (F.PROMPT, F.IMAGE)}
     return out

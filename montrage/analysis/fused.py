@@ -76,7 +76,7 @@ WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 12
+MODEL_VERSION = 13
 EXACT_CAPTION_TOLERANCE = 1e-4  # of the text-encoder cosine: 1 - this counts as the same caption
 EXACT_CAPTION_MARGIN = 0.1  # in standard deviations of the query's raw scores: how far above the rest a lifted image goes
 # candidate shares of the influence left to the other images on an exact-caption query, chosen on the counterfactual
@@ -95,6 +95,14 @@ MEMO_RATIO = 0.5
 MEMO_NEIGHBOURS = 5
 MEMO_FRACTION = 0.5
 MEMO_SIDE = 64
+# The channel set is chosen per run and query kind on held-out anchors: every channel, or the attributed
+# checkpoint's only (what montrage-final uses), whichever has the lower held-out value of the fit's own objective
+# over CHANNEL_SET_REPEATS random CHANNEL_SET_FOLDS-fold splits of the anchors (scored on the held-out anchors'
+# rows of the last supervision set: the run's generations of their captions when there are any). More channels
+# are more weights to fit on a few dozen anchors: on the four benchmark runs of model version 12 the trajectory
+# channels lowered the in-sample loss but raised the held-out one.
+CHANNEL_SET_FOLDS = 4
+CHANNEL_SET_REPEATS = 2
 
 
 def query_kind(prompt: str) -> str:
@@ -407,6 +415,13 @@ class FusedModel:
     history: List[float] = field(default_factory=list)
     counterfactual: Dict[str, object] = field(default_factory=dict)  # retrains used, and held-out LDS
     exact_caption: Dict[str, object] = field(default_factory=dict)  # the exact-caption rule: adopted, and why
+    channel_set: Dict[str, object] = field(default_factory=dict)  # every channel or the final checkpoint's, and why
+
+    @property
+    def final_only(self) -> bool:
+        """Whether the held-out choice kept the attributed checkpoint's channels only (queries then compute no
+        trajectory channel)."""
+        return self.channel_set.get("chosen") == "final"
 
     @property
     def exact_caption_first(self) -> bool:
@@ -433,13 +448,40 @@ class FusedModel:
     def to_json(self) -> dict:
         return {"kind": self.kind, "channels": self.channels, "weights": [float(w) for w in self.weights],
                 "scale": self.scale, "bias": self.bias, "supervision": self.supervision,
-                "counterfactual": self.counterfactual, "exact_caption": self.exact_caption}
+                "counterfactual": self.counterfactual, "exact_caption": self.exact_caption,
+                "channel_set": self.channel_set}
 
     @classmethod
     def from_json(cls, d: dict) -> "FusedModel":
         return cls(d["kind"], list(d["channels"]), np.asarray(d["weights"], np.float64), float(d["scale"]),
                    float(d["bias"]), d.get("supervision", ""), counterfactual=dict(d.get("counterfactual") or {}),
-                   exact_caption=dict(d.get("exact_caption") or {}))
+                   exact_caption=dict(d.get("exact_caption") or {}), channel_set=dict(d.get("channel_set") or {}))
+
+
+def concept_membership(concepts: Optional[Sequence[str]], target: np.ndarray):
+    """(members (L, N) bool, own (A,) index into members' rows or -1) for the concept term, or (None, None) with fewer
+    than two concepts: a supervision row's own concept is that of its target-1 image."""
+    import torch
+
+    labels = sorted(set(concepts or []) - {""})
+    if len(labels) < 2:
+        return None, None
+    members = torch.tensor(np.array([[c == lab for c in concepts] for lab in labels]))
+    own = torch.tensor([labels.index(concepts[int(j)]) if row.max() >= 1.0 and concepts[int(j)] else -1
+                        for row, j in zip(target, target.argmax(1))])
+    return members, own
+
+
+def objective(raw, cal, y, members, own):
+    """The fit's objective without its regularisers: the attribution loss, plus the between-concept ranking term
+    when there are concepts (on the raw combination: tried on the calibrated score (v7), it drove the sigmoid's scale
+    to 10-40, so top scores saturated at 1.0 in float32 and tied)."""
+    from montrage.losses.attribution import attribution_loss, concept_ranking_loss
+
+    loss = attribution_loss(raw, cal, y, temperature=RANK_TEMPERATURE)
+    if members is not None:
+        loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(raw, members, own, temperature=CONCEPT_TEMPERATURE)
+    return loss
 
 
 def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str,
@@ -451,17 +493,12 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
     subsets) the LDS-style term on the calibrated scores of its rows."""
     import torch
 
-    from montrage.losses.attribution import attribution_loss, concept_ranking_loss, counterfactual_loss
+    from montrage.losses.attribution import counterfactual_loss
 
     names = sorted(values)
     feats = torch.from_numpy(np.stack([feature(c, values[c]) for c in names])).double()  # (C, A, N)
     y = torch.from_numpy(target).double()
-    members = own = None
-    labels = sorted(set(concepts or []) - {""})
-    if len(labels) >= 2:
-        members = torch.tensor(np.array([[c == lab for c in concepts] for lab in labels]))
-        own = torch.tensor([labels.index(concepts[int(j)]) if row.max() >= 1.0 and concepts[int(j)] else -1
-                            for row, j in zip(target, target.argmax(1))])
+    members, own = concept_membership(concepts, target)
     use_cf = counterfactual is not None and len(counterfactual.masks) >= 2
     if use_cf:
         cf_rows = torch.from_numpy(np.asarray(counterfactual.rows, np.int64))
@@ -476,19 +513,77 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
         w = torch.nn.functional.softplus(theta)
         raw = torch.einsum("c,can->an", w, feats)
         cal = torch.sigmoid(log_scale.exp() * (raw - bias))
-        loss = attribution_loss(raw, cal, y, temperature=RANK_TEMPERATURE) + WEIGHT_DECAY * (w ** 2).sum()
+        loss = objective(raw, cal, y, members, own) + WEIGHT_DECAY * (w ** 2).sum()
         if use_cf:
             loss = loss + COUNTERFACTUAL_WEIGHT * counterfactual_loss(cal[cf_rows], cf_masks, cf_losses)
-        if members is not None:
-            # on the raw combination: tried on the calibrated score (v7), it drove the sigmoid's scale to 10-40, so
-            # top scores saturated at 1.0 in float32 and tied (a copy no longer ranked its source first)
-            loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(raw, members, own, temperature=CONCEPT_TEMPERATURE)
         opt.zero_grad()
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
     w = torch.nn.functional.softplus(theta).detach().numpy()
     return FusedModel(kind, names, w, float(log_scale.detach().exp()), float(bias.detach()), supervision, history)
+
+
+def final_channels(names: Sequence[str], k: int) -> List[str]:
+    """Of ``names``, the channels ``montrage-final`` computes at checkpoint index ``k``: no trajectory family, the
+    representation similarity at k only, the TracIn term at k only."""
+    def at_k(c: str) -> bool:
+        if family(c) in TRAJECTORY_FAMILIES:
+            return False
+        if c.startswith("rep/"):
+            return c.endswith("/sim-final")
+        return not c.startswith("grad/tracin/k") or c == f"grad/tracin/k{k}"
+
+    return [c for c in names if at_k(c)]
+
+
+def heldout_objective(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, concepts: Sequence[str],
+                      n_anchors: int, seed: int, folds: int = CHANNEL_SET_FOLDS) -> np.ndarray:
+    """(folds,) the fit's objective on held-out anchors: the anchors split at random (``seed``) into ``folds``; fitted
+    on every supervision row of the other anchors, scored on the held-out anchors' rows of the last supervision set.
+    Rows are stacked per set, ``n_anchors`` per set."""
+    import torch
+
+    n_sets = len(target) // n_anchors
+    perm = np.random.default_rng(seed).permutation(n_anchors)
+    out = np.empty(folds)
+    for f in range(folds):
+        held = np.sort(perm[f::folds])
+        kept = np.setdiff1d(np.arange(n_anchors), held)
+        rows = np.concatenate([kept + s * n_anchors for s in range(n_sets)])
+        model = fit({c: v[rows] for c, v in values.items()}, target[rows], kind, "", concepts)
+        test = held + (n_sets - 1) * n_anchors
+        raw = model.raw({c: v[test] for c, v in values.items()})
+        y = target[test]
+        members, own = concept_membership(concepts, y)
+        with torch.no_grad():
+            out[f] = float(objective(torch.from_numpy(raw).double(), torch.from_numpy(model.calibrate(raw)).double(),
+                                     torch.from_numpy(y).double(), members, own))
+    return out
+
+
+def choose_channel_set(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, concepts: Sequence[str],
+                       n_anchors: int, k: int) -> Dict[str, object]:
+    """Every channel, or the attributed checkpoint's only: whichever fits held-out anchors better (the lower mean of
+    the fit's objective over the same CHANNEL_SET_REPEATS x CHANNEL_SET_FOLDS splits), recorded with the figures. With
+    too few anchors to hold any out, every channel is kept."""
+    names = sorted(values)
+    final = final_channels(names, k)
+    if not final or len(final) == len(names):
+        return {"chosen": "all", "why": "no separate final-checkpoint channel set"}
+    if n_anchors < 2 * CHANNEL_SET_FOLDS or len(target) % n_anchors:
+        return {"chosen": "all", "why": f"not measured ({n_anchors} anchors; needs {2 * CHANNEL_SET_FOLDS}+)"}
+    loss = {name: np.concatenate([heldout_objective({c: values[c] for c in chans}, target, kind, concepts, n_anchors,
+                                                    seed) for seed in range(CHANNEL_SET_REPEATS)])
+            for name, chans in (("all", names), ("final", final))}
+    diff = loss["final"] - loss["all"]
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    chosen = "final" if diff.mean() < 0 else "all"
+    a, f = float(loss["all"].mean()), float(loss["final"].mean())
+    return {"chosen": chosen, "heldout_all": round(a, 4), "heldout_final": round(f, 4), "difference_se": round(se, 4),
+            "channels_final": final,
+            "why": (f"held-out objective {f:.3f} with the final checkpoint's channels, {a:.3f} with every channel "
+                    f"(difference s.e. {se:.3f}; {CHANNEL_SET_REPEATS} x {CHANNEL_SET_FOLDS}-fold over the anchors)")}
 
 
 def lds_per_query(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.ndarray:
@@ -852,8 +947,9 @@ def _model_path(ctx: ScoringContext, name: str, kind: str):
     return store.run_dir / "montrage-models" / f"{name}-{kind}-{key}.json"
 
 
-def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) -> FusedModel:
-    """The fitted model of one query kind: from the context cache, the run folder, or fitted now (and saved)."""
+def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool, choose: bool = False) -> FusedModel:
+    """The fitted model of one query kind: from the context cache, the run folder, or fitted now (and saved). With
+    ``choose``, the channel set (every channel, or the final checkpoint's) is chosen on held-out anchors first."""
     def make() -> FusedModel:
         path = _model_path(ctx, name, kind)
         if path.is_file():
@@ -865,6 +961,10 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
         cf = (load_counterfactual(ctx, supervision_anchors(ctx.store), len(target))
               if kind == PROMPT and "generations" in how else None)
         concepts, n_anchors = ctx.store.concepts, len(supervision_anchors(ctx.store))
+        channel_set = (choose_channel_set(values, target, kind, concepts, n_anchors, ctx.checkpoint)
+                       if choose and not final_only else {})
+        if channel_set.get("chosen") == "final":
+            values = {c: values[c] for c in channel_set["channels_final"]}
         model = fit(values, target, kind, how, concepts)
         if kind == PROMPT and "generations" in how:
             model.exact_caption = exact_caption_check(model, values, target, n_anchors)
@@ -886,6 +986,7 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
                 if model.exact_caption_first:
                     model.exact_caption.update(exact_caption_share(model, values, cf, refit=lambda take: fit(
                         values, target, kind, how, concepts, counterfactual=cf.take(take))))
+        model.channel_set = channel_set
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -903,15 +1004,20 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool) ->
 class FusedScorer:
     name: str
     description: str
-    final_only: bool = False
+    final_only: bool = False  # the attributed checkpoint's channels only, always (the dynamics ablation)
+    choose_channels: bool = False  # every channel or the final checkpoint's, chosen per run on held-out anchors
+
+    def model(self, ctx: ScoringContext, kind: str) -> FusedModel:
+        return fitted_model(ctx, self.name, kind, self.final_only, self.choose_channels)
 
     def _score_kind(self, ctx: ScoringContext, idx: List[int], kind: str, prompts: Sequence[str]
                     ) -> Tuple[np.ndarray, FusedModel, List[List[int]]]:
-        model = fitted_model(ctx, self.name, kind, self.final_only)
+        model = self.model(ctx, kind)
         families = {family(c) for c in model.channels}
         if model.exact_caption_first:
             families.add("text")
-        values = channel_values(_sub(ctx, subset(ctx.queries, idx, prompts)), kind, self.final_only, tuple(families))
+        values = channel_values(_sub(ctx, subset(ctx.queries, idx, prompts)), kind,
+                                self.final_only or model.final_only, tuple(families))
         raw, lifted = model.raw(values), [[] for _ in idx]
         if model.exact_caption_first and "text/encoder" in values:
             raw, lifted = exact_caption_first(raw, values["text/encoder"])
@@ -952,7 +1058,7 @@ class FusedScorer:
         for kind in (PROMPT, IMAGE):
             idx = [i for i, p in enumerate(q.prompts) if query_kind(p) == kind]
             if idx:
-                model = fitted_model(ctx, self.name, kind, self.final_only)
+                model = self.model(ctx, kind)
                 lifted = [info[i].get("exact_caption_first") or [] for i in idx]
                 cal = model.calibrate(raw[idx])
                 out[idx] = share_others(cal, lifted, model.others_share)
@@ -969,7 +1075,12 @@ class FusedScorer:
 register("montrage")(lambda: FusedScorer(
     "montrage", "the fused attribution model: representation trajectories (null prompt, and the query's prompt when "
     "known), co-movement, loss co-descent, gradient kernels per checkpoint (D-TRAK, TracIn terms) and pixels, "
-    "per-query standardised, weights fitted per query kind (prompt / image only) with the attribution loss"))
+    "per-query standardised, weights fitted per query kind (prompt / image only) with the attribution loss; per "
+    "run and kind, every channel or the final checkpoint's only, whichever fits held-out anchors better",
+    choose_channels=True))
+register("montrage-all")(lambda: FusedScorer(
+    "montrage-all", "the fused model with every channel, trajectory included, never reduced to the final "
+    "checkpoint's: the dynamics ablation's 'with' side"))
 register("montrage-final")(lambda: FusedScorer(
     "montrage-final", "the fused model restricted to the attributed checkpoint (no trajectory channels): the "
-    "dynamics ablation of montrage", final_only=True))
+    "dynamics ablation's 'without' side", final_only=True))

@@ -7,7 +7,7 @@ import pytest
 
 from montrage.analysis import fused as F
 from montrage.analysis.attribute import attribute
-from montrage.analysis.base import available
+from montrage.analysis.base import ScoringContext, available, get_scorer
 from montrage.analysis.queries import probe_queries
 from montrage.errors import ScorerError
 from montrage.storage import RunStore
@@ -43,6 +43,55 @@ def test_fit_puts_weight_on_the_channel_with_the_ground_truth():
         assert max(w, key=w.get) == right, w
         held_out = model.raw(planted_values(targets, n, kind, 1))
         assert np.mean(held_out.argmax(1) == targets) >= 0.9
+
+
+def _supervision_with_signal_in(signal: set, copies_only: set = frozenset(), n_anchors: int = 16, n_sets: int = 2,
+                                seed: int = 0):
+    """Supervision rows (stacked per set) of 4 concepts x 6 images, anchors = the first n_anchors images; channels in
+    ``signal`` carry the target plus noise, channels in ``copies_only`` carry it in every set but the last (the
+    generations: pixels and gradients of a copy match, a generation's may not), the others are noise."""
+    rng = np.random.default_rng(seed)
+    n = 24
+    concepts = [f"c{i // 6}" for i in range(n)]
+    from montrage.analysis.model import supervision_targets
+
+    one = supervision_targets(list(range(n_anchors)), np.arange(n), concepts)
+    target = np.concatenate([one] * n_sets)
+    last = np.zeros_like(target, bool)
+    last[-n_anchors:] = True
+    names = ("rep/null/sim-final", "grad/dtrak", "grad/tracin/k2", "pixel", "grad/tracin/k1", "rep/null/move",
+             "dyn/learned")
+    values = {}
+    for c in names:
+        on = 1.5 * target * ((c in signal) | ((c in copies_only) & ~last))
+        values[c] = (on + rng.normal(0, 1, target.shape)).astype(np.float32)
+    return values, target.astype(np.float32), concepts, n_anchors
+
+
+def test_final_channels_are_what_montrage_final_computes():
+    names = ["dup/pixel", "dyn/learned", "grad/dtrak", "grad/tracin/k1", "grad/tracin/k2", "pixel", "rep/caption/move",
+             "rep/caption/sim-final", "rep/null/loss", "rep/null/sim-path", "rep/null/sim-final", "steps/learned",
+             "text/concept", "text/encoder"]
+    assert F.final_channels(names, 2) == ["dup/pixel", "grad/dtrak", "grad/tracin/k2", "pixel",
+                                          "rep/caption/sim-final", "rep/null/sim-final", "text/concept", "text/encoder"]
+
+
+def test_the_channel_set_that_generalises_to_held_out_anchors_is_chosen():
+    """Trajectory channels that fit the copies but not the held-out anchors' generations are dropped; trajectory
+    channels that carry the signal everywhere are kept, although final-checkpoint channels are there either way."""
+    values, target, concepts, a = _supervision_with_signal_in({"rep/null/sim-final"},
+                                                              copies_only={"rep/null/move", "dyn/learned"})
+    choice = F.choose_channel_set(values, target, F.IMAGE, concepts, a, k=2)
+    assert choice["chosen"] == "final", choice
+    assert choice["heldout_final"] < choice["heldout_all"]
+    assert choice["channels_final"] == ["grad/dtrak", "grad/tracin/k2", "pixel", "rep/null/sim-final"]
+    values, target, concepts, a = _supervision_with_signal_in({"rep/null/move", "dyn/learned", "grad/tracin/k1"})
+    choice = F.choose_channel_set(values, target, F.IMAGE, concepts, a, k=2)
+    assert choice["chosen"] == "all" and choice["heldout_all"] < choice["heldout_final"], choice
+    # too few anchors to hold out a quarter: every channel, and the reason
+    values, target, concepts, a = _supervision_with_signal_in({"grad/dtrak"}, n_anchors=6)
+    choice = F.choose_channel_set(values, target, F.IMAGE, concepts, a, k=2)
+    assert choice["chosen"] == "all" and "not measured" in choice["why"]
 
 
 @pytest.fixture()
@@ -182,7 +231,6 @@ def test_channels_follow_what_the_run_recorded(planted_run, monkeypatch):
     assert all(r["query_kind"] == "image" for r in res.payload["queries"])
     assert set(used) == {"rep/null/sim-final", "rep/null/sim-path", "rep/null/move", "rep/null/loss"}, used
     assert np.mean(res.scores.argmax(1) == targets) >= 0.9
-    from montrage.analysis.base import ScoringContext
     from montrage.storage import schema as S
 
     ctx = ScoringContext(store=store, queries=q, checkpoint=store.n_checkpoints - 1, options={"query_mode": "A"})
@@ -219,7 +267,7 @@ def test_end_to_end_on_a_tiny_run(tmp_path, tiny_run):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     opts = {"proj_dim": 32}
-    res = attribute(run, "montrage", options=dict(opts), write_store=False, progress=False)
+    res = attribute(run, "montrage-all", options=dict(opts), write_store=False, progress=False)
     assert np.isfinite(res.scores).all()
     rows = res.payload["queries"]
     assert all(r["query_kind"] == "prompt" for r in rows)
@@ -230,9 +278,17 @@ def test_end_to_end_on_a_tiny_run(tmp_path, tiny_run):
     st = RunStore.open(run)
     q = probe_queries(st)
     q.prompts = [""] * len(q)
-    img = attribute(run, "montrage", queries=q, options=dict(opts), write_store=False, progress=False)
+    img = attribute(run, "montrage-all", queries=q, options=dict(opts), write_store=False, progress=False)
     assert all(r["query_kind"] == "image" for r in img.payload["queries"])
     assert not any(c.startswith(("rep/caption", "text/")) for c in img.payload["queries"][0]["channels"])
+    # montrage: the channel set it chose on held-out anchors, per kind, is the one its queries use
+    chosen = attribute(run, "montrage", queries=q, options=dict(opts), write_store=False, progress=False)
+    model = get_scorer("montrage").model(ScoringContext(store=st, queries=q, checkpoint=st.n_checkpoints - 1,
+                                                        options=dict(opts)), F.IMAGE)
+    assert model.channel_set["chosen"] in ("all", "final")
+    assert set(chosen.payload["queries"][0]["channels"]) == set(model.channels)
+    if model.final_only:
+        assert set(model.channels) <= set(model.channel_set["channels_final"])
     final = attribute(run, "montrage-final", options=dict(opts), write_store=False, progress=False)
     chans = final.payload["queries"][0]["channels"]
     assert not any(("move" in c or "sim-path" in c or c == "rep/null/loss" or c.startswith(("dyn/", "steps/")))

@@ -179,3 +179,9 @@ def test_the_section_says_what_the_fit_decided_from_its_retrains():
                            "memorised": [27, 32], "memorised_share": 0.0})
     assert "counterfactual term" not in line and "exact-caption query: 0 (27 of 32 reproduce" in line
     assert _fit_label({"n": 0, "others_share": 0.0}).startswith("the default fit (no retrains), the other images' share")
+    # the channel set chosen per query kind is stated in both
+    sets = {"prompt": {"chosen": "final", "why": "held-out objective 0.49 vs 0.50"}, "image": {"chosen": "all", "why": "x"}}
+    line = _fit_decisions({"n": 0, "channel_sets": sets})
+    assert "prompt queries: the final checkpoint's channels (held-out objective 0.49 vs 0.50)" in line
+    assert "image queries: every channel (x)" in line
+    assert _fit_label({"n": 8, "channel_sets": sets}).endswith("; channels prompt: final checkpoint, image: all")
