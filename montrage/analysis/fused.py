@@ -47,8 +47,10 @@ scores are then multiplied by a share (``others_share``): chosen held out on the
 has retrains (:func:`exact_caption_share`), else by the memorisation test (:func:`memorised_share`: 0 when most of
 the run's generations of training captions reproduce their image, 1 otherwise).
 
-``montrage-final`` is the same model restricted to the attributed checkpoint (``rep/*/sim-final``,
-``grad/dtrak``, ``grad/tracin/k<last>``, ``pixel``): the dynamics ablation. Concept queries
+Channel set (``montrage``): every channel, or the attributed checkpoint's only, chosen per run and query kind by the
+held-out value of the fit's objective on the anchors (:func:`choose_channel_set`). ``montrage-final`` is the same
+model always restricted to the attributed checkpoint (``rep/*/sim-final``, ``grad/dtrak``, ``grad/tracin/k<last>``,
+``pixel``, text) and ``montrage-all`` always with every channel: the dynamics ablation. Concept queries
 (``--concept PHRASE``): score(prompt with the phrase) - score(prompt without it), Concept-TRAK's utility
 direction, answered by the same fitted model.
 """
@@ -253,7 +255,7 @@ def rep_channels(ctx: ScoringContext, condition: str, final_only: bool) -> Dict[
         return {}
     dyn = ctx.cached(f"dyn/{condition}/{ctx.checkpoint}/sim,move,loss",
                      lambda: Dynamics(ctx.store, condition, ctx.checkpoint, ("sim", "move", "loss")))
-    q = query_trajectory(_with_condition(ctx, condition))
+    q = query_trajectory(_with_condition(ctx, condition), final_only=final_only)
     out = {}
     for g, mask in _rep_groups(dyn, final_only).items():
         out[f"rep/{condition}/{g}"] = dyn.score(q, mask / mask.sum())
@@ -1035,6 +1037,9 @@ class FusedScorer:
             raw[idx] = r
             for i, lift in zip(idx, lifted):
                 info[i] = {"query_kind": kind, "channels": model.used()}
+                if model.channel_set.get("chosen"):  # montrage: the channel set held-out anchors chose, and why
+                    info[i].update(channel_set=model.channel_set["chosen"],
+                                   channel_set_why=str(model.channel_set.get("why") or ""))
                 if kind == PROMPT:
                     info[i]["exact_caption_first"] = lift
         return raw, info

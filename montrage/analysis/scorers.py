@@ -17,8 +17,10 @@ from montrage.analysis.trajectories import (Dynamics, QueryTrajectory, anchor_tr
 from montrage.errors import ScorerError
 
 
-def query_trajectory(ctx: ScoringContext) -> QueryTrajectory:
-    """Mode B (default): final images re-encoded under each checkpoint; mode A: probes as generated at k."""
+def query_trajectory(ctx: ScoringContext, final_only: bool = False) -> QueryTrajectory:
+    """Mode B (default): final images re-encoded under each checkpoint; mode A: probes as generated at k.
+    ``final_only`` (mode B): only the attributed checkpoint is needed, so only it is re-encoded (earlier ones NaN),
+    unless the whole trajectory is already at hand."""
     mode = str(ctx.options.get("query_mode", "B")).upper()
     q = ctx.queries
     if mode == "A":
@@ -28,9 +30,13 @@ def query_trajectory(ctx: ScoringContext) -> QueryTrajectory:
                           lambda: probe_trajectory(ctx.store, ctx.condition, ctx.checkpoint, q.probe_indices))
     if mode != "B":
         raise ScorerError(f"query_mode must be A or B, got {mode!r}")
-    return ctx.cached(f"traj/B/{q.key}/{ctx.condition}/{ctx.checkpoint}",
-                      lambda: reencode_trajectory(ctx.store, ctx.components_at, q.images, q.prompts, q.item_seeds,
-                                                  ctx.condition, ctx.checkpoint, ctx.progress))
+    key = f"traj/B/{q.key}/{ctx.condition}/{ctx.checkpoint}"
+    if final_only and key not in ctx._cache:
+        return ctx.cached(key + "/final", lambda: reencode_trajectory(
+            ctx.store, ctx.components_at, q.images, q.prompts, q.item_seeds, ctx.condition, ctx.checkpoint,
+            ctx.progress, only=[ctx.checkpoint]))
+    return ctx.cached(key, lambda: reencode_trajectory(ctx.store, ctx.components_at, q.images, q.prompts,
+                                                       q.item_seeds, ctx.condition, ctx.checkpoint, ctx.progress))
 
 
 @dataclass

@@ -56,22 +56,36 @@ def probe_trajectory(store: RunStore, condition: str, upto: int, probe_indices: 
 
 
 def reencode_trajectory(store: RunStore, components_at, images: np.ndarray, prompts: Sequence[str],
-                        item_seeds: Sequence[int], condition: str, upto: int, progress: bool = False) -> QueryTrajectory:
-    """Query mode B: fixed images re-encoded under each stored checkpoint's LoRA (as in TracIn)."""
+                        item_seeds: Sequence[int], condition: str, upto: int, progress: bool = False,
+                        only: Optional[Sequence[int]] = None) -> QueryTrajectory:
+    """Query mode B: fixed images re-encoded under each stored checkpoint's LoRA (as in TracIn). ``only``: re-encode
+    these checkpoints alone and leave the others NaN (a channel that read them would show it), for scores that use
+    the attributed checkpoint only: one pass through the model instead of upto + 1."""
     capture = from_dict(CaptureConfig, store.capture)
     capture.conditions = (condition,)
-    feats: Dict[str, List[np.ndarray]] = {m: [] for m in store.modules}
-    losses = []
+    feats: Dict[str, List[Optional[np.ndarray]]] = {m: [] for m in store.modules}
+    losses: List[Optional[np.ndarray]] = []
     captions = [p if condition == "caption" else "" for p in prompts]
     extractor = None
     for k in tqdm(range(upto + 1), disable=not progress, desc="re-encode queries", leave=False):
+        if only is not None and k not in only:
+            for m in store.modules:
+                feats[m].append(None)
+            losses.append(None)
+            continue
         comps = components_at(k)
         extractor = extractor or FeatureExtractor(comps, capture)
         out = extractor.extract(images, captions, [QUERY_SEED_OFFSET + int(s) for s in item_seeds])
         for m in store.modules:
             feats[m].append(out.features[m][:, 0])
         losses.append(out.losses[:, 0])
-    return QueryTrajectory({m: np.stack(v) for m, v in feats.items()}, np.stack(losses))
+    return QueryTrajectory({m: _stack_filled(v) for m, v in feats.items()}, _stack_filled(losses))
+
+
+def _stack_filled(parts: Sequence[Optional[np.ndarray]]) -> np.ndarray:
+    """Stack per-checkpoint arrays, checkpoints not encoded (None) as NaN of the encoded ones' shape."""
+    like = next(p for p in parts if p is not None)
+    return np.stack([p if p is not None else np.full_like(like, np.nan) for p in parts])
 
 
 class Dynamics:

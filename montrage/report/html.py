@@ -368,9 +368,13 @@ def _evidence_rows(payload: dict, top: int = 6) -> List[Tuple[str, str]]:
     """What the fused model weighed, per query kind (from the payload's per-query ``channels``): an auditor can
     see whether an attribution rests on the prompt, the image, or the training dynamics."""
     seen: Dict[str, Dict[str, float]] = {}
+    chosen: Dict[str, str] = {}
     for q in payload.get("queries", []):
         if q.get("channels") and q.get("query_kind") and q["query_kind"] not in seen:
             seen[q["query_kind"]] = q["channels"]
+            if q.get("channel_set"):
+                which = ("the final checkpoint's channels only" if q["channel_set"] == "final" else "every channel")
+                chosen[q["query_kind"]] = f"; {which}, chosen on held-out anchors ({q.get('channel_set_why')})"
     rows = []
     for kind, channels in sorted(seen.items()):
         total = sum(channels.values()) or 1.0
@@ -382,7 +386,8 @@ def _evidence_rows(payload: dict, top: int = 6) -> List[Tuple[str, str]]:
         fam_text = ", ".join(f"{f.rstrip('/')} {v:.0%}" for f, v in sorted(families.items(), key=lambda fv: -fv[1]))
         label = "prompt known" if kind == "prompt" else "image only"
         rows.append((f"evidence weighed ({label})", e(f"{fam_text}; largest: " +
-                                                      ", ".join(f"{c} {w / total:.0%}" for c, w in best))))
+                                                      ", ".join(f"{c} {w / total:.0%}" for c, w in best)
+                                                      + chosen.get(kind, ""))))
     lifted = [q for q in payload.get("queries", []) if q.get("exact_caption_first")]
     if lifted:
         rows.append(("exact caption first", e(f"{len(lifted)} of {len(payload.get('queries', []))} queries carry a "

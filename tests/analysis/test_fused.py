@@ -340,6 +340,27 @@ def test_each_query_kind_is_supervised_by_the_queries_of_that_kind(tiny_run):
     np.testing.assert_array_equal(gen.images, image_sets[2].images)  # and the same generations
 
 
+def test_final_checkpoint_channels_need_only_the_final_checkpoints_encoding(tiny_run):
+    """A model that uses the final checkpoint's channels only re-encodes its queries under that checkpoint alone; its
+    values are those the whole trajectory gives (the earlier checkpoints are left NaN, and nothing reads them)."""
+    from montrage.analysis.base import ScoringContext
+    from montrage.analysis.scorers import query_trajectory
+
+    store = RunStore.open(tiny_run)
+    q = probe_queries(store)
+    last = store.n_checkpoints - 1
+    alone = ScoringContext(store=store, queries=q, checkpoint=last, options={"query_mode": "B"})
+    got = F.rep_channels(alone, "null", final_only=True)
+    traj = query_trajectory(F._with_condition(alone, "null"), final_only=True)
+    assert np.isnan(traj.losses[:last]).all() and np.isfinite(traj.losses[last]).all()
+    whole = ScoringContext(store=store, queries=q, checkpoint=last, options={"query_mode": "B"})
+    full = F.rep_channels(whole, "null", final_only=False)  # the whole trajectory first: then it is reused
+    assert set(got) == {"rep/null/sim-final"} and "rep/null/move" in full
+    np.testing.assert_allclose(got["rep/null/sim-final"], full["rep/null/sim-final"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(F.rep_channels(whole, "null", final_only=True)["rep/null/sim-final"],
+                                  full["rep/null/sim-final"])
+
+
 def planted_influence(seed, m, n=40, q=30):
     """Two channels that both find every query's source (the anchor supervision cannot tell them apart); only
     ``grad/dtrak`` also says how much the OTHER images matter (a hidden influence), and the losses of models

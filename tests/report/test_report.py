@@ -238,3 +238,8 @@ def test_the_fused_models_evidence_is_shown_per_query_kind(tiny_run, tmp_path):
     first["others_share_why"] = "27 of 32 of the run's generations of its anchors' captions reproduce their image"
     page = parse(build_report(tiny_run, method=METHOD, out=tmp_path / "why.html", progress=False, attribution=att))
     assert "(why: 27 of 32 of the run's generations" in page.all_text
+    for q in att.payload["queries"]:  # montrage chose the final checkpoint's channels on held-out anchors: said so
+        q.update(channel_set="final", channel_set_why="held-out objective 0.49 with them, 0.50 with every channel")
+    page = parse(build_report(tiny_run, method=METHOD, out=tmp_path / "set.html", progress=False, attribution=att))
+    assert ("the final checkpoint's channels only, chosen on held-out anchors (held-out objective 0.49 with them"
+            in page.all_text)
