@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets (default 0)")
     p.add_argument("--prior", default=None, metavar="DIR",
                    help="prior images, when the run's recorded prior folder has moved")
-    p.add_argument("--methods", default="montrage", help="fused models to fit, comma-separated: montrage, montrage-all, montrage-final (default montrage)")
+    p.add_argument("--methods", default="montrage",
+                   help="fused models to fit, comma-separated: montrage, montrage-all, montrage-final (default montrage)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the fitted models as JSON")
     p.set_defaults(func=cmd_fit)
 
