@@ -573,8 +573,10 @@ def choose_channel_set(values: Dict[str, np.ndarray], target: np.ndarray, kind: 
     final = final_channels(names, k)
     if not final or len(final) == len(names):
         return {"chosen": "all", "why": "no separate final-checkpoint channel set"}
-    if n_anchors < 2 * CHANNEL_SET_FOLDS or len(target) % n_anchors:
+    if n_anchors < 2 * CHANNEL_SET_FOLDS:
         return {"chosen": "all", "why": f"not measured ({n_anchors} anchors; needs {2 * CHANNEL_SET_FOLDS}+)"}
+    if len(target) % n_anchors:
+        return {"chosen": "all", "why": f"not measured ({len(target)} supervision rows are not sets of {n_anchors})"}
     loss = {name: np.concatenate([heldout_objective({c: values[c] for c in chans}, target, kind, concepts, n_anchors,
                                                     seed) for seed in range(CHANNEL_SET_REPEATS)])
             for name, chans in (("all", names), ("final", final))}
