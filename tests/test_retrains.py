@@ -7,8 +7,8 @@ import pytest
 
 from montrage.analysis import fused as F
 from montrage.cli import main
-from montrage.errors import ConfigError
-from montrage.retrains import retrain, subsets
+from montrage.errors import ConfigError, ScorerError
+from montrage.retrains import fit_run, retrain, subsets
 from montrage.storage import RunStore
 from montrage.storage import schema as S
 
@@ -65,6 +65,9 @@ def test_bad_retrain_requests_get_one_clear_error(tiny_run_copy):
     with pytest.raises(ConfigError, match="fraction"):
         retrain(tiny_run_copy, 2, fraction=1.0)
     assert not (tiny_run_copy / S.RETRAINS_DIRNAME).exists()  # nothing half-written
+    with pytest.raises(ScorerError, match="'pixel' is not a fitted model; --methods takes montrage, montrage-all"):
+        fit_run(tiny_run_copy, ["pixel"])
+    assert not (tiny_run_copy / "montrage-models").exists()
 
 
 def test_a_run_without_recorded_training_settings_cannot_be_retrained(tiny_run_copy, monkeypatch):
