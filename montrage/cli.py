@@ -180,6 +180,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from montrage.storage import RunStore
 
     RunStore.open(args.run).close()  # a missing run: one error before training code is imported
+    from montrage.analysis.fused import CHANNEL_SET_LABELS
     from montrage.retrains import fit_run, retrain
 
     if args.retrains:
@@ -201,8 +202,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                       f"{cf['heldout']}")
             cs = m.get("channel_set") or {}
             if cs.get("chosen"):
-                which = "the final checkpoint's only" if cs["chosen"] == "final" else "every channel"
-                print(f"  channels: {which} ({cs.get('why')})")
+                print(f"  channels: {CHANNEL_SET_LABELS.get(cs['chosen'], cs['chosen'])} ({cs.get('why')})")
             ex = m.get("exact_caption") or {}
             if ex.get("supervision_r1"):
                 before, after = ex["supervision_r1"]

@@ -104,6 +104,7 @@ MEMO_SIDE = 64
 # are more weights to fit on a few dozen anchors: on the four benchmark runs of model version 12 the trajectory
 # channels lowered the in-sample loss but raised the held-out one.
 CHANNEL_SET_FOLDS = 4
+CHANNEL_SET_LABELS = {"final": "the final checkpoint's channels only", "all": "every channel"}  # for fit and report
 CHANNEL_SET_REPEATS = 2
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from montrage.analysis.attribute import AttributionResult, attribute, between_concept_accuracy
+from montrage.analysis.fused import CHANNEL_SET_LABELS
 from montrage.errors import DataError, MontrageError, ScorerError
 from montrage.report import plots as P
 from montrage.storage import RunStore
@@ -373,7 +374,7 @@ def _evidence_rows(payload: dict, top: int = 6) -> List[Tuple[str, str]]:
         if q.get("channels") and q.get("query_kind") and q["query_kind"] not in seen:
             seen[q["query_kind"]] = q["channels"]
             if q.get("channel_set"):
-                which = ("the final checkpoint's channels only" if q["channel_set"] == "final" else "every channel")
+                which = CHANNEL_SET_LABELS.get(q["channel_set"], q["channel_set"])
                 chosen[q["query_kind"]] = f"; {which}, chosen on held-out anchors ({q.get('channel_set_why')})"
     rows = []
     for kind, channels in sorted(seen.items()):
