@@ -271,12 +271,15 @@ def _with_condition(ctx: ScoringContext, condition: str) -> ScoringContext:
 
 def grad_channels(ctx: ScoringContext, final_only: bool) -> Dict[str, np.ndarray]:
     from montrage.analysis.gradient_scorers import (GradientSettings, dtrak_combine, query_gradients,
-                                                   query_gradients_at, tracin_checkpoints, train_gradients)
+                                                   query_gradients_at, query_gradients_shared, tracin_checkpoints,
+                                                   train_gradients)
     from montrage.analysis.gradients import normalize_rows
 
     s = GradientSettings.from_ctx(ctx)
     k = ctx.checkpoint
-    if not final_only:  # the query's gradients at every TracIn checkpoint in one batched pass
+    if final_only:  # D-TRAK's and TracIn's query gradients at k from one forward pass
+        query_gradients_shared(ctx, k, ("sqnorm", "denoise"), s)
+    else:  # the query's gradients at every TracIn checkpoint in one batched pass
         query_gradients_at(ctx, tracin_checkpoints(k), "denoise", s)
     out = {"grad/dtrak": dtrak_combine(train_gradients(ctx, k, "sqnorm", s), query_gradients(ctx, k, "sqnorm", s),
                                        float(ctx.options.get("dtrak_lambda", 0.1)))}

@@ -105,6 +105,26 @@ def query_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSetting
     return query_gradients_at(ctx, [k], output, s)[0]
 
 
+def query_gradients_shared(ctx: ScoringContext, k: int, outputs: Sequence[str], s: GradientSettings) -> List[np.ndarray]:
+    """:func:`query_gradients` of several outputs at checkpoint k; those not cached yet from ONE forward pass per
+    item (:func:`~montrage.analysis.gradients.projected_gradients_shared`): same numbers, one UNet forward instead
+    of one per output."""
+    from montrage.analysis.gradients import projected_gradients_shared
+
+    todo = [o for o in dict.fromkeys(outputs) if _query_key(ctx, int(k), o, s) not in ctx._cache]
+    if len(todo) > 1:
+        require_lora(ctx, k)
+        q = ctx.queries
+        comps = ctx.components_at(int(k))
+        got = projected_gradients_shared(comps, q.images, list(q.prompts), [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds],
+                                         outputs=todo, timesteps=s.timesteps, noise_seed=s.noise_seed,
+                                         projector=projector(ctx, comps, s), batch_size=s.batch_size,
+                                         progress=ctx.progress)
+        for o, g in got.items():
+            ctx.cached(_query_key(ctx, int(k), o, s), lambda g=g: g)
+    return [query_gradients(ctx, k, o, s) for o in outputs]
+
+
 def query_gradients_at(ctx: ScoringContext, ks: Sequence[int], output: str, s: GradientSettings) -> List[np.ndarray]:
     """:func:`query_gradients` at checkpoints ``ks``; the ones not cached yet in one batched pass over their LoRA
     weights (:func:`~montrage.analysis.gradients.projected_gradients_at`)."""

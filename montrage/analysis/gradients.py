@@ -53,15 +53,20 @@ def lora_parameters(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- per-sample gradients
 def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, batch_size: int = 32,
-                     method: str = "auto", components: Optional[DiffusionComponents] = None) -> Dict[str, torch.Tensor]:
+                     method: str = "auto", components: Optional[DiffusionComponents] = None,
+                     n_outputs: int = 1) -> Dict[str, torch.Tensor]:
     """d output_fn / d LoRA params for each item: name -> (M, *param shape), float32.
 
     ``method``: 'vmap' (torch.func), 'loop' (one autograd call per item) or 'auto' (vmap, falling
     back to the loop once if vmap fails for this model). The UNet is run in eval mode. With
     ``components`` the UNet is called through ``components.predict`` (SDXL inputs, autocast).
+    ``n_outputs`` > 1: ``output_fn`` returns that many scalars (shape (K,)) from ONE forward pass, and each
+    gets its gradient (``jacrev``: one forward, K backward passes): name -> (M, K, *param shape).
     """
     if method not in ("auto", "vmap", "loop"):
         raise ConfigError(f"per_sample_grads method must be auto, vmap or loop, got {method!r}")
+    if int(n_outputs) < 1:
+        raise ConfigError(f"per_sample_grads n_outputs must be >= 1, got {n_outputs!r}")
     params = lora_parameters(unet)
     M = int(items["x_t"].shape[0])
     with eval_mode(unet):
@@ -71,7 +76,7 @@ def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, b
             use_vmap = method == "vmap" or (method == "auto" and not getattr(unet, _VMAP_FAILED, False))
             if use_vmap:
                 try:
-                    chunks.append(_grads_vmap(unet, params, part, output_fn, components))
+                    chunks.append(_grads_vmap(unet, params, part, output_fn, components, n_outputs=n_outputs))
                     continue
                 except Exception as exc:  # torch.func cannot trace some modules; the loop is exact too
                     if method == "vmap":
@@ -79,9 +84,10 @@ def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, b
                     setattr(unet, _VMAP_FAILED, True)
                     log.warning("per-sample gradients: torch.func vmap failed (%s: %s); using a per-item loop",
                                 type(exc).__name__, exc)
-            chunks.append(_grads_loop(unet, params, part, output_fn, components))
+            chunks.append(_grads_loop(unet, params, part, output_fn, components, n_outputs=n_outputs))
     if not chunks:
-        return {n: torch.zeros((0, *p.shape)) for n, p in params.items()}
+        lead = (0,) if n_outputs == 1 else (0, int(n_outputs))
+        return {n: torch.zeros((*lead, *p.shape)) for n, p in params.items()}
     return {n: torch.cat([c[n] for c in chunks]) for n in params}
 
 
@@ -93,10 +99,12 @@ def _forward(unet, item: Items, components: Optional[DiffusionComponents] = None
 
 
 def _grads_vmap(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn,
-                components: Optional[DiffusionComponents] = None, per_item_params: bool = False) -> Dict[str, torch.Tensor]:
+                components: Optional[DiffusionComponents] = None, per_item_params: bool = False,
+                n_outputs: int = 1) -> Dict[str, torch.Tensor]:
     """``per_item_params``: ``params`` hold one set of LoRA tensors per item (leading axis M), e.g. the
-    checkpoints of a trajectory, so that gradients at several checkpoints take one batched call."""
-    from torch.func import functional_call, grad, vmap
+    checkpoints of a trajectory, so that gradients at several checkpoints take one batched call.
+    ``n_outputs`` > 1: ``jacrev`` over the (K,) outputs, sharing the forward pass."""
+    from torch.func import functional_call, grad, jacrev, vmap
 
     # torch.func maps over tensors only: a Conditioning travels as its two tensors
     flat = {k: v for k, v in items.items() if not isinstance(v, Conditioning)}
@@ -116,12 +124,13 @@ def _grads_vmap(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: 
 
     with warnings.catch_warnings():  # "no batching rule for aten::_scaled_dot_product...": a slower fallback only
         warnings.filterwarnings("ignore", message=".*batching rule.*")
-        out = vmap(grad(loss), in_dims=(0 if per_item_params else None, 0))(params, flat)
+        differentiate = grad if n_outputs == 1 else jacrev
+        out = vmap(differentiate(loss), in_dims=(0 if per_item_params else None, 0))(params, flat)
     return {n: g.detach().float() for n, g in out.items()}
 
 
 def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn,
-                components: Optional[DiffusionComponents] = None) -> Dict[str, torch.Tensor]:
+                components: Optional[DiffusionComponents] = None, n_outputs: int = 1) -> Dict[str, torch.Tensor]:
     named = dict(unet.named_parameters())
     tensors = [named[n] for n in params]
     flags = [t.requires_grad for t in tensors]
@@ -133,10 +142,12 @@ def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: 
         for i in range(M):
             one = {k: v[i:i + 1] for k, v in items.items()}
             with torch.enable_grad():
-                value = output_fn(_forward(unet, one, components), one)
-                grads = torch.autograd.grad(value, tensors, allow_unused=True)
-            for n, t, g in zip(params, tensors, grads):
-                out[n].append((torch.zeros_like(t) if g is None else g).detach().float())
+                value = output_fn(_forward(unet, one, components), one).reshape(-1)
+                per_output = [torch.autograd.grad(value[j], tensors, allow_unused=True, retain_graph=j + 1 < n_outputs)
+                              for j in range(n_outputs)]  # one forward pass, one backward pass per output
+            for i_p, (n, t) in enumerate(zip(params, tensors)):
+                gs = [(torch.zeros_like(t) if g[i_p] is None else g[i_p]).detach().float() for g in per_output]
+                out[n].append(gs[0] if n_outputs == 1 else torch.stack(gs))
     finally:
         for t, f in zip(tensors, flags):
             t.requires_grad_(f)
@@ -287,6 +298,12 @@ OUTPUTS: Dict[str, Tuple[Callable[..., Items], OutputFn]] = {
 }
 
 
+def _shared_items_fn(outputs: Sequence[str]) -> Callable[..., Items]:
+    """The item builder serving every built-in output at once: the denoising items (x_t, t, hidden and the
+    training target) hold everything the squared-norm output reads, over the same noised inputs."""
+    return _denoise_items if "denoise" in outputs else _sqnorm_items
+
+
 # ----------------------------------------------------------------------------- the main entry
 def projected_gradients(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
                         item_seeds: Sequence[int], output: str = "denoise", timesteps: Sequence[int] = (100, 400, 700),
@@ -309,25 +326,62 @@ def projected_gradients(components: DiffusionComponents, images: np.ndarray, pro
         items_fn, output_fn = OUTPUTS[output]
     elif items_fn is None:
         raise ConfigError("projected_gradients: a custom output_fn needs its items_fn")
-    N, T = len(images), len(timesteps)
+    return _projected(components, images, prompts, item_seeds, items_fn, output_fn, 1, timesteps, noise_seed,
+                      projector, proj_dim, proj_seed, batch_size, method, memory_mb, progress, output)[0]
+
+
+def projected_gradients_shared(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
+                               item_seeds: Sequence[int], outputs: Sequence[str] = ("sqnorm", "denoise"),
+                               timesteps: Sequence[int] = (100, 400, 700), noise_seed: int = 0,
+                               projector: Optional[Projector] = None, proj_dim: int = DEFAULT_PROJ_DIM,
+                               proj_seed: int = 0, batch_size: int = 32, method: str = "auto",
+                               memory_mb: float = 256.0, progress: bool = False) -> Dict[str, np.ndarray]:
+    """:func:`projected_gradients` of several built-in outputs over the same noised inputs, from ONE forward pass
+    per item (one backward pass per output): output name -> (N, T, proj_dim). The same numbers as one call per
+    output; a query that needs D-TRAK's and TracIn's gradients at one checkpoint pays one UNet forward, not two."""
+    outputs = list(dict.fromkeys(outputs))
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown or not outputs:
+        raise ScorerError(f"unknown gradient output function(s) {unknown or outputs}; available: {sorted(OUTPUTS)}")
+    fns = [OUTPUTS[o][1] for o in outputs]
+
+    def stacked(pred: torch.Tensor, item: Items) -> torch.Tensor:
+        return torch.stack([f(pred, item) for f in fns])
+
+    parts = _projected(components, images, prompts, item_seeds, _shared_items_fn(outputs), stacked, len(outputs),
+                       timesteps, noise_seed, projector, proj_dim, proj_seed, batch_size, method, memory_mb, progress,
+                       "+".join(outputs))
+    return dict(zip(outputs, parts))
+
+
+def _projected(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str], item_seeds: Sequence[int],
+               items_fn: Callable[..., Items], output_fn: OutputFn, n_outputs: int, timesteps: Sequence[int],
+               noise_seed: int, projector: Optional[Projector], proj_dim: int, proj_seed: int, batch_size: int,
+               method: str, memory_mb: float, progress: bool, label: str) -> List[np.ndarray]:
+    """The projected gradients of ``n_outputs`` outputs of one forward pass: one (N, T, D) array per output."""
+    N, T, K = len(images), len(timesteps), int(n_outputs)
     if len(prompts) != N or len(item_seeds) != N:
         raise ScorerError(f"projected_gradients: {N} images but {len(prompts)} prompts and {len(item_seeds)} seeds")
     if T == 0:
         raise ScorerError("projected_gradients needs at least one timestep")
     unet = components.unet
     projector = projector or Projector.for_unet(unet, proj_dim, proj_seed)
-    per_item_bytes = 4 * projector.n_params
+    per_item_bytes = 4 * projector.n_params * K
     images_per_pass = max(1, int(memory_mb * 2 ** 20) // max(1, per_item_bytes * T))
-    out = np.zeros((N, T, projector.proj_dim), np.float32)
+    out = [np.zeros((N, T, projector.proj_dim), np.float32) for _ in range(K)]
     from tqdm.auto import tqdm
 
     with torch.random.fork_rng(devices=[]):
-        for start in tqdm(range(0, N, images_per_pass), disable=not progress, desc=f"gradients ({output})"):
+        for start in tqdm(range(0, N, images_per_pass), disable=not progress, desc=f"gradients ({label})"):
             sl = slice(start, min(N, start + images_per_pass))
             items = items_fn(components, images[sl], list(prompts[sl]), list(item_seeds[sl]), timesteps, noise_seed)
-            grads = per_sample_grads(unet, items, output_fn, batch_size=batch_size, method=method, components=components)
-            proj = projector.project(grads)
-            out[sl] = proj.view(sl.stop - sl.start, T, -1).cpu().numpy()
+            grads = per_sample_grads(unet, items, output_fn, batch_size=batch_size, method=method,
+                                     components=components, n_outputs=K)
+            if K > 1:  # (M, K, *shape) -> (M * K, *shape): item-major, output-minor rows
+                grads = {n: g.flatten(0, 1) for n, g in grads.items()}
+            proj = projector.project(grads).view(sl.stop - sl.start, T, K, -1).cpu().numpy()
+            for j in range(K):
+                out[j][sl] = proj[:, :, j]
     return out
 
 

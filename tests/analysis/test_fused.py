@@ -361,6 +361,42 @@ def test_final_checkpoint_channels_need_only_the_final_checkpoints_encoding(tiny
                                   full["rep/null/sim-final"])
 
 
+def test_final_checkpoint_gradient_channels_take_one_shared_pass_with_dtraks_numbers(tiny_run_copy, monkeypatch):
+    """On the final checkpoint's channels the query's D-TRAK and TracIn gradients come from one forward pass (one
+    call of the shared path, none of the one-output path), and give the numbers of the scorers computed apart."""
+    from montrage.analysis import gradients as G
+    from montrage.analysis.base import ScoringContext
+    from montrage.analysis.gradient_scorers import DTrakScorer, GradientSettings, query_gradients, train_gradients
+
+    store = RunStore.open(tiny_run_copy)
+    q = probe_queries(store)
+    last = store.n_checkpoints - 1
+    calls = {"shared": 0, "one": 0}
+    shared, one = G.projected_gradients_shared, G.projected_gradients
+
+    def count(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    ctx = ScoringContext(store=store, queries=q, checkpoint=last, options={"query_mode": "B", "proj_dim": 64})
+    for output in ("sqnorm", "denoise"):  # the training side first: only the query's passes are counted
+        train_gradients(ctx, last, output, GradientSettings.from_ctx(ctx))
+    monkeypatch.setattr(G, "projected_gradients_shared", count("shared", shared))
+    monkeypatch.setattr(G, "projected_gradients", count("one", one))
+    got = F.grad_channels(ctx, final_only=True)
+    assert set(got) == {"grad/dtrak", f"grad/tracin/k{last}"} and calls == {"shared": 1, "one": 0}
+    monkeypatch.setattr(G, "projected_gradients_shared", shared)
+    apart = ScoringContext(store=store, queries=q, checkpoint=last, options={"query_mode": "B", "proj_dim": 64})
+    ref = DTrakScorer().score(apart)
+    np.testing.assert_allclose(got["grad/dtrak"], ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+    s = GradientSettings.from_ctx(apart)
+    gq, gt = query_gradients(apart, last, "denoise", s), train_gradients(apart, last, "denoise", s)
+    tracin = np.einsum("qtd,ntd->qn", G.normalize_rows(gq), G.normalize_rows(gt))
+    np.testing.assert_allclose(got[f"grad/tracin/k{last}"], tracin, rtol=1e-4, atol=1e-5)
+
+
 def planted_influence(seed, m, n=40, q=30):
     """Two channels that both find every query's source (the anchor supervision cannot tell them apart); only
     ``grad/dtrak`` also says how much the OTHER images matter (a hidden influence), and the losses of models

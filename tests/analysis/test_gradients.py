@@ -11,7 +11,8 @@ from montrage.analysis.base import _REGISTRY, QuerySet, ScoringContext
 from montrage.analysis.gradient_scorers import (DTrakScorer, TracInScorer, dtrak_combine, learning_rate,
                                                tracin_checkpoints, tracin_combine)
 from montrage.analysis.gradients import (OUTPUTS, Projector, item_noise, lora_parameters, normalize_rows,
-                                         per_sample_grads, projected_gradients, trak_scores, training_images)
+                                         per_sample_grads, projected_gradients, projected_gradients_shared,
+                                         trak_scores, training_images)
 from montrage.config import EmbeddedModelConfig, LoraSettings
 from montrage.errors import ScorerError
 from montrage.losses.diffusion import per_sample_mse, training_target
@@ -167,6 +168,43 @@ def test_per_sample_grads_match_plain_autograd(comps, method):
             assert scale > 0
             for n, v in ref.items():
                 torch.testing.assert_close(grads[n][row], v, atol=2e-5 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["vmap", "loop"])
+def test_outputs_sharing_one_forward_pass_get_their_own_exact_gradients(comps, method):
+    """Two outputs of one forward pass (jacrev / retained graph) = each output's gradient on its own, and the
+    denoising one = autograd on the training loss written out from scratch."""
+    images = random_images(2, 4)
+    prompts = ["a ring by artist-1", ""]
+    items = OUTPUTS["denoise"][0](comps, images, prompts, [3, 4], TIMESTEPS, 11)
+    fns = [OUTPUTS["sqnorm"][1], OUTPUTS["denoise"][1]]
+    both = per_sample_grads(comps.unet, items, lambda pred, it: torch.stack([f(pred, it) for f in fns]),
+                            method=method, n_outputs=2)
+    alone = [per_sample_grads(comps.unet, items, f, method=method) for f in fns]
+    for n, g in both.items():
+        assert g.shape == (2 * len(TIMESTEPS), 2, *alone[0][n].shape[1:])
+        for j in range(2):
+            scale = float(alone[j][n].abs().max()) + 1e-12
+            torch.testing.assert_close(g[:, j], alone[j][n], atol=1e-5 * scale, rtol=1e-4)
+    ref = _plain_grad(comps, images[1], prompts[1], 4, 2, 11)
+    for n, v in ref.items():
+        torch.testing.assert_close(both[n][len(TIMESTEPS) + 2, 1], v, atol=2e-5 * float(v.abs().max()), rtol=1e-4)
+    assert not torch.allclose(both[n][:, 0], both[n][:, 1])  # two different outputs, not one copied
+
+
+def test_projected_gradients_shared_match_one_call_per_output(comps):
+    images = random_images(3, 5)
+    prompts = ["a circle", "", "a cross by artist-0"]
+    got = projected_gradients_shared(comps, images, prompts, [1, 2, 3], outputs=("sqnorm", "denoise"),
+                                     timesteps=TIMESTEPS, proj_dim=32, proj_seed=2, memory_mb=0.001)
+    assert list(got) == ["sqnorm", "denoise"]
+    for o, g in got.items():
+        ref = projected_gradients(comps, images, prompts, [1, 2, 3], output=o, timesteps=TIMESTEPS, proj_dim=32,
+                                  proj_seed=2)
+        assert g.shape == ref.shape == (3, len(TIMESTEPS), 32)
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ScorerError, match="unknown gradient output"):
+        projected_gradients_shared(comps, images, prompts, [1, 2, 3], outputs=("sqnorm", "nope"))
 
 
 def test_only_lora_parameters_are_differentiated(comps):
