@@ -96,6 +96,11 @@ class ScoringContext:
             cache[key] = make()
         return cache[key]
 
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is already in the cache :meth:`cached` keeps it in (callers that batch work skip what
+        is done)."""
+        return key in (self.run_cache if key.startswith(RUN_LEVEL_PREFIXES) else self._cache)
+
     def cached(self, key: str, make: Callable[[], object]) -> object:
         """``make()`` once per key: per store object for run-level keys (:data:`RUN_LEVEL_PREFIXES`), else per
         context cache."""

@@ -354,13 +354,13 @@ def steps_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:
 def _try(name: str, fn, ctx: ScoringContext) -> Dict[str, np.ndarray]:
     """A channel family, or nothing when the run cannot provide it (remembered per context)."""
     key = f"fused/unavailable/{name}"
-    if ctx._cache.get(key):
+    if ctx.has(key):
         return {}
     try:
         return fn()
     except (MontrageError, OSError, KeyError) as exc:
         log.info("montrage: %s channels unavailable for this run (%s)", name, exc)
-        ctx._cache[key] = True
+        ctx.cached(key, lambda: True)
         return {}
 
 

@@ -111,7 +111,7 @@ def query_gradients_shared(ctx: ScoringContext, k: int, outputs: Sequence[str], 
     of one per output."""
     from montrage.analysis.gradients import projected_gradients_shared
 
-    todo = [o for o in dict.fromkeys(outputs) if _query_key(ctx, int(k), o, s) not in ctx._cache]
+    todo = [o for o in dict.fromkeys(outputs) if not ctx.has(_query_key(ctx, int(k), o, s))]
     if len(todo) > 1:
         require_lora(ctx, k)
         q = ctx.queries
@@ -131,7 +131,7 @@ def query_gradients_at(ctx: ScoringContext, ks: Sequence[int], output: str, s: G
     from montrage.analysis.gradients import projected_gradients_at
     from montrage.models.lora import lora_slots
 
-    todo = [int(k) for k in dict.fromkeys(ks) if _query_key(ctx, int(k), output, s) not in ctx._cache]
+    todo = [int(k) for k in dict.fromkeys(ks) if not ctx.has(_query_key(ctx, int(k), output, s))]
     if todo:
         for k in todo:
             require_lora(ctx, k)
@@ -154,7 +154,8 @@ def query_gradients_at(ctx: ScoringContext, ks: Sequence[int], output: str, s: G
                                            projector=projector(ctx, comps, s), batch_size=s.batch_size)
         for k, g in zip(todo, parts):
             ctx.cached(_query_key(ctx, k, output, s), lambda g=g: g)
-    return [ctx._cache[_query_key(ctx, int(k), output, s)] for k in ks]
+    return [ctx.cached(_query_key(ctx, int(k), output, s), lambda k=k: query_gradients_at(ctx, [k], output, s)[0])
+            for k in ks]  # all filled above: the fallback never runs
 
 
 # ----------------------------------------------------------------------------- TracIn-CP

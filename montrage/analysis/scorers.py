@@ -31,7 +31,7 @@ def query_trajectory(ctx: ScoringContext, final_only: bool = False) -> QueryTraj
     if mode != "B":
         raise ScorerError(f"query_mode must be A or B, got {mode!r}")
     key = f"traj/B/{q.key}/{ctx.condition}/{ctx.checkpoint}"
-    if final_only and key not in ctx._cache:
+    if final_only and not ctx.has(key):
         return ctx.cached(key + "/final", lambda: reencode_trajectory(
             ctx.store, ctx.components_at, q.images, q.prompts, q.item_seeds, ctx.condition, ctx.checkpoint,
             ctx.progress, only=[ctx.checkpoint]))
