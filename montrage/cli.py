@@ -172,7 +172,9 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     res = featurize(args.run, [o.strip() for o in args.outputs.split(",") if o.strip()], ks, options,
                     device=args.device, overwrite=args.overwrite, progress=not args.quiet)
     for output, r in res.items():
-        print(f"{output}: checkpoints {r['checkpoints']}, {r['bytes'] / 2 ** 20:.1f} MiB stored, {r['seconds']:.1f} s")
+        print(f"{output}: checkpoints {r['checkpoints']}, {r['bytes'] / 2 ** 20:.1f} MiB stored")
+    seconds = next(iter(res.values()))["seconds"] if res else 0.0
+    print(f"{seconds:.1f} s" + (" (the outputs share one forward pass per training item)" if len(res) > 1 else ""))
     return 0
 
 

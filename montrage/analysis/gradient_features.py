@@ -27,7 +27,7 @@ import numpy as np
 from montrage.analysis.base import QuerySet, ScoringContext
 from montrage.analysis.gradient_scorers import (GradientSettings, checkpoint_components, projector,
                                                tracin_checkpoints)
-from montrage.analysis.gradients import Projector, projected_gradients, training_images
+from montrage.analysis.gradients import Projector, projected_gradients, projected_gradients_shared, training_images
 from montrage.errors import ScorerError, StoreError
 from montrage.models.features import TRAIN_SEED_OFFSET
 from montrage.storage import RunStore
@@ -61,27 +61,37 @@ def _stored(ctx: ScoringContext, output: str) -> Optional[GradientFeatures]:
     return GradientFeatures(ctx.store, output) if isinstance(ctx.store, RunStore) else None
 
 
-def _compute(ctx: ScoringContext, k: int, output: str, s: GradientSettings, rows: slice) -> np.ndarray:
+def _compute(ctx: ScoringContext, k: int, outputs: Sequence[str], s: GradientSettings, rows: slice
+             ) -> Dict[str, np.ndarray]:
+    """Projected training gradients of rows ``rows`` at checkpoint k for each output; several outputs share one
+    forward pass per item (:func:`~montrage.analysis.gradients.projected_gradients_shared`)."""
     ts = ctx.cached("grad/training_images", lambda: training_images(ctx.store))
     comps = checkpoint_components(ctx, k)
     idx = range(len(ts))[rows]
-    return projected_gradients(comps, ts.images[rows], list(ts.captions[rows]), [TRAIN_SEED_OFFSET + i for i in idx],
-                               output=output, timesteps=s.timesteps, noise_seed=s.noise_seed,
-                               projector=projector(ctx, comps, s), batch_size=s.batch_size, progress=ctx.progress)
+    args = (comps, ts.images[rows], list(ts.captions[rows]), [TRAIN_SEED_OFFSET + i for i in idx])
+    kw = dict(timesteps=s.timesteps, noise_seed=s.noise_seed, projector=projector(ctx, comps, s),
+              batch_size=s.batch_size, progress=ctx.progress)
+    if len(outputs) == 1:
+        return {outputs[0]: projected_gradients(*args, output=outputs[0], **kw)}
+    return projected_gradients_shared(*args, outputs=list(outputs), **kw)
 
 
-def _fill(ctx: ScoringContext, gf: GradientFeatures, k: int, output: str, s: GradientSettings) -> None:
-    """Compute and store the rows of checkpoint k not written yet (in blocks: an interruption loses one block)."""
+def _fill(ctx: ScoringContext, gfs: Dict[str, GradientFeatures], k: int, s: GradientSettings) -> None:
+    """Compute and store the rows of checkpoint k not written yet, for each output in ``gfs`` (in blocks: an
+    interruption loses one block). Outputs written up to the same row take their next block in one shared pass."""
     n = len(ctx.store.train_meta[S.ATTR_FILE_NAMES])
-    start = gf.rows_done().get(k, 0)
     block = S.GRADIENT_ROWS_PER_CHUNK
-    while start < n:
-        sl = slice(start, min(n, start + block))
-        g = _compute(ctx, k, output, s, sl).astype(np.float64)
-        norms = np.linalg.norm(g, axis=-1)
-        unit = g / np.where(norms > 0, norms, 1.0)[..., None]
-        gf.write(k, start, unit, norms)
-        start = sl.stop
+    while True:
+        todo = {o: d for o, gf in gfs.items() if (d := gf.rows_done().get(k, 0)) < n}
+        if not todo:
+            return
+        start = min(todo.values())
+        group = [o for o, d in todo.items() if d == start]
+        got = _compute(ctx, k, group, s, slice(start, min(n, start + block)))
+        for o in group:
+            g = got[o].astype(np.float64)
+            norms = np.linalg.norm(g, axis=-1)
+            gfs[o].write(k, start, g / np.where(norms > 0, norms, 1.0)[..., None], norms)
 
 
 def stored_features(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> Optional[np.ndarray]:
@@ -100,21 +110,21 @@ def train_features(ctx: ScoringContext, k: int, output: str, s: GradientSettings
     run, a store-like object) computed in memory."""
     gf = _stored(ctx, output)
     if gf is None:
-        return _compute(ctx, k, output, s, slice(None))
+        return _compute(ctx, k, [output], s, slice(None))[output]
     want = feature_settings(ctx, s)
     have = gf.settings()
     if have == want and gf.complete(k):
         unit, norms = gf.read(k)
         return unit * norms[..., None]
     if have not in (None, want) or not ctx.options.get("store_gradients", True):
-        return _compute(ctx, k, output, s, slice(None))
+        return _compute(ctx, k, [output], s, slice(None))[output]
     try:
         gf.prepare(want, ctx.store.n_checkpoints, len(s.timesteps), s.proj_dim)
-        _fill(ctx, gf, k, output, s)
+        _fill(ctx, {output: gf}, k, s)
     except (OSError, StoreError) as exc:  # e.g. a read-only run folder: still answer, without storing
         log.warning("could not store %s gradient features in %s (%s); computing them in memory", output,
                     ctx.store.run_dir, exc)
-        return _compute(ctx, k, output, s, slice(None))
+        return _compute(ctx, k, [output], s, slice(None))[output]
     unit, norms = gf.read(k)
     return unit * norms[..., None]
 
@@ -128,9 +138,11 @@ def featurize(run_dir, outputs: Sequence[str] = STORED_OUTPUTS, checkpoints: Opt
               options: Optional[dict] = None, device: str = "cpu", overwrite: bool = False,
               progress: bool = True) -> Dict[str, dict]:
     """Compute and store the gradient features of a run (resumable; already complete checkpoints are skipped).
+    The outputs are computed together: one forward pass per training item gives every output's gradient.
 
-    Returns per output: checkpoints, seconds spent, stored bytes. ``options`` are the gradient scorers'
-    (``proj_dim``, ``proj_seed``, ``grad_timesteps``, ``grad_batch_size``).
+    Returns per output: checkpoints, stored bytes, settings, and ``seconds``: the time of the whole call, the same
+    for every output (they share their passes). ``options`` are the gradient scorers' (``proj_dim``,
+    ``proj_seed``, ``grad_timesteps``, ``grad_batch_size``).
     """
     store = RunStore.open(run_dir)
     if store.n_checkpoints == 0:
@@ -146,13 +158,12 @@ def featurize(run_dir, outputs: Sequence[str] = STORED_OUTPUTS, checkpoints: Opt
     bad = [k for k in ks if not 0 <= int(k) < store.n_checkpoints]
     if bad:
         raise ScorerError(f"checkpoint index(es) {bad} out of range: {store.n_checkpoints} committed checkpoints")
-    out: Dict[str, dict] = {}
-    for output in outputs:
-        gf = GradientFeatures(store, output)
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    gfs = {o: GradientFeatures(store, o) for o in dict.fromkeys(outputs)}
+    for gf in gfs.values():
         gf.prepare(feature_settings(ctx, s), store.n_checkpoints, len(s.timesteps), s.proj_dim, overwrite=overwrite)
-        for k in ks:
-            _fill(ctx, gf, int(k), output, s)
-        out[output] = {"checkpoints": [int(k) for k in ks], "seconds": time.perf_counter() - t0,
-                       "bytes": gf.nbytes(), "settings": gf.settings()}
-    return out
+    for k in ks:
+        _fill(ctx, gfs, int(k), s)
+    seconds = time.perf_counter() - t0
+    return {o: {"checkpoints": [int(k) for k in ks], "seconds": seconds, "bytes": gf.nbytes(),
+                "settings": gf.settings()} for o, gf in gfs.items()}

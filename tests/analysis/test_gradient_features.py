@@ -92,6 +92,31 @@ def test_featurize_resumes_after_an_interruption(run, monkeypatch):
     np.testing.assert_allclose(resumed[1], again[1], rtol=1e-4)
 
 
+def test_featurize_takes_both_outputs_from_one_pass_with_the_numbers_of_each_alone(run, monkeypatch):
+    groups = []
+    real = GF._compute
+
+    def spy(ctx, k, outputs, s, rows):
+        groups.append(list(outputs))
+        return real(ctx, k, outputs, s, rows)
+
+    monkeypatch.setattr(GF, "_compute", spy)
+    res = GF.featurize(run, ["sqnorm", "denoise"], [1, 2], OPTS, progress=False)
+    assert groups == [["sqnorm", "denoise"]] * 2 and res["sqnorm"]["seconds"] == res["denoise"]["seconds"] > 0
+    st = RunStore.open(run)
+    together = {o: GradientFeatures(st, o).read(2) for o in ("sqnorm", "denoise")}
+    assert not np.allclose(together["sqnorm"][1], together["denoise"][1])
+    for o in ("sqnorm", "denoise"):
+        shutil.rmtree(run / S.STORE_DIRNAME / S.TRAIN / S.GRADIENTS)
+        shutil.rmtree(run / S.STORE_DIRNAME / S.TRAIN / S.GRADIENT_NORMS)
+        groups.clear()
+        GF.featurize(run, [o], [2], OPTS, progress=False)
+        assert groups == [[o]]
+        unit, norms = GradientFeatures(RunStore.open(run), o).read(2)
+        np.testing.assert_allclose(unit, together[o][0], atol=2e-3)
+        np.testing.assert_allclose(norms, together[o][1], rtol=1e-4)
+
+
 def test_featurize_refuses_other_settings_without_overwrite(run):
     GF.featurize(run, ["sqnorm"], [2], OPTS, progress=False)
     with pytest.raises(Exception, match="overwrite"):
