@@ -269,6 +269,64 @@ def _with_condition(ctx: ScoringContext, condition: str) -> ScoringContext:
     return sub
 
 
+def shared_prompt_pass(ctx: ScoringContext) -> Dict[str, np.ndarray]:
+    """Prompt-known queries on the final checkpoint's channels: their caption-condition representations and their
+    D-TRAK and TracIn gradients at the attributed checkpoint come from ONE UNet forward per item: both read the same
+    noised inputs (the capture seed and timesteps, the query's item seed), its prompt and the same LoRA weights.
+    Fills the caches :func:`rep_channels` and :func:`grad_channels` read (returns no channel itself); does nothing
+    where the two would differ (other gradient timesteps or noise, query mode A, no caption condition captured) or
+    where either is already computed."""
+    import torch
+
+    from montrage.analysis.gradient_scorers import GradientSettings, projector, query_key, require_lora
+    from montrage.analysis.gradients import projected_gradients_shared
+    from montrage.analysis.scorers import trajectory_key
+    from montrage.analysis.trajectories import one_checkpoint_trajectory
+    from montrage.config import CaptureConfig, from_dict
+    from montrage.losses.diffusion import per_sample_mse
+    from montrage.models.features import QUERY_SEED_OFFSET, FeatureExtractor
+
+    store, k, q = ctx.store, ctx.checkpoint, ctx.queries
+    if str(ctx.options.get("query_mode", "B")).upper() != "B" or "caption" not in store.conditions:
+        return {}
+    s = GradientSettings.from_ctx(ctx)
+    capture = from_dict(CaptureConfig, store.capture)
+    if tuple(s.timesteps) != tuple(capture.timesteps) or int(s.noise_seed) != int(capture.seed):
+        return {}
+    caption = _with_condition(ctx, "caption")
+    outputs = ("sqnorm", "denoise")
+    if any(ctx.has(key) for key in (trajectory_key(caption), trajectory_key(caption, final_only=True),
+                                    *(query_key(ctx, k, o, s) for o in outputs))):
+        return {}
+    require_lora(ctx, k)
+    comps = ctx.components_at(k)
+    capture.conditions = ("caption",)
+    extractor = FeatureExtractor(comps, capture)
+    captured, handles = extractor.hook()
+
+    def seen(pred: torch.Tensor, item) -> Dict[str, torch.Tensor]:  # what extract() keeps, from this forward
+        return {**{m: extractor.pool(captured[m]) for m in extractor.modules},
+                "loss": per_sample_mse(pred, item["target"])}
+
+    try:
+        grads, kept = projected_gradients_shared(
+            comps, q.images, list(q.prompts), [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds], outputs=outputs,
+            timesteps=s.timesteps, noise_seed=s.noise_seed, projector=projector(ctx, comps, s),
+            batch_size=s.batch_size, aux_fn=seen)
+    finally:
+        for h in handles:
+            h.remove()
+        captured.clear()
+    n, T = len(q.images), len(s.timesteps)
+    feats = {m: extractor.project(m, torch.from_numpy(kept[m]).flatten(0, 1)).view(n, T, -1).cpu().numpy()
+             for m in extractor.modules}
+    ctx.cached(trajectory_key(caption, final_only=True),
+               lambda: one_checkpoint_trajectory(feats, kept["loss"], k, ctx.checkpoint))
+    for o, g in grads.items():
+        ctx.cached(query_key(ctx, k, o, s), lambda g=g: g)
+    return {}
+
+
 def grad_channels(ctx: ScoringContext, final_only: bool) -> Dict[str, np.ndarray]:
     from montrage.analysis.gradient_scorers import (GradientSettings, dtrak_combine, query_gradients,
                                                    query_gradients_at, query_gradients_shared, tracin_checkpoints,
@@ -378,6 +436,8 @@ def channel_values(ctx: ScoringContext, kind: str, final_only: bool, families: S
                    ) -> Dict[str, np.ndarray]:
     """Raw channel values {name: (Q, N)} of ctx.queries, all of one kind."""
     out: Dict[str, np.ndarray] = {}
+    if kind == PROMPT and final_only and "rep" in families and "grad" in families:
+        _try("shared-pass", lambda: shared_prompt_pass(ctx), ctx)  # then read from the cache below
     if "rep" in families:
         for cond in (("null", "caption") if kind == PROMPT else ("null",)):
             out.update(_try(f"rep/{cond}", lambda: rep_channels(ctx, cond, final_only), ctx))

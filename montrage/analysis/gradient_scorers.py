@@ -94,7 +94,8 @@ def train_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSetting
     return ctx.cached(f"grad/train/{output}/{k}/{s.key()}", lambda: train_features(ctx, k, output, s))
 
 
-def _query_key(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> str:
+def query_key(ctx: ScoringContext, k: int, output: str, s: GradientSettings) -> str:
+    """Cache key of the queries' projected gradients of ``output`` at checkpoint k."""
     return f"grad/query/{ctx.queries.key}/{output}/{k}/{s.key()}"
 
 
@@ -111,7 +112,7 @@ def query_gradients_shared(ctx: ScoringContext, k: int, outputs: Sequence[str], 
     of one per output."""
     from montrage.analysis.gradients import projected_gradients_shared
 
-    todo = [o for o in dict.fromkeys(outputs) if not ctx.has(_query_key(ctx, int(k), o, s))]
+    todo = [o for o in dict.fromkeys(outputs) if not ctx.has(query_key(ctx, int(k), o, s))]
     if len(todo) > 1:
         require_lora(ctx, k)
         q = ctx.queries
@@ -121,7 +122,7 @@ def query_gradients_shared(ctx: ScoringContext, k: int, outputs: Sequence[str], 
                                          projector=projector(ctx, comps, s), batch_size=s.batch_size,
                                          progress=ctx.progress)
         for o, g in got.items():
-            ctx.cached(_query_key(ctx, int(k), o, s), lambda g=g: g)
+            ctx.cached(query_key(ctx, int(k), o, s), lambda g=g: g)
     return [query_gradients(ctx, k, o, s) for o in outputs]
 
 
@@ -131,7 +132,7 @@ def query_gradients_at(ctx: ScoringContext, ks: Sequence[int], output: str, s: G
     from montrage.analysis.gradients import projected_gradients_at
     from montrage.models.lora import lora_slots
 
-    todo = [int(k) for k in dict.fromkeys(ks) if not ctx.has(_query_key(ctx, int(k), output, s))]
+    todo = [int(k) for k in dict.fromkeys(ks) if not ctx.has(query_key(ctx, int(k), output, s))]
     if todo:
         for k in todo:
             require_lora(ctx, k)
@@ -153,8 +154,8 @@ def query_gradients_at(ctx: ScoringContext, ks: Sequence[int], output: str, s: G
                                            timesteps=s.timesteps, noise_seed=s.noise_seed,
                                            projector=projector(ctx, comps, s), batch_size=s.batch_size)
         for k, g in zip(todo, parts):
-            ctx.cached(_query_key(ctx, k, output, s), lambda g=g: g)
-    return [ctx.cached(_query_key(ctx, int(k), output, s), lambda k=k: query_gradients_at(ctx, [k], output, s)[0])
+            ctx.cached(query_key(ctx, k, output, s), lambda g=g: g)
+    return [ctx.cached(query_key(ctx, int(k), output, s), lambda k=k: query_gradients_at(ctx, [k], output, s)[0])
             for k in ks]  # all filled above: the fallback never runs
 
 

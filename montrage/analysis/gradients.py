@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 Items = Dict[str, torch.Tensor]  # 'x_t' (M, C, H, W), 't' (M,), 'hidden' (M, L, E), plus extras; M rows
 OutputFn = Callable[[torch.Tensor, Items], torch.Tensor]  # (pred (1, C, H, W), one item with batch dim 1) -> scalar
+AuxFn = Callable[[torch.Tensor, Items], Dict[str, torch.Tensor]]  # (pred, one item) -> tensors kept from the forward
 ItemBuilder = Callable[[DiffusionComponents, np.ndarray, Sequence[str], Sequence[int]], Items]
 
 DEFAULT_PROJ_DIM = 1024
@@ -63,6 +64,15 @@ def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, b
     ``n_outputs`` > 1: ``output_fn`` returns that many scalars (shape (K,)) from ONE forward pass, and each
     gets its gradient (``jacrev``: one forward, K backward passes): name -> (M, K, *param shape).
     """
+    return per_sample_grads_aux(unet, items, output_fn, batch_size, method, components, n_outputs)[0]
+
+
+def per_sample_grads_aux(unet: torch.nn.Module, items: Items, output_fn: OutputFn, batch_size: int = 32,
+                         method: str = "auto", components: Optional[DiffusionComponents] = None, n_outputs: int = 1,
+                         aux_fn: Optional[AuxFn] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """:func:`per_sample_grads`, plus ``aux_fn(pred, item)``'s tensors from the same forward pass of each item
+    (detached; name -> (M, *shape)); ``{}`` without ``aux_fn``. ``aux_fn`` runs inside ``torch.func`` transforms:
+    no random ops, no in-place writes to outside tensors."""
     if method not in ("auto", "vmap", "loop"):
         raise ConfigError(f"per_sample_grads method must be auto, vmap or loop, got {method!r}")
     if int(n_outputs) < 1:
@@ -70,13 +80,14 @@ def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, b
     params = lora_parameters(unet)
     M = int(items["x_t"].shape[0])
     with eval_mode(unet):
-        chunks: List[Dict[str, torch.Tensor]] = []
+        chunks: List[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = []
         for start in range(0, M, max(1, batch_size)):
             part = {k: v[start:start + batch_size] for k, v in items.items()}
             use_vmap = method == "vmap" or (method == "auto" and not getattr(unet, _VMAP_FAILED, False))
             if use_vmap:
                 try:
-                    chunks.append(_grads_vmap(unet, params, part, output_fn, components, n_outputs=n_outputs))
+                    got = _grads_vmap(unet, params, part, output_fn, components, n_outputs=n_outputs, aux_fn=aux_fn)
+                    chunks.append(got if aux_fn is not None else (got, {}))
                     continue
                 except Exception as exc:  # torch.func cannot trace some modules; the loop is exact too
                     if method == "vmap":
@@ -84,11 +95,13 @@ def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, b
                     setattr(unet, _VMAP_FAILED, True)
                     log.warning("per-sample gradients: torch.func vmap failed (%s: %s); using a per-item loop",
                                 type(exc).__name__, exc)
-            chunks.append(_grads_loop(unet, params, part, output_fn, components, n_outputs=n_outputs))
+            got = _grads_loop(unet, params, part, output_fn, components, n_outputs=n_outputs, aux_fn=aux_fn)
+            chunks.append(got if aux_fn is not None else (got, {}))
     if not chunks:
         lead = (0,) if n_outputs == 1 else (0, int(n_outputs))
-        return {n: torch.zeros((*lead, *p.shape)) for n, p in params.items()}
-    return {n: torch.cat([c[n] for c in chunks]) for n in params}
+        return {n: torch.zeros((*lead, *p.shape)) for n, p in params.items()}, {}
+    grads = {n: torch.cat([c[0][n] for c in chunks]) for n in params}
+    return grads, {k: torch.cat([c[1][k] for c in chunks]) for k in chunks[0][1]}
 
 
 def _forward(unet, item: Items, components: Optional[DiffusionComponents] = None) -> torch.Tensor:
@@ -100,10 +113,11 @@ def _forward(unet, item: Items, components: Optional[DiffusionComponents] = None
 
 def _grads_vmap(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn,
                 components: Optional[DiffusionComponents] = None, per_item_params: bool = False,
-                n_outputs: int = 1) -> Dict[str, torch.Tensor]:
+                n_outputs: int = 1, aux_fn: Optional[AuxFn] = None):
     """``per_item_params``: ``params`` hold one set of LoRA tensors per item (leading axis M), e.g. the
     checkpoints of a trajectory, so that gradients at several checkpoints take one batched call.
-    ``n_outputs`` > 1: ``jacrev`` over the (K,) outputs, sharing the forward pass."""
+    ``n_outputs`` > 1: ``jacrev`` over the (K,) outputs, sharing the forward pass. With ``aux_fn``: (gradients,
+    its tensors per item), else the gradients alone."""
     from torch.func import functional_call, grad, jacrev, vmap
 
     # torch.func maps over tensors only: a Conditioning travels as its two tensors
@@ -120,21 +134,29 @@ def _grads_vmap(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: 
             pooled = item.get(k + "/pooled")
             one[k] = Conditioning(one[k], None if pooled is None else pooled.unsqueeze(0))
         call = lambda *a, **kw: functional_call(unet, p, a, kw)  # noqa: E731
-        return output_fn(_forward(call, one, components), one)
+        pred = _forward(call, one, components)
+        value = output_fn(pred, one)
+        return value if aux_fn is None else (value, {k: v.squeeze(0) for k, v in aux_fn(pred, one).items()})
 
     with warnings.catch_warnings():  # "no batching rule for aten::_scaled_dot_product...": a slower fallback only
         warnings.filterwarnings("ignore", message=".*batching rule.*")
         differentiate = grad if n_outputs == 1 else jacrev
-        out = vmap(differentiate(loss), in_dims=(0 if per_item_params else None, 0))(params, flat)
-    return {n: g.detach().float() for n, g in out.items()}
+        out = vmap(differentiate(loss, has_aux=aux_fn is not None),
+                   in_dims=(0 if per_item_params else None, 0))(params, flat)
+    if aux_fn is None:
+        return {n: g.detach().float() for n, g in out.items()}
+    grads, aux = out
+    return {n: g.detach().float() for n, g in grads.items()}, {k: v.detach().float() for k, v in aux.items()}
 
 
 def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn,
-                components: Optional[DiffusionComponents] = None, n_outputs: int = 1) -> Dict[str, torch.Tensor]:
+                components: Optional[DiffusionComponents] = None, n_outputs: int = 1, aux_fn: Optional[AuxFn] = None):
+    """The per-item autograd loop (same numbers as :func:`_grads_vmap`); with ``aux_fn``: (gradients, its tensors)."""
     named = dict(unet.named_parameters())
     tensors = [named[n] for n in params]
     flags = [t.requires_grad for t in tensors]
     out: Dict[str, List[torch.Tensor]] = {n: [] for n in params}
+    kept: Dict[str, List[torch.Tensor]] = {}
     try:
         for t in tensors:
             t.requires_grad_(True)
@@ -142,7 +164,10 @@ def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: 
         for i in range(M):
             one = {k: v[i:i + 1] for k, v in items.items()}
             with torch.enable_grad():
-                value = output_fn(_forward(unet, one, components), one).reshape(-1)
+                pred = _forward(unet, one, components)
+                value = output_fn(pred, one).reshape(-1)
+                for k, v in (aux_fn(pred, one) if aux_fn is not None else {}).items():
+                    kept.setdefault(k, []).append(v.detach().float().squeeze(0))
                 per_output = [torch.autograd.grad(value[j], tensors, allow_unused=True, retain_graph=j + 1 < n_outputs)
                               for j in range(n_outputs)]  # one forward pass, one backward pass per output
             for i_p, (n, t) in enumerate(zip(params, tensors)):
@@ -151,7 +176,8 @@ def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: 
     finally:
         for t, f in zip(tensors, flags):
             t.requires_grad_(f)
-    return {n: torch.stack(v) for n, v in out.items()}
+    grads = {n: torch.stack(v) for n, v in out.items()}
+    return grads if aux_fn is None else (grads, {k: torch.stack(v) for k, v in kept.items()})
 
 
 # ----------------------------------------------------------------------------- random projection
@@ -327,7 +353,7 @@ def projected_gradients(components: DiffusionComponents, images: np.ndarray, pro
     elif items_fn is None:
         raise ConfigError("projected_gradients: a custom output_fn needs its items_fn")
     return _projected(components, images, prompts, item_seeds, items_fn, output_fn, 1, timesteps, noise_seed,
-                      projector, proj_dim, proj_seed, batch_size, method, memory_mb, progress, output)[0]
+                      projector, proj_dim, proj_seed, batch_size, method, memory_mb, progress, output)[0][0]
 
 
 def projected_gradients_shared(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str],
@@ -335,10 +361,13 @@ def projected_gradients_shared(components: DiffusionComponents, images: np.ndarr
                                timesteps: Sequence[int] = (100, 400, 700), noise_seed: int = 0,
                                projector: Optional[Projector] = None, proj_dim: int = DEFAULT_PROJ_DIM,
                                proj_seed: int = 0, batch_size: int = 32, method: str = "auto",
-                               memory_mb: float = 256.0, progress: bool = False) -> Dict[str, np.ndarray]:
+                               memory_mb: float = 256.0, progress: bool = False,
+                               aux_fn: Optional[AuxFn] = None):
     """:func:`projected_gradients` of several built-in outputs over the same noised inputs, from ONE forward pass
     per item (one backward pass per output): output name -> (N, T, proj_dim). The same numbers as one call per
-    output; a query that needs D-TRAK's and TracIn's gradients at one checkpoint pays one UNet forward, not two."""
+    output; a query that needs D-TRAK's and TracIn's gradients at one checkpoint pays one UNet forward, not two.
+    With ``aux_fn`` (see :func:`per_sample_grads_aux`): (that dict, aux_fn's tensors name -> (N, T, ...)), e.g.
+    the representations a feature extractor's hooks saw in the same forward."""
     outputs = list(dict.fromkeys(outputs))
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown or not outputs:
@@ -348,17 +377,19 @@ def projected_gradients_shared(components: DiffusionComponents, images: np.ndarr
     def stacked(pred: torch.Tensor, item: Items) -> torch.Tensor:
         return torch.stack([f(pred, item) for f in fns])
 
-    parts = _projected(components, images, prompts, item_seeds, _shared_items_fn(outputs), stacked, len(outputs),
-                       timesteps, noise_seed, projector, proj_dim, proj_seed, batch_size, method, memory_mb, progress,
-                       "+".join(outputs))
-    return dict(zip(outputs, parts))
+    parts, aux = _projected(components, images, prompts, item_seeds, _shared_items_fn(outputs), stacked,
+                            len(outputs), timesteps, noise_seed, projector, proj_dim, proj_seed, batch_size, method,
+                            memory_mb, progress, "+".join(outputs), aux_fn)
+    return dict(zip(outputs, parts)) if aux_fn is None else (dict(zip(outputs, parts)), aux)
 
 
 def _projected(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str], item_seeds: Sequence[int],
                items_fn: Callable[..., Items], output_fn: OutputFn, n_outputs: int, timesteps: Sequence[int],
                noise_seed: int, projector: Optional[Projector], proj_dim: int, proj_seed: int, batch_size: int,
-               method: str, memory_mb: float, progress: bool, label: str) -> List[np.ndarray]:
-    """The projected gradients of ``n_outputs`` outputs of one forward pass: one (N, T, D) array per output."""
+               method: str, memory_mb: float, progress: bool, label: str,
+               aux_fn: Optional[AuxFn] = None) -> Tuple[List[np.ndarray], Dict[str, np.ndarray]]:
+    """The projected gradients of ``n_outputs`` outputs of one forward pass: one (N, T, D) array per output; and
+    ``aux_fn``'s tensors of each item's forward, name -> (N, T, ...) ({} without it)."""
     N, T, K = len(images), len(timesteps), int(n_outputs)
     if len(prompts) != N or len(item_seeds) != N:
         raise ScorerError(f"projected_gradients: {N} images but {len(prompts)} prompts and {len(item_seeds)} seeds")
@@ -369,20 +400,23 @@ def _projected(components: DiffusionComponents, images: np.ndarray, prompts: Seq
     per_item_bytes = 4 * projector.n_params * K
     images_per_pass = max(1, int(memory_mb * 2 ** 20) // max(1, per_item_bytes * T))
     out = [np.zeros((N, T, projector.proj_dim), np.float32) for _ in range(K)]
+    kept: Dict[str, List[np.ndarray]] = {}
     from tqdm.auto import tqdm
 
     with torch.random.fork_rng(devices=[]):
         for start in tqdm(range(0, N, images_per_pass), disable=not progress, desc=f"gradients ({label})"):
             sl = slice(start, min(N, start + images_per_pass))
             items = items_fn(components, images[sl], list(prompts[sl]), list(item_seeds[sl]), timesteps, noise_seed)
-            grads = per_sample_grads(unet, items, output_fn, batch_size=batch_size, method=method,
-                                     components=components, n_outputs=K)
+            grads, aux = per_sample_grads_aux(unet, items, output_fn, batch_size=batch_size, method=method,
+                                              components=components, n_outputs=K, aux_fn=aux_fn)
             if K > 1:  # (M, K, *shape) -> (M * K, *shape): item-major, output-minor rows
                 grads = {n: g.flatten(0, 1) for n, g in grads.items()}
             proj = projector.project(grads).view(sl.stop - sl.start, T, K, -1).cpu().numpy()
             for j in range(K):
                 out[j][sl] = proj[:, :, j]
-    return out
+            for k, v in aux.items():
+                kept.setdefault(k, []).append(v.view(sl.stop - sl.start, T, *v.shape[1:]).cpu().numpy())
+    return out, {k: np.concatenate(v) for k, v in kept.items()}
 
 
 def projected_gradients_at(components: DiffusionComponents, weight_sets: Sequence[Dict[str, torch.Tensor]],

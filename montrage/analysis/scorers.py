@@ -17,6 +17,12 @@ from montrage.analysis.trajectories import (Dynamics, QueryTrajectory, anchor_tr
 from montrage.errors import ScorerError
 
 
+def trajectory_key(ctx: ScoringContext, final_only: bool = False) -> str:
+    """Cache key of the queries' mode-B trajectory under ctx's condition (``final_only``: the attributed checkpoint
+    alone), for :func:`query_trajectory` and for passes that encode the queries while doing other work."""
+    return f"traj/B/{ctx.queries.key}/{ctx.condition}/{ctx.checkpoint}" + ("/final" if final_only else "")
+
+
 def query_trajectory(ctx: ScoringContext, final_only: bool = False) -> QueryTrajectory:
     """Mode B (default): final images re-encoded under each checkpoint; mode A: probes as generated at k.
     ``final_only`` (mode B): only the attributed checkpoint is needed, so only it is re-encoded (earlier ones NaN),
@@ -30,9 +36,9 @@ def query_trajectory(ctx: ScoringContext, final_only: bool = False) -> QueryTraj
                           lambda: probe_trajectory(ctx.store, ctx.condition, ctx.checkpoint, q.probe_indices))
     if mode != "B":
         raise ScorerError(f"query_mode must be A or B, got {mode!r}")
-    key = f"traj/B/{q.key}/{ctx.condition}/{ctx.checkpoint}"
+    key = trajectory_key(ctx)
     if final_only and not ctx.has(key):
-        return ctx.cached(key + "/final", lambda: reencode_trajectory(
+        return ctx.cached(trajectory_key(ctx, final_only=True), lambda: reencode_trajectory(
             ctx.store, ctx.components_at, q.images, q.prompts, q.item_seeds, ctx.condition, ctx.checkpoint,
             ctx.progress, only=[ctx.checkpoint]))
     return ctx.cached(key, lambda: reencode_trajectory(ctx.store, ctx.components_at, q.images, q.prompts,

@@ -82,6 +82,15 @@ def reencode_trajectory(store: RunStore, components_at, images: np.ndarray, prom
     return QueryTrajectory({m: _stack_filled(v) for m, v in feats.items()}, _stack_filled(losses))
 
 
+def one_checkpoint_trajectory(features: Dict[str, np.ndarray], losses: np.ndarray, k: int, upto: int
+                              ) -> QueryTrajectory:
+    """A trajectory known at checkpoint k alone ((Q, T, F) features per module, (Q, T) losses): the others NaN,
+    as :func:`reencode_trajectory` with ``only=[k]`` leaves them."""
+    at = lambda v: [v if i == k else None for i in range(upto + 1)]  # noqa: E731
+    return QueryTrajectory({m: _stack_filled(at(np.asarray(v, np.float32))) for m, v in features.items()},
+                           _stack_filled(at(np.asarray(losses, np.float32))))
+
+
 def _stack_filled(parts: Sequence[Optional[np.ndarray]]) -> np.ndarray:
     """Stack per-checkpoint arrays, checkpoints not encoded (None) as NaN of the encoded ones' shape."""
     like = next(p for p in parts if p is not None)

@@ -61,8 +61,16 @@ class FeatureExtractor:
 
     # -- pooling and projection -------------------------------------------------
     def _pool(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        return self.project(module, self.pool(x))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """A module output pooled to the capture grid, (B, width); no randomness, so it may run inside torch.func
+        transforms (a gradient pass can capture features from its own forward)."""
         g = self.capture.pooling_grid
-        pooled = F.adaptive_avg_pool2d(x.float(), (g, g)).flatten(1) if x.dim() == 4 else x.float().flatten(1)
+        return F.adaptive_avg_pool2d(x.float(), (g, g)).flatten(1) if x.dim() == 4 else x.float().flatten(1)
+
+    def project(self, module: str, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features through the module's fixed random projection (when ``projection_dim``)."""
         if self.capture.projection_dim:
             proj = self._projections.get(module)
             if proj is None:
@@ -89,15 +97,24 @@ class FeatureExtractor:
         noise = seeded_noise(seeds, self.components.latent_shape)
         return noise.view(len(item_seeds), T, *self.components.latent_shape)
 
+    def hook(self) -> tuple[Dict[str, torch.Tensor], list]:
+        """Forward hooks that keep each captured module's latest output: (that dict, handles to remove)."""
+        captured: Dict[str, torch.Tensor] = {}
+        handles = [mod.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, _first(out)))
+                   for name, mod in self._modules.items()]
+        return captured, handles
+
+    @property
+    def modules(self) -> List[str]:
+        return list(self._modules)
+
     @torch.no_grad()
     def extract(self, images, captions: Sequence[str], item_seeds: Sequence[int]) -> Features:
         """images uint8 (N, H, W, 3), an array or a lazy array-like (read one batch at a time); one seed
         per item fixes its noise. Restores the UNet's mode and RNG."""
         comps, cap = self.components, self.capture
         unet = comps.unet
-        captured: Dict[str, torch.Tensor] = {}
-        handles = [mod.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, _first(out)))
-                   for name, mod in self._modules.items()]
+        captured, handles = self.hook()
         N, T, C = len(images), len(cap.timesteps), len(cap.conditions)
         feats: Dict[str, List[torch.Tensor]] = {m: [] for m in self._modules}
         losses: List[torch.Tensor] = []

@@ -397,6 +397,47 @@ def test_final_checkpoint_gradient_channels_take_one_shared_pass_with_dtraks_num
     np.testing.assert_allclose(got[f"grad/tracin/k{last}"], tracin, rtol=1e-4, atol=1e-5)
 
 
+def test_prompt_queries_take_caption_features_and_gradients_from_one_forward(tiny_run_copy, monkeypatch):
+    """On the final checkpoint's channels a prompt-known query's caption-condition representations come from its
+    gradient pass (one forward per item): the feature extractor runs for the null condition only, and the
+    channels equal those computed apart."""
+    from montrage.analysis import gradients as G
+    from montrage.analysis.base import ScoringContext
+    from montrage.models.features import FeatureExtractor
+
+    store = RunStore.open(tiny_run_copy)
+    assert "caption" in store.conditions
+    q = probe_queries(store)
+    last = store.n_checkpoints - 1
+    opts = {"query_mode": "B", "proj_dim": 64}
+    apart = ScoringContext(store=store, queries=q, checkpoint=last, options=dict(opts))
+    ref = {**F.rep_channels(apart, "caption", final_only=True), **F.grad_channels(apart, final_only=True)}
+    calls = {"extract": [], "shared": 0}
+    extract, shared = FeatureExtractor.extract, G.projected_gradients_shared
+
+    def counted_extract(self, *a, **kw):
+        calls["extract"].append(tuple(self.capture.conditions))
+        return extract(self, *a, **kw)
+
+    def counted_shared(*a, **kw):
+        calls["shared"] += 1
+        return shared(*a, **kw)
+
+    monkeypatch.setattr(FeatureExtractor, "extract", counted_extract)
+    monkeypatch.setattr(G, "projected_gradients_shared", counted_shared)
+    ctx = ScoringContext(store=store, queries=q, checkpoint=last, options=dict(opts))
+    got = F.channel_values(ctx, F.PROMPT, final_only=True, families=("rep", "grad"))
+    assert calls == {"extract": [("null",)], "shared": 1}
+    assert {"rep/caption/sim-final", "rep/null/sim-final", "grad/dtrak", f"grad/tracin/k{last}"} <= set(got)
+    for c, v in ref.items():
+        np.testing.assert_allclose(got[c], v, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(v).max())))
+    # with other gradient timesteps the inputs differ: no shared pass, the extractor encodes the caption itself
+    calls["extract"].clear()
+    other = ScoringContext(store=store, queries=q, checkpoint=last, options={**opts, "grad_timesteps": [300]})
+    F.channel_values(other, F.PROMPT, final_only=True, families=("rep", "grad"))
+    assert ("caption",) in calls["extract"]
+
+
 def planted_influence(seed, m, n=40, q=30):
     """Two channels that both find every query's source (the anchor supervision cannot tell them apart); only
     ``grad/dtrak`` also says how much the OTHER images matter (a hidden influence), and the losses of models

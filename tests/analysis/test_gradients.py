@@ -192,6 +192,25 @@ def test_outputs_sharing_one_forward_pass_get_their_own_exact_gradients(comps, m
     assert not torch.allclose(both[n][:, 0], both[n][:, 1])  # two different outputs, not one copied
 
 
+def test_tensors_kept_from_the_gradient_forward_are_those_of_a_plain_forward(comps):
+    """aux_fn sees each item's own forward (inside torch.func or in the loop): what it keeps equals a plain
+    no-grad forward of the same inputs, and the gradients are unchanged by keeping it."""
+    from montrage.analysis.gradients import per_sample_grads_aux
+
+    images = random_images(2, 6)
+    items = OUTPUTS["denoise"][0](comps, images, ["a ring by artist-1", ""], [3, 4], TIMESTEPS, 11)
+    with torch.no_grad():
+        pred = comps.unet(items["x_t"], items["t"], encoder_hidden_states=items["hidden"].hidden).sample
+    want = pred.flatten(1).mean(1)
+    keep = lambda p, it: {"mean": p.float().flatten(1).mean(1)}  # noqa: E731
+    plain = per_sample_grads(comps.unet, items, OUTPUTS["denoise"][1], method="vmap")
+    for method in ("vmap", "loop"):
+        grads, kept = per_sample_grads_aux(comps.unet, items, OUTPUTS["denoise"][1], method=method, aux_fn=keep)
+        torch.testing.assert_close(kept["mean"], want, atol=1e-5, rtol=1e-4)
+        for n, g in plain.items():
+            torch.testing.assert_close(grads[n], g, atol=1e-5 * float(g.abs().max()), rtol=1e-4)
+
+
 def test_projected_gradients_shared_match_one_call_per_output(comps):
     images = random_images(3, 5)
     prompts = ["a circle", "", "a cross by artist-0"]
