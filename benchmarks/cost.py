@@ -202,7 +202,7 @@ def gradient_markdown(g: Dict[str, object]) -> str:
     for k, label in (("dtrak_stored", "dtrak reading the stored features"), ("montrage", "montrage (fused model)")):
         if k in g:
             r = g[k]["extra_vs_dtrak_today"]
-            lines.append(f"| {label} | {g[k]['extra_s']:.2f} | {_range(g[k])} | {r:.3f} | {'met' if r <= 0.10 else f'**missed** ({r / 0.10:.1f}x the budget)'} |")
+            lines.append(f"| {label} | {g[k]['extra_s']:.2f} | {_range(g[k])} | {r:.3f} | {'met' if r <= 0.10 else f'**missed** ({r / 0.10:.2f}x the budget)'} |")
     lines += ["", "First query of a fresh process (loading the model, fitting where the model is fitted): "
               + "; ".join(f"{k} {g[k]['first_s']:.2f} s" for k in ("dtrak_recompute", "dtrak_stored", "montrage") if k in g)
               + "."]

@@ -50,7 +50,10 @@ the run's generations of training captions reproduce their image, 1 otherwise).
 Channel set (``montrage``): every channel, or the attributed checkpoint's only, chosen per run and query kind by the
 held-out value of the fit's objective on the anchors (:func:`choose_channel_set`). ``montrage-final`` is the same
 model always restricted to the attributed checkpoint (``rep/*/sim-final``, ``grad/dtrak``, ``grad/tracin/k<last>``,
-``pixel``, text) and ``montrage-all`` always with every channel: the dynamics ablation. Concept queries
+``pixel``, text) and ``montrage-all`` always with every channel: the dynamics ablation. On the attributed checkpoint's channels a
+prompt-known query costs one UNet forward per (image, timestep) item and two backward passes: its caption-condition
+representations, D-TRAK's and TracIn's gradients share that forward (:func:`shared_prompt_pass`), and the null
+prompt's representations take a second forward without gradients. Concept queries
 (``--concept PHRASE``): score(prompt with the phrase) - score(prompt without it), Concept-TRAK's utility
 direction, answered by the same fitted model.
 """

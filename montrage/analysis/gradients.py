@@ -86,8 +86,8 @@ def per_sample_grads_aux(unet: torch.nn.Module, items: Items, output_fn: OutputF
             use_vmap = method == "vmap" or (method == "auto" and not getattr(unet, _VMAP_FAILED, False))
             if use_vmap:
                 try:
-                    got = _grads_vmap(unet, params, part, output_fn, components, n_outputs=n_outputs, aux_fn=aux_fn)
-                    chunks.append(got if aux_fn is not None else (got, {}))
+                    chunks.append(_grads_vmap(unet, params, part, output_fn, components, n_outputs=n_outputs,
+                                              aux_fn=aux_fn))
                     continue
                 except Exception as exc:  # torch.func cannot trace some modules; the loop is exact too
                     if method == "vmap":
@@ -95,8 +95,7 @@ def per_sample_grads_aux(unet: torch.nn.Module, items: Items, output_fn: OutputF
                     setattr(unet, _VMAP_FAILED, True)
                     log.warning("per-sample gradients: torch.func vmap failed (%s: %s); using a per-item loop",
                                 type(exc).__name__, exc)
-            got = _grads_loop(unet, params, part, output_fn, components, n_outputs=n_outputs, aux_fn=aux_fn)
-            chunks.append(got if aux_fn is not None else (got, {}))
+            chunks.append(_grads_loop(unet, params, part, output_fn, components, n_outputs=n_outputs, aux_fn=aux_fn))
     if not chunks:
         lead = (0,) if n_outputs == 1 else (0, int(n_outputs))
         return {n: torch.zeros((*lead, *p.shape)) for n, p in params.items()}, {}
@@ -113,11 +112,11 @@ def _forward(unet, item: Items, components: Optional[DiffusionComponents] = None
 
 def _grads_vmap(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn,
                 components: Optional[DiffusionComponents] = None, per_item_params: bool = False,
-                n_outputs: int = 1, aux_fn: Optional[AuxFn] = None):
-    """``per_item_params``: ``params`` hold one set of LoRA tensors per item (leading axis M), e.g. the
-    checkpoints of a trajectory, so that gradients at several checkpoints take one batched call.
-    ``n_outputs`` > 1: ``jacrev`` over the (K,) outputs, sharing the forward pass. With ``aux_fn``: (gradients,
-    its tensors per item), else the gradients alone."""
+                n_outputs: int = 1, aux_fn: Optional[AuxFn] = None
+                ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(gradients, ``aux_fn``'s tensors per item or {}). ``per_item_params``: ``params`` hold one set of LoRA
+    tensors per item (leading axis M), e.g. the checkpoints of a trajectory, so that gradients at several
+    checkpoints take one batched call. ``n_outputs`` > 1: ``jacrev`` over the (K,) outputs, sharing the forward."""
     from torch.func import functional_call, grad, jacrev, vmap
 
     # torch.func maps over tensors only: a Conditioning travels as its two tensors
@@ -143,15 +142,14 @@ def _grads_vmap(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: 
         differentiate = grad if n_outputs == 1 else jacrev
         out = vmap(differentiate(loss, has_aux=aux_fn is not None),
                    in_dims=(0 if per_item_params else None, 0))(params, flat)
-    if aux_fn is None:
-        return {n: g.detach().float() for n, g in out.items()}
-    grads, aux = out
+    grads, aux = (out, {}) if aux_fn is None else out
     return {n: g.detach().float() for n, g in grads.items()}, {k: v.detach().float() for k, v in aux.items()}
 
 
 def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn,
-                components: Optional[DiffusionComponents] = None, n_outputs: int = 1, aux_fn: Optional[AuxFn] = None):
-    """The per-item autograd loop (same numbers as :func:`_grads_vmap`); with ``aux_fn``: (gradients, its tensors)."""
+                components: Optional[DiffusionComponents] = None, n_outputs: int = 1, aux_fn: Optional[AuxFn] = None
+                ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """The per-item autograd loop (same numbers as :func:`_grads_vmap`): (gradients, ``aux_fn``'s tensors or {})."""
     named = dict(unet.named_parameters())
     tensors = [named[n] for n in params]
     flags = [t.requires_grad for t in tensors]
@@ -176,8 +174,7 @@ def _grads_loop(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: 
     finally:
         for t, f in zip(tensors, flags):
             t.requires_grad_(f)
-    grads = {n: torch.stack(v) for n, v in out.items()}
-    return grads if aux_fn is None else (grads, {k: torch.stack(v) for k, v in kept.items()})
+    return {n: torch.stack(v) for n, v in out.items()}, {k: torch.stack(v) for k, v in kept.items()}
 
 
 # ----------------------------------------------------------------------------- random projection
@@ -479,7 +476,7 @@ def _grads_per_set(unet, params, per_item, items: Items, output_fn: OutputFn, co
             for start in range(0, M, max(1, batch_size)):
                 part = {k: v[start:start + batch_size] for k, v in items.items()}
                 p = {n: v[start:start + batch_size] for n, v in per_item.items()}
-                chunks.append(_grads_vmap(unet, p, part, output_fn, components, per_item_params=True))
+                chunks.append(_grads_vmap(unet, p, part, output_fn, components, per_item_params=True)[0])
             return {n: torch.cat([c[n] for c in chunks]) for n in params}
         except Exception as exc:  # torch.func cannot trace some modules; the loop is exact too
             setattr(unet, _VMAP_FAILED, True)
@@ -494,7 +491,7 @@ def _grads_per_set(unet, params, per_item, items: Items, output_fn: OutputFn, co
                 for n in params:
                     named[n].copy_(stacked[n][s_])
             one = {k: v[s_ * m:(s_ + 1) * m] for k, v in items.items()}
-            parts.append(_grads_loop(unet, params, one, output_fn, components))
+            parts.append(_grads_loop(unet, params, one, output_fn, components)[0])
     finally:
         with torch.no_grad():
             for n in params:
