@@ -77,7 +77,7 @@ def test_capture_and_probe_generation(comps):
 
 
 def test_lora_training_step_and_per_sample_gradients(comps):
-    from montrage.analysis.gradients import OUTPUTS, per_sample_grads, projected_gradients
+    from montrage.analysis.gradients import OUTPUTS, per_sample_grads, projected_gradients, projected_gradients_shared
     from montrage.models.lora import add_lora
 
     params = add_lora(comps.unet, LoraSettings(rank=2, target_modules=("to_q", "to_v")), seed=0)
@@ -110,6 +110,11 @@ def test_lora_training_step_and_per_sample_gradients(comps):
         torch.testing.assert_close(a[n][0], r, atol=1e-6 + 1e-4 * float(r.abs().max()), rtol=1e-4)
     g = projected_gradients(comps, _images(2, 1), PROMPTS[:2], [3, 4], timesteps=(100, 500), proj_dim=8)
     assert g.shape == (2, 2, 8) and np.isfinite(g).all() and np.abs(g).max() > 0
+    # both built-in outputs from one forward (SDXL's pooled states and time ids travel through jacrev too)
+    both = projected_gradients_shared(comps, _images(2, 1), PROMPTS[:2], [3, 4], timesteps=(100, 500), proj_dim=8)
+    np.testing.assert_allclose(both["denoise"], g, rtol=1e-4, atol=1e-5 * np.abs(g).max())
+    sq = projected_gradients(comps, _images(2, 1), PROMPTS[:2], [3, 4], output="sqnorm", timesteps=(100, 500), proj_dim=8)
+    np.testing.assert_allclose(both["sqnorm"], sq, rtol=1e-4, atol=1e-5 * np.abs(sq).max())
 
 
 def test_bf16_autocast_is_finite_float32_and_close_to_fp32(comps):
