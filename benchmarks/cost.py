@@ -260,7 +260,11 @@ def measure_throughput(n_train: int = 20_000, n_queries: int = 64, feature: int 
 
 
 def cost_markdown(cost: Dict[str, object], tp: Dict[str, float]) -> str:
-    lines = ["| train images | method | post-hoc s | peak RSS MB | +1 query s | total s | post-hoc / dtrak | total / dtrak |",
+    lines = ["Post-hoc = attributing every probe in a fresh process (loading the run's model; `montrage` fits its model "
+             "there on first use, about a minute per query kind); 1 query = one probe in a fresh process (loading "
+             "included; the warm extra query is in the table further down).", "",
+             "| train images | method | post-hoc s | peak RSS MB | 1 query, fresh process s | total s | post-hoc / dtrak | "
+             "total / dtrak |",
              "|---|---|---|---|---|---|---|---|"]
     for n, size in cost["sizes"].items():
         for m, v in size["methods"].items():
