@@ -37,14 +37,14 @@ import numpy as np
 import torch
 
 from montrage.analysis.base import ScoringContext, register
-from montrage.analysis.gradient_scorers import GradientSettings, checkpoint_components, projector
+from montrage.analysis.gradient_scorers import GradientSettings, checkpoint_components, projector, query_seeds
 from montrage.analysis.gradients import (Items, Projector, encode_prompts, noised_items, normalize_rows, projected_gradients,
                                          trak_scores, training_images)
 from montrage.errors import ScorerError
 from montrage.losses.concept import (concept_guidance, concept_prompts, ddim_invert, dps_guidance,
                                      eps_from_prediction, self_target_loss)
 from montrage.models.components import DiffusionComponents
-from montrage.models.features import QUERY_SEED_OFFSET, TRAIN_SEED_OFFSET
+from montrage.models.features import TRAIN_SEED_OFFSET
 from montrage.models.sampling import uint8_to_pixels
 
 
@@ -204,7 +204,7 @@ class ConceptTrakScorer:
         comps.unet.eval()
         try:
             g = normalize_rows(query_concept_gradients(
-                comps, q.images, list(q.prompts), [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds], concept.strip(),
+                comps, q.images, list(q.prompts), query_seeds(q), concept.strip(),
                 s.timesteps, s.noise_seed, proj, guidance, s.batch_size, ctx.progress)).mean(1)
         finally:
             comps.unet.train(was_training)

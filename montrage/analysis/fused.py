@@ -50,10 +50,11 @@ the run's generations of training captions reproduce their image, 1 otherwise).
 Channel set (``montrage``): every channel, or the attributed checkpoint's only, chosen per run and query kind by the
 held-out value of the fit's objective on the anchors (:func:`choose_channel_set`). ``montrage-final`` is the same
 model always restricted to the attributed checkpoint (``rep/*/sim-final``, ``grad/dtrak``, ``grad/tracin/k<last>``,
-``pixel``, text) and ``montrage-all`` always with every channel: the dynamics ablation. On the attributed checkpoint's channels a
-prompt-known query costs one UNet forward per (image, timestep) item and two backward passes: its caption-condition
-representations, D-TRAK's and TracIn's gradients share that forward (:func:`shared_prompt_pass`), and the null
-prompt's representations take a second forward without gradients. Concept queries
+``pixel``, text) and ``montrage-all`` always with every channel: the dynamics ablation. On the attributed
+checkpoint's channels a prompt-known query costs one UNet forward per (image, timestep) item and two backward
+passes: its caption-condition representations, D-TRAK's and TracIn's gradients share that forward
+(:func:`shared_prompt_pass`), and the null prompt's representations take a second forward without gradients. Concept
+queries
 (``--concept PHRASE``): score(prompt with the phrase) - score(prompt without it), Concept-TRAK's utility
 direction, answered by the same fitted model.
 """
@@ -281,13 +282,12 @@ def shared_prompt_pass(ctx: ScoringContext) -> Dict[str, np.ndarray]:
     where either is already computed."""
     import torch
 
-    from montrage.analysis.gradient_scorers import GradientSettings, projector, query_key, require_lora
-    from montrage.analysis.gradients import projected_gradients_shared
+    from montrage.analysis.gradient_scorers import GradientSettings, compute_query_gradients, query_key, require_lora
     from montrage.analysis.scorers import trajectory_key
     from montrage.analysis.trajectories import one_checkpoint_trajectory
     from montrage.config import CaptureConfig, from_dict
     from montrage.losses.diffusion import per_sample_mse
-    from montrage.models.features import QUERY_SEED_OFFSET, FeatureExtractor
+    from montrage.models.features import FeatureExtractor
 
     store, k, q = ctx.store, ctx.checkpoint, ctx.queries
     if str(ctx.options.get("query_mode", "B")).upper() != "B" or "caption" not in store.conditions:
@@ -311,11 +311,8 @@ def shared_prompt_pass(ctx: ScoringContext) -> Dict[str, np.ndarray]:
         return {**{m: extractor.pool(captured[m]) for m in extractor.modules},
                 "loss": per_sample_mse(pred, item["target"])}
 
-    try:
-        grads, kept = projected_gradients_shared(
-            comps, q.images, list(q.prompts), [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds], outputs=outputs,
-            timesteps=s.timesteps, noise_seed=s.noise_seed, projector=projector(ctx, comps, s),
-            batch_size=s.batch_size, aux_fn=seen)
+    try:  # the gradients are cached where grad_channels reads them
+        kept = compute_query_gradients(ctx, k, outputs, s, aux_fn=seen)
     finally:
         for h in handles:
             h.remove()
@@ -325,8 +322,6 @@ def shared_prompt_pass(ctx: ScoringContext) -> Dict[str, np.ndarray]:
              for m in extractor.modules}
     ctx.cached(trajectory_key(caption, final_only=True),
                lambda: one_checkpoint_trajectory(feats, kept["loss"], k, ctx.checkpoint))
-    for o, g in grads.items():
-        ctx.cached(query_key(ctx, k, o, s), lambda g=g: g)
     return {}
 
 

@@ -73,7 +73,7 @@ def _compute(ctx: ScoringContext, k: int, outputs: Sequence[str], s: GradientSet
               batch_size=s.batch_size, progress=ctx.progress)
     if len(outputs) == 1:
         return {outputs[0]: projected_gradients(*args, output=outputs[0], **kw)}
-    return projected_gradients_shared(*args, outputs=list(outputs), **kw)
+    return projected_gradients_shared(*args, outputs=list(outputs), **kw)[0]
 
 
 def _fill(ctx: ScoringContext, gfs: Dict[str, GradientFeatures], k: int, s: GradientSettings) -> None:

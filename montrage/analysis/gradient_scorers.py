@@ -13,7 +13,7 @@ from the LoRA weights in the store. Options (``ctx.options``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -106,23 +106,36 @@ def query_gradients(ctx: ScoringContext, k: int, output: str, s: GradientSetting
     return query_gradients_at(ctx, [k], output, s)[0]
 
 
-def query_gradients_shared(ctx: ScoringContext, k: int, outputs: Sequence[str], s: GradientSettings) -> List[np.ndarray]:
-    """:func:`query_gradients` of several outputs at checkpoint k; those not cached yet from ONE forward pass per
-    item (:func:`~montrage.analysis.gradients.projected_gradients_shared`): same numbers, one UNet forward instead
-    of one per output."""
+def query_seeds(queries) -> List[int]:
+    """The item seeds that fix a query's noise (the offset keeps them apart from training images' and probes')."""
+    return [QUERY_SEED_OFFSET + int(x) for x in queries.item_seeds]
+
+
+def compute_query_gradients(ctx: ScoringContext, k: int, outputs: Sequence[str], s: GradientSettings,
+                            aux_fn=None) -> Dict[str, np.ndarray]:
+    """The queries' gradients of ``outputs`` at checkpoint k from ONE forward pass per item
+    (:func:`~montrage.analysis.gradients.projected_gradients_shared`), cached where :func:`query_gradients` reads
+    them; returns ``aux_fn``'s tensors of those forwards ({} without it)."""
     from montrage.analysis.gradients import projected_gradients_shared
 
+    require_lora(ctx, k)
+    q = ctx.queries
+    comps = ctx.components_at(int(k))
+    grads, kept = projected_gradients_shared(comps, q.images, list(q.prompts), query_seeds(q), outputs=list(outputs),
+                                             timesteps=s.timesteps, noise_seed=s.noise_seed,
+                                             projector=projector(ctx, comps, s), batch_size=s.batch_size,
+                                             progress=ctx.progress, aux_fn=aux_fn)
+    for o, g in grads.items():
+        ctx.cached(query_key(ctx, int(k), o, s), lambda g=g: g)
+    return kept
+
+
+def query_gradients_shared(ctx: ScoringContext, k: int, outputs: Sequence[str], s: GradientSettings) -> List[np.ndarray]:
+    """:func:`query_gradients` of several outputs at checkpoint k; those not cached yet from ONE forward pass per
+    item (:func:`compute_query_gradients`): same numbers, one UNet forward instead of one per output."""
     todo = [o for o in dict.fromkeys(outputs) if not ctx.has(query_key(ctx, int(k), o, s))]
     if len(todo) > 1:
-        require_lora(ctx, k)
-        q = ctx.queries
-        comps = ctx.components_at(int(k))
-        got = projected_gradients_shared(comps, q.images, list(q.prompts), [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds],
-                                         outputs=todo, timesteps=s.timesteps, noise_seed=s.noise_seed,
-                                         projector=projector(ctx, comps, s), batch_size=s.batch_size,
-                                         progress=ctx.progress)
-        for o, g in got.items():
-            ctx.cached(query_key(ctx, int(k), o, s), lambda g=g: g)
+        compute_query_gradients(ctx, k, todo, s)
     return [query_gradients(ctx, k, o, s) for o in outputs]
 
 
@@ -137,7 +150,7 @@ def query_gradients_at(ctx: ScoringContext, ks: Sequence[int], output: str, s: G
         for k in todo:
             require_lora(ctx, k)
         q = ctx.queries
-        seeds = [QUERY_SEED_OFFSET + int(x) for x in q.item_seeds]
+        seeds = query_seeds(q)
         comps = ctx.components_at(todo[-1])  # the LoRA tensors are passed per set; the model's own are not used
         if len(todo) == 1:
             parts = [projected_gradients(comps, q.images, list(q.prompts), seeds, output=output, timesteps=s.timesteps,

@@ -358,13 +358,13 @@ def projected_gradients_shared(components: DiffusionComponents, images: np.ndarr
                                timesteps: Sequence[int] = (100, 400, 700), noise_seed: int = 0,
                                projector: Optional[Projector] = None, proj_dim: int = DEFAULT_PROJ_DIM,
                                proj_seed: int = 0, batch_size: int = 32, method: str = "auto",
-                               memory_mb: float = 256.0, progress: bool = False,
-                               aux_fn: Optional[AuxFn] = None):
+                               memory_mb: float = 256.0, progress: bool = False, aux_fn: Optional[AuxFn] = None
+                               ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """:func:`projected_gradients` of several built-in outputs over the same noised inputs, from ONE forward pass
-    per item (one backward pass per output): output name -> (N, T, proj_dim). The same numbers as one call per
-    output; a query that needs D-TRAK's and TracIn's gradients at one checkpoint pays one UNet forward, not two.
-    With ``aux_fn`` (see :func:`per_sample_grads_aux`): (that dict, aux_fn's tensors name -> (N, T, ...)), e.g.
-    the representations a feature extractor's hooks saw in the same forward."""
+    per item (one backward pass per output): (output name -> (N, T, proj_dim), kept). The same numbers as one call
+    per output; a query that needs D-TRAK's and TracIn's gradients at one checkpoint pays one UNet forward, not two.
+    ``kept``: ``aux_fn``'s tensors of those forwards, name -> (N, T, ...) (see :func:`per_sample_grads_aux`; {}
+    without it), e.g. the representations a feature extractor's hooks saw."""
     outputs = list(dict.fromkeys(outputs))
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown or not outputs:
@@ -377,7 +377,7 @@ def projected_gradients_shared(components: DiffusionComponents, images: np.ndarr
     parts, aux = _projected(components, images, prompts, item_seeds, _shared_items_fn(outputs), stacked,
                             len(outputs), timesteps, noise_seed, projector, proj_dim, proj_seed, batch_size, method,
                             memory_mb, progress, "+".join(outputs), aux_fn)
-    return dict(zip(outputs, parts)) if aux_fn is None else (dict(zip(outputs, parts)), aux)
+    return dict(zip(outputs, parts)), aux
 
 
 def _projected(components: DiffusionComponents, images: np.ndarray, prompts: Sequence[str], item_seeds: Sequence[int],

@@ -214,8 +214,9 @@ def test_tensors_kept_from_the_gradient_forward_are_those_of_a_plain_forward(com
 def test_projected_gradients_shared_match_one_call_per_output(comps):
     images = random_images(3, 5)
     prompts = ["a circle", "", "a cross by artist-0"]
-    got = projected_gradients_shared(comps, images, prompts, [1, 2, 3], outputs=("sqnorm", "denoise"),
-                                     timesteps=TIMESTEPS, proj_dim=32, proj_seed=2, memory_mb=0.001)
+    got, kept = projected_gradients_shared(comps, images, prompts, [1, 2, 3], outputs=("sqnorm", "denoise"),
+                                           timesteps=TIMESTEPS, proj_dim=32, proj_seed=2, memory_mb=0.001)
+    assert kept == {}
     assert list(got) == ["sqnorm", "denoise"]
     for o, g in got.items():
         ref = projected_gradients(comps, images, prompts, [1, 2, 3], output=o, timesteps=TIMESTEPS, proj_dim=32,

@@ -111,7 +111,7 @@ def test_lora_training_step_and_per_sample_gradients(comps):
     g = projected_gradients(comps, _images(2, 1), PROMPTS[:2], [3, 4], timesteps=(100, 500), proj_dim=8)
     assert g.shape == (2, 2, 8) and np.isfinite(g).all() and np.abs(g).max() > 0
     # both built-in outputs from one forward (SDXL's pooled states and time ids travel through jacrev too)
-    both = projected_gradients_shared(comps, _images(2, 1), PROMPTS[:2], [3, 4], timesteps=(100, 500), proj_dim=8)
+    both = projected_gradients_shared(comps, _images(2, 1), PROMPTS[:2], [3, 4], timesteps=(100, 500), proj_dim=8)[0]
     np.testing.assert_allclose(both["denoise"], g, rtol=1e-4, atol=1e-5 * np.abs(g).max())
     sq = projected_gradients(comps, _images(2, 1), PROMPTS[:2], [3, 4], output="sqnorm", timesteps=(100, 500), proj_dim=8)
     np.testing.assert_allclose(both["sqnorm"], sq, rtol=1e-4, atol=1e-5 * np.abs(sq).max())
