@@ -3,9 +3,10 @@
 Only the LoRA adapter tensors (parameters named with ``lora_``) are differentiated; the base UNet is
 frozen. Gradients are taken one *item* at a time, where an item is one (image, timestep) pair with
 its noised input ``x_t``, timestep ``t``, prompt states ``hidden`` and whatever the output function
-needs (e.g. the training target). Items are batched with ``torch.func`` (``vmap(grad(...))`` over a
-``functional_call`` that swaps in the LoRA tensors); if that fails for a model, a per-item autograd
-loop computes the same numbers.
+needs (e.g. the training target). Items are batched: one plain forward and backward whose per-row
+gradients are split off at the LoRA layers (:mod:`montrage.analysis.hooked_grads`); for adapters that cannot
+be split so, ``torch.func`` (``vmap(grad(...))`` over a ``functional_call`` that swaps in the LoRA tensors);
+if that fails for a model, a per-item autograd loop. All three give the same numbers.
 
 Determinism: the noise of item ``(image, timestep index k)`` is a pure function of
 ``(noise_seed, item_seed, k)`` (the formula of :meth:`FeatureExtractor.noise_for`), so the same image
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from montrage.data.imagefolder import TrainingSet, load_imagefolder
+from montrage.analysis.hooked_grads import UnsupportedLayer, hooked_grads
 from montrage.errors import ConfigError, ScorerError
 from montrage.losses.diffusion import noised, training_target
 from montrage.models.components import Conditioning, DiffusionComponents, as_conditioning, eval_mode
@@ -40,6 +42,8 @@ ItemBuilder = Callable[[DiffusionComponents, np.ndarray, Sequence[str], Sequence
 DEFAULT_PROJ_DIM = 1024
 _BLOCK_ELEMS = 1 << 22  # rows per projection block = _BLOCK_ELEMS // proj_dim (bounds the items x rows temporary)
 _VMAP_FAILED = "_montrage_vmap_failed"  # set on a UNet for which torch.func failed once
+_HOOKS_FAILED = "_montrage_hooks_failed"  # set on a UNet whose adapter the batched hooks cannot split
+METHODS = ("auto", "hooks", "vmap", "loop")
 
 
 # ----------------------------------------------------------------------------- LoRA parameters
@@ -58,8 +62,10 @@ def per_sample_grads(unet: torch.nn.Module, items: Items, output_fn: OutputFn, b
                      n_outputs: int = 1) -> Dict[str, torch.Tensor]:
     """d output_fn / d LoRA params for each item: name -> (M, *param shape), float32.
 
-    ``method``: 'vmap' (torch.func), 'loop' (one autograd call per item) or 'auto' (vmap, falling
-    back to the loop once if vmap fails for this model). The UNet is run in eval mode. With
+    ``method``: 'hooks' (one plain batched forward and backward, each row's gradient split off at the LoRA layers:
+    :mod:`montrage.analysis.hooked_grads`), 'vmap' (torch.func), 'loop' (one autograd call per item) or 'auto'
+    (hooks, falling back to vmap for adapters hooks cannot split, and to the loop once if vmap fails for this
+    model). The UNet is run in eval mode. With
     ``components`` the UNet is called through ``components.predict`` (SDXL inputs, autocast).
     ``n_outputs`` > 1: ``output_fn`` returns that many scalars (shape (K,)) from ONE forward pass, and each
     gets its gradient (``jacrev``: one forward, K backward passes): name -> (M, K, *param shape).
@@ -71,10 +77,11 @@ def per_sample_grads_aux(unet: torch.nn.Module, items: Items, output_fn: OutputF
                          method: str = "auto", components: Optional[DiffusionComponents] = None, n_outputs: int = 1,
                          aux_fn: Optional[AuxFn] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """:func:`per_sample_grads`, plus ``aux_fn(pred, item)``'s tensors from the same forward pass of each item
-    (detached; name -> (M, *shape)); ``{}`` without ``aux_fn``. ``aux_fn`` runs inside ``torch.func`` transforms:
-    no random ops, no in-place writes to outside tensors."""
-    if method not in ("auto", "vmap", "loop"):
-        raise ConfigError(f"per_sample_grads method must be auto, vmap or loop, got {method!r}")
+    (detached; name -> (M, *shape)); ``{}`` without ``aux_fn``. ``aux_fn`` must act row by row: it sees one item
+    (inside ``torch.func`` transforms, or in the loop) or a batch of items (hooks); no random ops, no in-place
+    writes to outside tensors."""
+    if method not in METHODS:
+        raise ConfigError(f"per_sample_grads method must be one of {', '.join(METHODS)}, got {method!r}")
     if int(n_outputs) < 1:
         raise ConfigError(f"per_sample_grads n_outputs must be >= 1, got {n_outputs!r}")
     params = lora_parameters(unet)
@@ -83,6 +90,17 @@ def per_sample_grads_aux(unet: torch.nn.Module, items: Items, output_fn: OutputF
         chunks: List[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = []
         for start in range(0, M, max(1, batch_size)):
             part = {k: v[start:start + batch_size] for k, v in items.items()}
+            if method == "hooks" or (method == "auto" and not getattr(unet, _HOOKS_FAILED, False)):
+                try:
+                    chunks.append(_grads_hooks(unet, params, part, output_fn, components, n_outputs, aux_fn))
+                    continue
+                except Exception as exc:  # an adapter layout hooks cannot split (e.g. DoRA): torch.func is exact too
+                    if method == "hooks":
+                        raise
+                    setattr(unet, _HOOKS_FAILED, True)
+                    level = logging.INFO if isinstance(exc, UnsupportedLayer) else logging.WARNING
+                    log.log(level, "per-sample gradients: batched hooks unavailable (%s: %s); using torch.func",
+                            type(exc).__name__, exc)
             use_vmap = method == "vmap" or (method == "auto" and not getattr(unet, _VMAP_FAILED, False))
             if use_vmap:
                 try:
@@ -108,6 +126,25 @@ def _forward(unet, item: Items, components: Optional[DiffusionComponents] = None
     if components is None:
         return unet(item["x_t"], item["t"], encoder_hidden_states=as_conditioning(item["hidden"]).hidden).sample
     return components.predict(item["x_t"], item["t"], item["hidden"], unet=unet)
+
+
+def _row(items: Items, i: int) -> Items:
+    return {k: v[i:i + 1] for k, v in items.items()}
+
+
+def _grads_hooks(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn,
+                 components: Optional[DiffusionComponents] = None, n_outputs: int = 1,
+                 aux_fn: Optional[AuxFn] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """One batched forward, one backward per output, each row's gradient split off at the LoRA layers (same
+    numbers as :func:`_grads_vmap`): (gradients, ``aux_fn``'s tensors of the batch or {})."""
+    M = int(items["x_t"].shape[0])
+
+    def values(pred: torch.Tensor) -> torch.Tensor:  # (M, K): output_fn reads one item, as under vmap
+        return torch.stack([output_fn(pred[i:i + 1], _row(items, i)).reshape(-1) for i in range(M)])
+
+    grads, kept = hooked_grads(unet, list(params), lambda: _forward(unet, items, components), values, n_outputs,
+                               None if aux_fn is None else (lambda pred: aux_fn(pred, items)))
+    return ({n: g[:, 0] for n, g in grads.items()} if n_outputs == 1 else grads), kept
 
 
 def _grads_vmap(unet, params: Dict[str, torch.Tensor], items: Items, output_fn: OutputFn,

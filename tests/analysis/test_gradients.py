@@ -152,7 +152,7 @@ def _plain_grad(comps, image, prompt, item_seed, k, noise_seed):
     return dict(zip(names, grads))
 
 
-@pytest.mark.parametrize("method", ["vmap", "loop"])
+@pytest.mark.parametrize("method", ["hooks", "vmap", "loop"])
 def test_per_sample_grads_match_plain_autograd(comps, method):
     images = random_images(3, 0)
     prompts = ["a red circle by artist-0", "", "a square"]
@@ -170,7 +170,7 @@ def test_per_sample_grads_match_plain_autograd(comps, method):
                 torch.testing.assert_close(grads[n][row], v, atol=2e-5 * scale, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["vmap", "loop"])
+@pytest.mark.parametrize("method", ["hooks", "vmap", "loop"])
 def test_outputs_sharing_one_forward_pass_get_their_own_exact_gradients(comps, method):
     """Two outputs of one forward pass (jacrev / retained graph) = each output's gradient on its own, and the
     denoising one = autograd on the training loss written out from scratch."""
@@ -193,8 +193,8 @@ def test_outputs_sharing_one_forward_pass_get_their_own_exact_gradients(comps, m
 
 
 def test_tensors_kept_from_the_gradient_forward_are_those_of_a_plain_forward(comps):
-    """aux_fn sees each item's own forward (inside torch.func or in the loop): what it keeps equals a plain
-    no-grad forward of the same inputs, and the gradients are unchanged by keeping it."""
+    """aux_fn sees each item's own forward (the batched hooks pass, inside torch.func or in the loop): what it
+    keeps equals a plain no-grad forward of the same inputs, and the gradients are unchanged by keeping it."""
     from montrage.analysis.gradients import per_sample_grads_aux
 
     images = random_images(2, 6)
@@ -204,7 +204,7 @@ def test_tensors_kept_from_the_gradient_forward_are_those_of_a_plain_forward(com
     want = pred.flatten(1).mean(1)
     keep = lambda p, it: {"mean": p.float().flatten(1).mean(1)}  # noqa: E731
     plain = per_sample_grads(comps.unet, items, OUTPUTS["denoise"][1], method="vmap")
-    for method in ("vmap", "loop"):
+    for method in ("hooks", "vmap", "loop"):
         grads, kept = per_sample_grads_aux(comps.unet, items, OUTPUTS["denoise"][1], method=method, aux_fn=keep)
         torch.testing.assert_close(kept["mean"], want, atol=1e-5, rtol=1e-4)
         for n, g in plain.items():
@@ -225,6 +225,31 @@ def test_projected_gradients_shared_match_one_call_per_output(comps):
         np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
     with pytest.raises(ScorerError, match="unknown gradient output"):
         projected_gradients_shared(comps, images, prompts, [1, 2, 3], outputs=("sqnorm", "nope"))
+
+
+def test_adapters_hooks_cannot_split_fall_back_to_torch_func():
+    """A LoRA-named tensor outside a Linear / Conv2d layer's weight and bias (as DoRA's magnitudes): 'hooks' says
+    so, 'auto' falls back to torch.func once for that UNet and gets its numbers; the normal adapter of another
+    UNet still takes the hooks."""
+    from montrage.analysis.gradients import _HOOKS_FAILED
+    from montrage.analysis.hooked_grads import UnsupportedLayer
+
+    comps = tiny_components(seed=3)
+    items_fn, out_fn = OUTPUTS["denoise"]
+    items = items_fn(comps, random_images(2, 3), ["a ring", ""], [1, 2], TIMESTEPS, 0)
+    comps.unet.conv_in.register_parameter("lora_magnitude", torch.nn.Parameter(torch.ones(3), requires_grad=False))
+    with pytest.raises(UnsupportedLayer, match="lora_magnitude"):
+        per_sample_grads(comps.unet, items, out_fn, method="hooks")
+    auto = per_sample_grads(comps.unet, items, out_fn, method="auto")
+    assert getattr(comps.unet, _HOOKS_FAILED, False)
+    vm = per_sample_grads(comps.unet, items, out_fn, method="vmap")
+    for n, g in vm.items():
+        torch.testing.assert_close(auto[n], g)
+    other = tiny_components(seed=4)
+    per_sample_grads(other.unet, items_fn(other, random_images(1, 3), [""], [1], TIMESTEPS, 0), out_fn)
+    assert not getattr(other.unet, _HOOKS_FAILED, False)
+    with pytest.raises(Exception, match="method must be one of auto, hooks, vmap, loop"):
+        per_sample_grads(other.unet, items, out_fn, method="jacobian")
 
 
 def test_only_lora_parameters_are_differentiated(comps):
