@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", default=None, metavar="STEPS",
                    help="comma-separated training steps (default: every checkpoint after the first)")
     p.add_argument("--proj-dim", type=int, default=1024, help="random projection dimension (default 1024)")
-    p.add_argument("--batch-size", type=int, default=32, help="per-sample gradients per vmap call (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="items per batched per-sample gradient pass (default 32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu); the projection is generated there")
     p.add_argument("--overwrite", action="store_true", help="replace features stored with other settings")
     p.set_defaults(func=cmd_featurize)

@@ -7,7 +7,7 @@ from the LoRA weights in the store. Options (``ctx.options``):
 - ``proj_dim`` (1024), ``proj_seed`` (0): the random projection (a CountSketch generated on the gradients'
   device, see :class:`~montrage.analysis.gradients.Projector`); ``proj_cache_mb`` (256): memory for keeping
   its generated blocks between calls
-- ``grad_batch_size`` (32): items per vmap call
+- ``grad_batch_size`` (32): items per batched per-sample gradient pass
 - ``dtrak_lambda`` (0.1): D-TRAK damping, relative to the mean diagonal of G^T G
 """
 from __future__ import annotations
