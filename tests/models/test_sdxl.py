@@ -92,14 +92,16 @@ def test_lora_training_step_and_per_sample_gradients(comps):
     torch.optim.SGD(params, lr=1.0).step()
     comps.unet.eval()
 
-    # vmap (functional_call inside predict) and the per-item loop give the same gradients
+    # vmap (functional_call inside predict), the batched hooks and the per-item loop give the same gradients
     items_fn, out_fn = OUTPUTS["denoise"]
     items = items_fn(comps, _images(2, 1), PROMPTS[:2], [3, 4], (100, 500), 7)
     assert isinstance(items["hidden"], Conditioning) and items["hidden"].pooled is not None
     a = per_sample_grads(comps.unet, items, out_fn, method="vmap", components=comps)
     b = per_sample_grads(comps.unet, items, out_fn, method="loop", components=comps)
+    h = per_sample_grads(comps.unet, items, out_fn, method="hooks", components=comps)
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=1e-6 + 1e-4 * float(b[n].abs().max()), rtol=1e-4)
+        torch.testing.assert_close(h[n], b[n], atol=1e-6 + 1e-4 * float(b[n].abs().max()), rtol=1e-4)
     # the loop's first item against plain autograd on the loss written out
     one = {k: v[:1] for k, v in items.items()}
     named = dict(comps.unet.named_parameters())
