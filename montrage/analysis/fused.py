@@ -53,7 +53,10 @@ model always restricted to the attributed checkpoint (``rep/*/sim-final``, ``gra
 ``pixel``, text) and ``montrage-all`` always with every channel: the dynamics ablation. On the attributed
 checkpoint's channels a prompt-known query costs one UNet forward per (image, timestep) item and two backward
 passes: its caption-condition representations, D-TRAK's and TracIn's gradients share that forward
-(:func:`shared_prompt_pass`), and the null prompt's representations take a second forward without gradients. Concept
+(:func:`shared_prompt_pass`), and the null prompt's representations take a second forward without gradients. On
+every channel a query's representations at checkpoints 1..k under its gradients' condition (null prompt when image
+only) come from the forwards of TracIn's batched gradient pass (:func:`shared_trajectory_pass`; an image-only extra
+query 0.76 -> 0.57 s on the 56-image typeface run, same scores). Concept
 queries
 (``--concept PHRASE``): score(prompt with the phrase) - score(prompt without it), Concept-TRAK's utility
 direction, answered by the same fitted model.
@@ -273,6 +276,50 @@ def _with_condition(ctx: ScoringContext, condition: str) -> ScoringContext:
     return sub
 
 
+def _shared_settings(ctx: ScoringContext, condition: str):
+    """(gradient settings, capture config) when the queries' gradients and their ``condition`` representations read
+    the same noised inputs (mode B, the capture's timesteps and noise seed, the condition captured); else None."""
+    from montrage.analysis.gradient_scorers import GradientSettings
+    from montrage.config import CaptureConfig, from_dict
+
+    if str(ctx.options.get("query_mode", "B")).upper() != "B" or condition not in ctx.store.conditions:
+        return None
+    s = GradientSettings.from_ctx(ctx)
+    capture = from_dict(CaptureConfig, ctx.store.capture)
+    if tuple(s.timesteps) != tuple(capture.timesteps) or int(s.noise_seed) != int(capture.seed):
+        return None
+    capture.conditions = (condition,)
+    return s, capture
+
+
+def _encoding_while(ctx: ScoringContext, capture, k: int, compute: Callable[[Callable], Dict[int, Dict[str, np.ndarray]]]
+                    ) -> Dict[int, Tuple[Dict[str, np.ndarray], np.ndarray]]:
+    """Run ``compute(aux_fn)`` (a gradient pass over the queries) with the feature extractor's hooks on the model,
+    ``aux_fn`` keeping what :meth:`FeatureExtractor.extract` would keep from each forward; returns per checkpoint
+    the queries' ((Q, T, F) features per module, (Q, T) losses)."""
+    import torch
+
+    from montrage.losses.diffusion import per_sample_mse
+    from montrage.models.features import FeatureExtractor
+
+    extractor = FeatureExtractor(ctx.components_at(k), capture)
+    captured, handles = extractor.hook()
+
+    def seen(pred: torch.Tensor, item) -> Dict[str, torch.Tensor]:
+        return {**{m: extractor.pool(captured[m]) for m in extractor.modules},
+                "loss": per_sample_mse(pred, item["target"])}
+
+    try:
+        kept = compute(seen)
+    finally:
+        for h in handles:
+            h.remove()
+        captured.clear()
+    n, T = len(ctx.queries.images), len(capture.timesteps)
+    return {kk: ({m: extractor.project(m, torch.from_numpy(v[m]).flatten(0, 1)).view(n, T, -1).cpu().numpy()
+                  for m in extractor.modules}, v["loss"]) for kk, v in kept.items()}
+
+
 def shared_prompt_pass(ctx: ScoringContext) -> Dict[str, np.ndarray]:
     """Prompt-known queries on the final checkpoint's channels: their caption-condition representations and their
     D-TRAK and TracIn gradients at the attributed checkpoint come from ONE UNet forward per item: both read the same
@@ -280,48 +327,64 @@ def shared_prompt_pass(ctx: ScoringContext) -> Dict[str, np.ndarray]:
     Fills the caches :func:`rep_channels` and :func:`grad_channels` read (returns no channel itself); does nothing
     where the two would differ (other gradient timesteps or noise, query mode A, no caption condition captured) or
     where either is already computed."""
-    import torch
-
-    from montrage.analysis.gradient_scorers import GradientSettings, compute_query_gradients, query_key, require_lora
+    from montrage.analysis.gradient_scorers import compute_query_gradients, query_key, require_lora
     from montrage.analysis.scorers import trajectory_key
     from montrage.analysis.trajectories import one_checkpoint_trajectory
-    from montrage.config import CaptureConfig, from_dict
-    from montrage.losses.diffusion import per_sample_mse
-    from montrage.models.features import FeatureExtractor
 
-    store, k, q = ctx.store, ctx.checkpoint, ctx.queries
-    if str(ctx.options.get("query_mode", "B")).upper() != "B" or "caption" not in store.conditions:
+    k = ctx.checkpoint
+    shared = _shared_settings(ctx, "caption")
+    if shared is None:
         return {}
-    s = GradientSettings.from_ctx(ctx)
-    capture = from_dict(CaptureConfig, store.capture)
-    if tuple(s.timesteps) != tuple(capture.timesteps) or int(s.noise_seed) != int(capture.seed):
-        return {}
+    s, capture = shared
     caption = _with_condition(ctx, "caption")
     outputs = ("sqnorm", "denoise")
     if any(ctx.has(key) for key in (trajectory_key(caption), trajectory_key(caption, final_only=True),
                                     *(query_key(ctx, k, o, s) for o in outputs))):
         return {}
     require_lora(ctx, k)
-    comps = ctx.components_at(k)
-    capture.conditions = ("caption",)
-    extractor = FeatureExtractor(comps, capture)
-    captured, handles = extractor.hook()
-
-    def seen(pred: torch.Tensor, item) -> Dict[str, torch.Tensor]:  # what extract() keeps, from this forward
-        return {**{m: extractor.pool(captured[m]) for m in extractor.modules},
-                "loss": per_sample_mse(pred, item["target"])}
-
-    try:  # the gradients are cached where grad_channels reads them
-        kept = compute_query_gradients(ctx, k, outputs, s, aux_fn=seen)
-    finally:
-        for h in handles:
-            h.remove()
-        captured.clear()
-    n, T = len(q.images), len(s.timesteps)
-    feats = {m: extractor.project(m, torch.from_numpy(kept[m]).flatten(0, 1)).view(n, T, -1).cpu().numpy()
-             for m in extractor.modules}
+    feats, losses = _encoding_while(ctx, capture, k, lambda seen: {
+        k: compute_query_gradients(ctx, k, outputs, s, aux_fn=seen)})[k]
     ctx.cached(trajectory_key(caption, final_only=True),
-               lambda: one_checkpoint_trajectory(feats, kept["loss"], k, ctx.checkpoint))
+               lambda: one_checkpoint_trajectory(feats, losses, k, ctx.checkpoint))
+    return {}
+
+
+def shared_trajectory_pass(ctx: ScoringContext, kind: str) -> Dict[str, np.ndarray]:
+    """Queries on every channel: their representations at checkpoints 1..k, under the condition their gradients are
+    taken in (the null prompt for an image-only query, the caption condition for a prompt-known one), come from the
+    forwards of TracIn's batched gradient pass over those checkpoints (same noised inputs, same LoRA weights);
+    checkpoint 0 (before training, no TracIn term) is re-encoded alone. Fills the caches :func:`rep_channels`,
+    :func:`dyn_channel` and :func:`grad_channels` read (returns no channel itself); does nothing where the inputs
+    would differ or where either is already computed."""
+    from montrage.analysis.gradient_scorers import compute_query_gradients_at, query_key, tracin_checkpoints
+    from montrage.analysis.scorers import trajectory_key
+    from montrage.analysis.trajectories import QueryTrajectory, reencode_trajectory
+
+    k, q = ctx.checkpoint, ctx.queries
+    condition = "caption" if kind == PROMPT else "null"
+    shared = _shared_settings(ctx, condition)
+    if shared is None:
+        return {}
+    s, capture = shared
+    sub = _with_condition(ctx, condition)
+    ks = tracin_checkpoints(k)
+    if ctx.has(trajectory_key(sub)) or any(ctx.has(query_key(ctx, kk, "denoise", s)) for kk in ks):
+        return {}
+    seen_at = _encoding_while(ctx, capture, ks[-1], lambda seen: compute_query_gradients_at(
+        ctx, ks, "denoise", s, aux_fn=seen))
+    rest = [kk for kk in range(k + 1) if kk not in seen_at]
+    first = (reencode_trajectory(ctx.store, ctx.components_at, q.images, q.prompts, q.item_seeds, condition, k,
+                                 only=rest) if rest else None)
+
+    def at(kk: int, m: Optional[str]) -> np.ndarray:
+        if kk in seen_at:
+            feats, losses = seen_at[kk]
+            return np.asarray(feats[m] if m else losses, np.float32)
+        return (first.features[m] if m else first.losses)[kk]
+
+    ctx.cached(trajectory_key(sub), lambda: QueryTrajectory(
+        {m: np.stack([at(kk, m) for kk in range(k + 1)]) for m in ctx.store.modules},
+        np.stack([at(kk, None) for kk in range(k + 1)])))
     return {}
 
 
@@ -434,8 +497,11 @@ def channel_values(ctx: ScoringContext, kind: str, final_only: bool, families: S
                    ) -> Dict[str, np.ndarray]:
     """Raw channel values {name: (Q, N)} of ctx.queries, all of one kind."""
     out: Dict[str, np.ndarray] = {}
-    if kind == PROMPT and final_only and "rep" in families and "grad" in families:
-        _try("shared-pass", lambda: shared_prompt_pass(ctx), ctx)  # then read from the cache below
+    if "rep" in families and "grad" in families:  # one forward for both, then read from the cache below
+        if final_only and kind == PROMPT:
+            _try("shared-pass", lambda: shared_prompt_pass(ctx), ctx)
+        elif not final_only:
+            _try(f"shared-trajectory-pass/{kind}", lambda: shared_trajectory_pass(ctx, kind), ctx)
     if "rep" in families:
         for cond in (("null", "caption") if kind == PROMPT else ("null",)):
             out.update(_try(f"rep/{cond}", lambda: rep_channels(ctx, cond, final_only), ctx))

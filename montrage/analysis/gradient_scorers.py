@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from montrage.analysis.base import ScoringContext, register
-from montrage.analysis.gradients import (DEFAULT_PROJ_DIM, Projector, normalize_rows, projected_gradients,
-                                         trak_scores)
+from montrage.analysis.gradients import DEFAULT_PROJ_DIM, Projector, normalize_rows, trak_scores
 from montrage.errors import ScorerError
 from montrage.models.components import DiffusionComponents
 from montrage.models.features import QUERY_SEED_OFFSET, TRAIN_SEED_OFFSET
@@ -141,35 +140,42 @@ def query_gradients_shared(ctx: ScoringContext, k: int, outputs: Sequence[str], 
 
 def query_gradients_at(ctx: ScoringContext, ks: Sequence[int], output: str, s: GradientSettings) -> List[np.ndarray]:
     """:func:`query_gradients` at checkpoints ``ks``; the ones not cached yet in one batched pass over their LoRA
-    weights (:func:`~montrage.analysis.gradients.projected_gradients_at`)."""
-    from montrage.analysis.gradients import projected_gradients_at
-    from montrage.models.lora import lora_slots
-
+    weights (:func:`compute_query_gradients_at`)."""
     todo = [int(k) for k in dict.fromkeys(ks) if not ctx.has(query_key(ctx, int(k), output, s))]
     if todo:
-        for k in todo:
-            require_lora(ctx, k)
-        q = ctx.queries
-        seeds = query_seeds(q)
-        comps = ctx.components_at(todo[-1])  # the LoRA tensors are passed per set; the model's own are not used
-        if len(todo) == 1:
-            parts = [projected_gradients(comps, q.images, list(q.prompts), seeds, output=output, timesteps=s.timesteps,
-                                         noise_seed=s.noise_seed, projector=projector(ctx, comps, s),
-                                         batch_size=s.batch_size, progress=ctx.progress)]
-        else:
-            name_of = {id(p): n for n, p in comps.unet.named_parameters()}
-            slots = lora_slots(comps.unet)
-            sets = []
-            for k in todo:
-                w = ctx.store.lora_weights(k)
-                sets.append({name_of[id(p)]: torch.as_tensor(np.asarray(w[key])) for key, p in slots.items()})
-            parts = projected_gradients_at(comps, sets, q.images, list(q.prompts), seeds, output=output,
-                                           timesteps=s.timesteps, noise_seed=s.noise_seed,
-                                           projector=projector(ctx, comps, s), batch_size=s.batch_size)
-        for k, g in zip(todo, parts):
-            ctx.cached(query_key(ctx, k, output, s), lambda g=g: g)
+        compute_query_gradients_at(ctx, todo, output, s)
     return [ctx.cached(query_key(ctx, int(k), output, s), lambda k=k: query_gradients_at(ctx, [k], output, s)[0])
             for k in ks]  # all filled above: the fallback never runs
+
+
+def compute_query_gradients_at(ctx: ScoringContext, ks: Sequence[int], output: str, s: GradientSettings,
+                               aux_fn=None) -> Dict[int, Dict[str, np.ndarray]]:
+    """The queries' gradients of ``output`` at checkpoints ``ks`` (one batched pass over their LoRA weights:
+    :func:`~montrage.analysis.gradients.projected_gradients_at_aux`), cached where :func:`query_gradients` reads
+    them; returns per checkpoint ``aux_fn``'s tensors of those forwards ({} without it)."""
+    from montrage.analysis.gradients import projected_gradients_at_aux
+    from montrage.models.lora import lora_slots
+
+    ks = [int(k) for k in dict.fromkeys(ks)]
+    for k in ks:
+        require_lora(ctx, k)
+    if len(ks) == 1:
+        return {ks[0]: compute_query_gradients(ctx, ks[0], [output], s, aux_fn=aux_fn)}
+    q = ctx.queries
+    comps = ctx.components_at(ks[-1])  # the LoRA tensors are passed per set; the model's own are not used
+    name_of = {id(p): n for n, p in comps.unet.named_parameters()}
+    slots = lora_slots(comps.unet)
+    sets = []
+    for k in ks:
+        w = ctx.store.lora_weights(k)
+        sets.append({name_of[id(p)]: torch.as_tensor(np.asarray(w[key])) for key, p in slots.items()})
+    parts, kept = projected_gradients_at_aux(comps, sets, q.images, list(q.prompts), query_seeds(q), output=output,
+                                             timesteps=s.timesteps, noise_seed=s.noise_seed,
+                                             projector=projector(ctx, comps, s), batch_size=s.batch_size,
+                                             aux_fn=aux_fn)
+    for k, g in zip(ks, parts):
+        ctx.cached(query_key(ctx, k, output, s), lambda g=g: g)
+    return dict(zip(ks, kept))
 
 
 # ----------------------------------------------------------------------------- TracIn-CP

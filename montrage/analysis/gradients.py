@@ -409,7 +409,7 @@ def projected_gradients_shared(components: DiffusionComponents, images: np.ndarr
     fns = [OUTPUTS[o][1] for o in outputs]
 
     def stacked(pred: torch.Tensor, item: Items) -> torch.Tensor:
-        return torch.stack([f(pred, item) for f in fns])
+        return torch.stack([f(pred, item) for f in fns]) if len(fns) > 1 else fns[0](pred, item)  # one: a scalar
 
     parts, aux = _projected(components, images, prompts, item_seeds, _shared_items_fn(outputs), stacked,
                             len(outputs), timesteps, noise_seed, projector, proj_dim, proj_seed, batch_size, method,
@@ -465,6 +465,20 @@ def projected_gradients_at(components: DiffusionComponents, weight_sets: Sequenc
     ``weight_sets``: LoRA tensors by parameter name (as :func:`lora_parameters` names them). Same numbers as one
     call per set up to float rounding; models that torch.func cannot trace get one call per set (the
     per-item loop, the UNet's own LoRA tensors restored afterwards). Returns one (N, T, D) array per set."""
+    return projected_gradients_at_aux(components, weight_sets, images, prompts, item_seeds, output, timesteps,
+                                      noise_seed, projector, proj_dim, proj_seed, batch_size, memory_mb)[0]
+
+
+def projected_gradients_at_aux(components: DiffusionComponents, weight_sets: Sequence[Dict[str, torch.Tensor]],
+                               images: np.ndarray, prompts: Sequence[str], item_seeds: Sequence[int],
+                               output: str = "denoise", timesteps: Sequence[int] = (100, 400, 700),
+                               noise_seed: int = 0, projector: Optional[Projector] = None,
+                               proj_dim: int = DEFAULT_PROJ_DIM, proj_seed: int = 0, batch_size: int = 32,
+                               memory_mb: float = 256.0, aux_fn: Optional[AuxFn] = None
+                               ) -> Tuple[List[np.ndarray], List[Dict[str, np.ndarray]]]:
+    """:func:`projected_gradients_at`, plus per set ``aux_fn``'s tensors of the same forwards, name -> (N, T, ...)
+    (see :func:`per_sample_grads_aux`; {} per set without it): e.g. a query's representations at each
+    checkpoint, seen while its gradients there were taken."""
     if output not in OUTPUTS:
         raise ScorerError(f"unknown gradient output function {output!r}; available: {sorted(OUTPUTS)}")
     items_fn, output_fn = OUTPUTS[output]
@@ -476,8 +490,9 @@ def projected_gradients_at(components: DiffusionComponents, weight_sets: Sequenc
     projector = projector or Projector.for_unet(unet, proj_dim, proj_seed)
     N, T, S = len(images), len(timesteps), len(weight_sets)
     out = [np.zeros((N, T, projector.proj_dim), np.float32) for _ in range(S)]
+    kept: List[Dict[str, List[np.ndarray]]] = [{} for _ in range(S)]
     if S == 0 or N == 0:
-        return out
+        return out, [{} for _ in range(S)]
     device = next(iter(params.values())).device
     stacked = {n: torch.stack([torch.as_tensor(w[n]).to(device=device, dtype=p.dtype) for w in weight_sets])
                for n, p in params.items()}
@@ -490,11 +505,15 @@ def projected_gradients_at(components: DiffusionComponents, weight_sets: Sequenc
             m = int(items["x_t"].shape[0])
             rep = {k: _repeat_rows(v, S) for k, v in items.items()}  # set-major: set s holds rows s*m .. s*m+m-1
             per_item = {n: v.repeat_interleave(m, 0) for n, v in stacked.items()}
-            grads = _grads_per_set(unet, params, per_item, rep, output_fn, components, batch_size, stacked, m)
+            grads, aux = _grads_per_set(unet, params, per_item, rep, output_fn, components, batch_size, stacked, m,
+                                        aux_fn)
             proj = projector.project(grads).view(S, sl.stop - sl.start, T, -1).cpu().numpy()
             for s_ in range(S):
                 out[s_][sl] = proj[s_]
-    return out
+                for k, v in aux.items():
+                    kept[s_].setdefault(k, []).append(v[s_ * m:(s_ + 1) * m].reshape(
+                        sl.stop - sl.start, T, *v.shape[1:]).cpu().numpy())
+    return out, [{k: np.concatenate(v) for k, v in part.items()} for part in kept]
 
 
 def _repeat_rows(v, times: int):
@@ -504,8 +523,10 @@ def _repeat_rows(v, times: int):
 
 
 def _grads_per_set(unet, params, per_item, items: Items, output_fn: OutputFn, components, batch_size: int,
-                   stacked, m: int) -> Dict[str, torch.Tensor]:
-    """Per-item gradients, each item under its own parameter set: batched torch.func, else one loop per set."""
+                   stacked, m: int, aux_fn: Optional[AuxFn] = None
+                   ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Per-item gradients, each item under its own parameter set, and ``aux_fn``'s tensors of the same forwards
+    ({} without it): batched torch.func, else one loop per set."""
     M = int(items["x_t"].shape[0])
     if not getattr(unet, _VMAP_FAILED, False):
         try:
@@ -513,8 +534,8 @@ def _grads_per_set(unet, params, per_item, items: Items, output_fn: OutputFn, co
             for start in range(0, M, max(1, batch_size)):
                 part = {k: v[start:start + batch_size] for k, v in items.items()}
                 p = {n: v[start:start + batch_size] for n, v in per_item.items()}
-                chunks.append(_grads_vmap(unet, p, part, output_fn, components, per_item_params=True)[0])
-            return {n: torch.cat([c[n] for c in chunks]) for n in params}
+                chunks.append(_grads_vmap(unet, p, part, output_fn, components, per_item_params=True, aux_fn=aux_fn))
+            return _joined(chunks, params)
         except Exception as exc:  # torch.func cannot trace some modules; the loop is exact too
             setattr(unet, _VMAP_FAILED, True)
             log.warning("per-sample gradients: torch.func vmap failed (%s: %s); using a per-item loop",
@@ -528,12 +549,19 @@ def _grads_per_set(unet, params, per_item, items: Items, output_fn: OutputFn, co
                 for n in params:
                     named[n].copy_(stacked[n][s_])
             one = {k: v[s_ * m:(s_ + 1) * m] for k, v in items.items()}
-            parts.append(_grads_loop(unet, params, one, output_fn, components)[0])
+            parts.append(_grads_loop(unet, params, one, output_fn, components, aux_fn=aux_fn))
     finally:
         with torch.no_grad():
             for n in params:
                 named[n].copy_(keep[n])
-    return {n: torch.cat([c[n] for c in parts]) for n in params}
+    return _joined(parts, params)
+
+
+def _joined(chunks: Sequence[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]], params
+            ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Row chunks of (gradients, aux tensors) concatenated."""
+    return ({n: torch.cat([c[0][n] for c in chunks]) for n in params},
+            {k: torch.cat([c[1][k] for c in chunks]) for k in chunks[0][1]})
 
 
 # ----------------------------------------------------------------------------- scoring helpers

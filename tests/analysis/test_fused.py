@@ -438,6 +438,52 @@ def test_prompt_queries_take_caption_features_and_gradients_from_one_forward(tin
     assert ("caption",) in calls["extract"]
 
 
+
+@pytest.mark.parametrize("kind", ["image", "prompt"])
+def test_every_channel_queries_take_their_trajectory_from_tracins_gradient_pass(tiny_run_copy, monkeypatch, kind):
+    """On every channel, a query's representations at checkpoints 1..k under the condition of its gradients (null
+    prompt for an image-only query, caption for a prompt-known one) come from the forwards of TracIn's batched
+    gradient pass: the extractor encodes that condition at checkpoint 0 alone, and every channel equals the one
+    computed apart."""
+    from montrage.analysis.base import ScoringContext
+    from montrage.models.features import FeatureExtractor
+
+    store = RunStore.open(tiny_run_copy)
+    assert store.n_checkpoints >= 3 and "caption" in store.conditions
+    q = probe_queries(store)
+    if kind == "image":
+        q = F.subset(q, list(range(len(q))), [""] * len(q))
+    last = store.n_checkpoints - 1
+    opts = {"query_mode": "B", "proj_dim": 64}
+    apart = ScoringContext(store=store, queries=q, checkpoint=last, options=dict(opts))
+    ref = F.grad_channels(apart, final_only=False)
+    conditions = ("null", "caption") if kind == "prompt" else ("null",)
+    for cond in conditions:
+        ref.update(F.rep_channels(apart, cond, final_only=False))
+    encoded = []
+    extract = FeatureExtractor.extract
+
+    def counted(self, *a, **kw):
+        encoded.append(tuple(self.capture.conditions))
+        return extract(self, *a, **kw)
+
+    monkeypatch.setattr(FeatureExtractor, "extract", counted)
+    ctx = ScoringContext(store=store, queries=q, checkpoint=last, options=dict(opts))
+    got = F.channel_values(ctx, kind, final_only=False, families=("rep", "grad"))
+    shared = "caption" if kind == "prompt" else "null"
+    assert encoded.count((shared,)) == 1  # checkpoint 0 only; 1..last came with the gradients
+    if kind == "prompt":
+        assert encoded.count(("null",)) == store.n_checkpoints  # the null prompt: its own forwards, every checkpoint
+    assert set(ref) == set(got) and f"rep/{shared}/move" in got and f"grad/tracin/k{last}" in got
+    for c, v in ref.items():
+        np.testing.assert_allclose(got[c], v, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(v).max())), err_msg=c)
+    # with other gradient timesteps the inputs differ: no shared pass, every checkpoint is encoded apart
+    encoded.clear()
+    other = ScoringContext(store=store, queries=q, checkpoint=last, options={**opts, "grad_timesteps": [300]})
+    F.channel_values(other, kind, final_only=False, families=("rep", "grad"))
+    assert encoded.count((shared,)) == store.n_checkpoints
+
+
 def planted_influence(seed, m, n=40, q=30):
     """Two channels that both find every query's source (the anchor supervision cannot tell them apart); only
     ``grad/dtrak`` also says how much the OTHER images matter (a hidden influence), and the losses of models

@@ -105,7 +105,8 @@ def test_resident_training_features_score_as_streamed_blocks(tmp_path, monkeypat
 @pytest.mark.parametrize("vmap", [True, False])
 def test_gradients_at_several_weight_sets_equal_one_call_per_set(vmap):
     """One batched pass over per-item LoRA tensors (a query's trajectory) = one projected_gradients call per
-    checkpoint; the loop fallback too, leaving the UNet's own LoRA tensors as they were."""
+    checkpoint, and what each forward saw (``aux_fn``) = that of one call per set; the loop fallback too, leaving
+    the UNet's own LoRA tensors as they were."""
     import torch
 
     from montrage.analysis import gradients as G
@@ -118,7 +119,12 @@ def test_gradients_at_several_weight_sets_equal_one_call_per_set(vmap):
     for seed in (21, 22, 23):
         randomize_lora(comps.unet, seed)
         sets.append({n: p.clone() for n, p in G.lora_parameters(comps.unet).items()})
-    one_each = []
+    from montrage.losses.diffusion import per_sample_mse
+
+    def aux(pred, item):  # what the forward saw, row by row: its loss and pooled prediction
+        return {"loss": per_sample_mse(pred, item["target"]), "pooled": pred.mean((2, 3))}
+
+    one_each, seen_each = [], []
     for w in sets:
         with torch.no_grad():
             for n, p in comps.unet.named_parameters():
@@ -126,12 +132,19 @@ def test_gradients_at_several_weight_sets_equal_one_call_per_set(vmap):
                     p.copy_(w[n])
         one_each.append(G.projected_gradients(comps, images, prompts, seeds, output="denoise", timesteps=(100, 700),
                                               projector=proj))
+        seen_each.append(G.projected_gradients_shared(comps, images, prompts, seeds, outputs=["denoise"],
+                                                      timesteps=(100, 700), projector=proj, aux_fn=aux)[1])
     before = {n: p.clone() for n, p in G.lora_parameters(comps.unet).items()}
     if not vmap:
         setattr(comps.unet, G._VMAP_FAILED, True)
-    batched = G.projected_gradients_at(comps, sets, images, prompts, seeds, output="denoise", timesteps=(100, 700),
-                                       projector=proj, batch_size=5)
-    assert len(batched) == 3
+    batched, seen = G.projected_gradients_at_aux(comps, sets, images, prompts, seeds, output="denoise",
+                                                 timesteps=(100, 700), projector=proj, batch_size=5, aux_fn=aux)
+    assert len(batched) == 3 and len(seen) == 3
+    for a, b in zip(seen_each, seen):  # the same forwards' tensors, per set, (image, timestep, ...)
+        assert set(b) == {"loss", "pooled"} and b["loss"].shape == (2, 2) and b["pooled"].shape[:2] == (2, 2)
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6)
+    assert not np.allclose(seen[0]["pooled"], seen[1]["pooled"])
     for a, b in zip(one_each, batched):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())  # float rounding only
     assert not np.allclose(batched[0], batched[1])
