@@ -117,8 +117,7 @@ def per_sample_grads_aux(unet: torch.nn.Module, items: Items, output_fn: OutputF
     if not chunks:
         lead = (0,) if n_outputs == 1 else (0, int(n_outputs))
         return {n: torch.zeros((*lead, *p.shape)) for n, p in params.items()}, {}
-    grads = {n: torch.cat([c[0][n] for c in chunks]) for n in params}
-    return grads, {k: torch.cat([c[1][k] for c in chunks]) for k in chunks[0][1]}
+    return _joined(chunks, params)
 
 
 def _forward(unet, item: Items, components: Optional[DiffusionComponents] = None) -> torch.Tensor:
@@ -490,9 +489,9 @@ def projected_gradients_at_aux(components: DiffusionComponents, weight_sets: Seq
     projector = projector or Projector.for_unet(unet, proj_dim, proj_seed)
     N, T, S = len(images), len(timesteps), len(weight_sets)
     out = [np.zeros((N, T, projector.proj_dim), np.float32) for _ in range(S)]
-    kept: List[Dict[str, List[np.ndarray]]] = [{} for _ in range(S)]
     if S == 0 or N == 0:
         return out, [{} for _ in range(S)]
+    kept: List[Dict[str, List[np.ndarray]]] = [{} for _ in range(S)]
     device = next(iter(params.values())).device
     stacked = {n: torch.stack([torch.as_tensor(w[n]).to(device=device, dtype=p.dtype) for w in weight_sets])
                for n, p in params.items()}
