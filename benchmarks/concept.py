@@ -177,7 +177,7 @@ def concept_run(out: str | Path, dataset: str, seed: int, per_concept: int, quic
     folder = Path(out) / (f"concept-run-{dataset}-seed{seed}-per{per_concept}" + ("-quick" if quick else ""))
     data = build_bench_data(folder / "data", s.data)
     run = folder / "run"
-    if not finished_run(run, s):
+    if not finished_run(run, s, data.data_dir):
         train(data.data_dir, run, cfg=s.train_config(), capture=s.capture_config(), probes_file=data.probes_file,
               prior_dir=data.prior_dir, monitor=True, progress=False, capture_mode="inline")
     return run

@@ -60,6 +60,14 @@ class BenchDataConfig:
     resolution: int = 16
     seed: int = 0
 
+    # what only the query sets depend on: the training images (and the prior set) are drawn before any query, so
+    # changing these leaves the training data, hence a cached run and its retrains, as they are
+    QUERY_FIELDS = ("queries_per_concept", "composition_seeds", "mixed_pairs")
+
+    def training_fields(self) -> dict:
+        """The fields the training data depends on (the cache key of retrained LoRAs)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.QUERY_FIELDS}
+
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")

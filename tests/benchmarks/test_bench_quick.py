@@ -58,6 +58,25 @@ def test_bench_data_ground_truth_by_construction(tmp_path, dataset):
     assert [p.prompt for p in again.caption_queries] == [p.prompt for p in data.caption_queries]
 
 
+@pytest.mark.parametrize("dataset", ["synthetic", "typefaces"])
+def test_query_counts_leave_the_training_data_as_it_is(tmp_path, dataset):
+    """More queries per type must not change the training images (or prior set): a cached run stays valid."""
+    from montrage.data.imagefolder import load_imagefolder
+
+    few = BenchDataConfig(dataset=dataset, n_concepts=3, per_concept=4, queries_per_concept=1, composition_seeds=1,
+                          mixed_pairs=1, n_prior=4, seed=2)
+    many = dataclasses.replace(few, queries_per_concept=3, composition_seeds=2, mixed_pairs=2)
+    a, b = build_bench_data(tmp_path / "few", few), build_bench_data(tmp_path / "many", many)
+    assert few.training_fields() == many.training_fields()
+    assert len(b.unseen_images) == 3 * len(a.unseen_images) and len(b.caption_queries) == 3 * len(a.caption_queries)
+    assert len(b.composition_queries) == 2 * len(a.composition_queries)
+    assert load_imagefolder(a.data_dir, 16).fingerprint() == load_imagefolder(b.data_dir, 16).fingerprint()
+    if a.prior_dir is not None:
+        assert load_imagefolder(a.prior_dir, 16).fingerprint() == load_imagefolder(b.prior_dir, 16).fingerprint()
+    other = build_bench_data(tmp_path / "other", dataclasses.replace(few, seed=3))
+    assert load_imagefolder(other.data_dir, 16).fingerprint() != load_imagefolder(a.data_dir, 16).fingerprint()
+
+
 @pytest.mark.slow  # ~1.5 min on an idle core (a monitored run, 2 LDS retrains, 3 methods on 6 query types)
 def test_results_structure_and_ground_truth(tiny_bench):
     out, res = tiny_bench
@@ -100,6 +119,20 @@ def test_rescore_reuses_run_queries_and_lds_models(tiny_bench, tmp_path):
                                   rescore=["text-only"], echo=lambda _m: None)
     assert third["reused_scores"] == ["pixel"]
     assert third["methods"]["text-only"]["metrics"] == res["methods"]["text-only"]["metrics"]
+
+
+@pytest.mark.slow
+def test_more_queries_reuse_the_run_and_its_lds_retrains_but_other_data_is_refused(tiny_bench, tmp_path):
+    out, res = tiny_bench
+    copy = tmp_path / "more"
+    shutil.copytree(out, copy)
+    more = dataclasses.replace(TINY, data=dataclasses.replace(TINY.data, queries_per_concept=3), methods=("pixel",))
+    again = run_attribution_bench(copy, settings=more, echo=lambda _m: None)
+    assert again["lds"]["reused_from_cache"] == 2 and again["queries"]["caption"] == 3 * 2
+    assert again["timings_s"]["train_monitored"] < res["timings_s"]["train_monitored"]
+    other = dataclasses.replace(TINY, data=dataclasses.replace(TINY.data, seed=5), methods=("pixel",))
+    with pytest.raises(RuntimeError, match="other data"):
+        run_attribution_bench(copy, settings=other, echo=lambda _m: None)
 
 
 def _results(values, diffs):
