@@ -107,6 +107,16 @@ def _prior_dir(store: RunStore, prior_dir: Optional[str | Path], cfg: TrainConfi
     return Path(recorded)
 
 
+def _prior_identity(prior: Optional[Path], store: RunStore) -> Optional[str]:
+    """The prior images' content hash: a retrained LoRA's cache key must survive moving or copying the run's folders
+    (a path would not) and must change when the images do."""
+    if prior is None:
+        return None
+    from montrage.data.imagefolder import load_imagefolder
+
+    return load_imagefolder(prior, int(store.run_config["resolution"])).fingerprint()
+
+
 def is_cached(folder: Path, want: dict) -> bool:
     """Whether ``folder`` holds a final LoRA recorded with exactly the key ``want``."""
     lora, meta = folder / S.FINAL_LORA_FILENAME, folder / S.RETRAIN_SUBSET_FILENAME
@@ -161,11 +171,12 @@ def retrain(run_dir: str | Path, n: int, fraction: float = 0.5, steps: Optional[
     root = run_dir / S.RETRAINS_DIRNAME
     loras, reused = [], 0
     picks = subsets(n_train, n, fraction, seed)
+    prior_key = _prior_identity(prior, store)
     masks = np.zeros((n, n_train), np.float32)
     for j, idx in enumerate(picks):
         masks[j, idx] = 1.0
         d = root / f"subset-{RETRAIN_SEED0 + 1000 * seed + j}"
-        want = {"indices": idx, "train": to_dict(cfg), "base": base, "prior": str(prior) if prior else None,
+        want = {"indices": idx, "train": to_dict(cfg), "base": base, "prior": prior_key,
                 "dataset": store.train_meta.get(S.ATTR_DATASET_FINGERPRINT)}
         if progress and not is_cached(d, want):
             print(f"retraining subset {j + 1}/{n} ({len(idx)} of {n_train} images, {cfg.steps} steps)", flush=True)

@@ -1,6 +1,7 @@
 """`montrage fit --retrains N`: LoRAs retrained on subsets of the run's training set, the losses of the run's own
 generations under them, and a fused prompt model fitted to them with a held-out LDS."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,24 @@ def test_a_multi_process_run_is_retrained_with_its_passes_per_image(tiny_run_cop
         store = RunStore.open(tiny_run_copy)
         assert _train_config(store, 0.5, None).steps == max(1, want)
         assert _train_config(store, 0.5, 3).steps == 3
+
+
+def test_the_prior_images_enter_the_retrain_key_by_content_not_path(tmp_path):
+    """A run folder copied or moved (its prior folder with it) keeps its cached retrains; other prior images do not."""
+    import shutil
+    from types import SimpleNamespace
+
+    from montrage.data.imagefolder import write_imagefolder
+    from montrage.retrains import _prior_identity
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    rows = [{"file_name": f"p{i}.png", "text": f"a shape {i}"} for i in range(3)]
+    prior = write_imagefolder(tmp_path / "prior", images, rows)
+    store = SimpleNamespace(run_config={"resolution": 8})
+    moved = Path(shutil.copytree(prior, tmp_path / "elsewhere" / "prior"))
+    assert _prior_identity(prior, store) == _prior_identity(moved, store)
+    images[1] = 255 - images[1]
+    other = write_imagefolder(tmp_path / "other", images, rows)
+    assert _prior_identity(other, store) != _prior_identity(prior, store)
+    assert _prior_identity(None, store) is None
