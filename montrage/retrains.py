@@ -114,7 +114,7 @@ def _prior_identity(prior: Optional[Path], store: RunStore) -> Optional[str]:
         return None
     from montrage.data.imagefolder import load_imagefolder
 
-    return load_imagefolder(prior, int(store.run_config["resolution"])).fingerprint()
+    return load_imagefolder(prior, int(store.run_config["resolution"]), lazy=True).fingerprint()
 
 
 def is_cached(folder: Path, want: dict) -> bool:
