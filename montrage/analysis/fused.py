@@ -85,7 +85,7 @@ WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 13
+MODEL_VERSION = 14  # 14: the concept classifier channel of image-only queries (class/concept)
 EXACT_CAPTION_TOLERANCE = 1e-4  # of the text-encoder cosine: 1 - this counts as the same caption
 EXACT_CAPTION_MARGIN = 0.1  # in standard deviations of the query's raw scores: how far above the rest a lifted image goes
 # candidate shares of the influence left to the other images on an exact-caption query, chosen on the counterfactual
@@ -470,6 +470,19 @@ def steps_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:
     return {"steps/learned": np.broadcast_to(learned, (len(ctx.queries), len(learned))).astype(np.float32)}
 
 
+def class_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:
+    """``class/concept`` (image-only queries): each training image's value is the query's log-probability of that
+    image's concept under a small CNN trained on the run's own training images and concept labels
+    (:mod:`montrage.analysis.concept_classifier`): the style of a concept apart from any one image's object."""
+    from montrage.analysis.concept_classifier import classifier_for
+    from montrage.analysis.gradients import training_images
+
+    ts = ctx.cached("grad/training_images", lambda: training_images(ctx.store))
+    concepts = list(ctx.store.concepts)
+    clf = classifier_for(ctx, ts.images, concepts)
+    return {"class/concept": clf.channel(ctx.queries.images, concepts)}
+
+
 def _try(name: str, fn, ctx: ScoringContext) -> Dict[str, np.ndarray]:
     """A channel family, or nothing when the run cannot provide it (remembered per context)."""
     key = f"fused/unavailable/{name}"
@@ -483,7 +496,7 @@ def _try(name: str, fn, ctx: ScoringContext) -> Dict[str, np.ndarray]:
         return {}
 
 
-FAMILIES = ("rep", "grad", "pixel", "dyn", "text", "steps")
+FAMILIES = ("rep", "grad", "pixel", "dyn", "text", "steps", "class")
 TRAJECTORY_FAMILIES = ("dyn", "steps")  # no final-checkpoint version: left out of montrage-final
 
 
@@ -515,6 +528,8 @@ def channel_values(ctx: ScoringContext, kind: str, final_only: bool, families: S
         out.update(_try("text", lambda: text_channels(ctx), ctx))
     if "steps" in families and not final_only:
         out.update(_try("steps", lambda: steps_channel(ctx), ctx))
+    if "class" in families and kind == IMAGE:
+        out.update(_try("class", lambda: class_channel(ctx), ctx))
     if not out:
         raise ScorerError("montrage: no attribution channel could be computed for this run (no recorded features, "
                           "LoRA weights or training images)")
@@ -873,6 +888,12 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tupl
             ctx._model = sub._model
     names = sorted(set.intersection(*[set(p) for p in parts]))
     values = {c: np.concatenate([p[c] for p in parts]) for c in names}
+    if "class/concept" in values:  # each row scored by a classifier trained without its anchor
+        from montrage.analysis.concept_classifier import crossfitted_channel
+
+        values["class/concept"] = crossfitted_channel(ts.images, list(store.concepts), anchors,
+                                                      np.concatenate([q.images for q in sets]),
+                                                      np.concatenate([anchors] * len(sets)))
     how = (f"{len(anchors)} anchors x {len(sets)}: "
            + ("perturbed copies (full-strength shift, colour jitter, noise), " if kind == IMAGE else "")
            + "near-copies (strength 0.1-0.6)"

@@ -362,7 +362,8 @@ CHANNEL_FAMILIES = (("text/", "the prompt vs each training caption through the r
                     ("dyn/", "the learned trajectory model (montrage-dynamics) as one channel"),
                     ("grad/", "projected LoRA gradient kernels (D-TRAK; TracIn per checkpoint)"),
                     ("pixel", "pixel similarity"), ("dup/", "near-duplicate ratio tests (copies)"),
-                    ("steps/", "per-step training signals"))
+                    ("steps/", "per-step training signals"),
+                    ("class/", "a concept classifier trained on the run's own images and labels (image-only queries)"))
 
 
 def _evidence_rows(payload: dict, top: int = 6) -> List[Tuple[str, str]]:
