@@ -281,6 +281,8 @@ def test_end_to_end_on_a_tiny_run(tmp_path, tiny_run):
     img = attribute(run, "montrage-all", queries=q, options=dict(opts), write_store=False, progress=False)
     assert all(r["query_kind"] == "image" for r in img.payload["queries"])
     assert not any(c.startswith(("rep/caption", "text/")) for c in img.payload["queries"][0]["channels"])
+    # the concept classifier: image-only queries only (a prompt names its concept itself)
+    assert "class/concept" in img.payload["queries"][0]["channels"] and "class/concept" not in used
     # montrage: the channel set it chose on held-out anchors, per kind, is the one its queries use
     chosen = attribute(run, "montrage", queries=q, options=dict(opts), write_store=False, progress=False)
     model = get_scorer("montrage").model(ScoringContext(store=st, queries=q, checkpoint=st.n_checkpoints - 1,
@@ -682,3 +684,30 @@ def test_without_retrains_the_share_follows_what_the_run_memorised(tiny_run):
         out = F.memorised_share(ctx, anchors)
         assert out["memorised_share"] == share
         assert out["memorised"] == [len(anchors) if share == 0.0 else 0, len(anchors)]
+
+
+def test_the_fit_sees_the_concept_classifier_cross_fitted(tiny_run, monkeypatch):
+    """The supervision rows' ``class/concept`` values come from classifiers trained without each row's anchor
+    (rows stacked per supervision set, each set in anchor order), never from the classifier of every image."""
+    from montrage.analysis import concept_classifier as CC
+    from montrage.analysis.base import ScoringContext
+
+    store = RunStore.open(tiny_run)
+    ctx = ScoringContext(store=store, queries=probe_queries(store), checkpoint=store.n_checkpoints - 1)
+    n = len(store.train_meta["file_names"])
+    monkeypatch.setattr(F, "channel_values", lambda sub, kind, final_only, families=F.FAMILIES: {
+        "pixel": np.zeros((len(sub.queries), n), np.float32),
+        **({"class/concept": np.zeros((len(sub.queries), n), np.float32)} if kind == F.IMAGE else {})})
+    seen = {}
+
+    def crossfitted(train_images, concepts, anchors, query_images, row_anchor, **kw):
+        seen.update(anchors=list(anchors), rows=list(row_anchor), n_images=len(query_images))
+        return np.ones((len(query_images), len(concepts)), np.float32)
+
+    monkeypatch.setattr(CC, "crossfitted_channel", crossfitted)
+    values, target, _ = F.supervision_values(ctx, F.IMAGE, False)
+    anchors = F.supervision_anchors(store)
+    assert seen["anchors"] == anchors and seen["rows"] == anchors * 3 and seen["n_images"] == len(target)
+    assert (values["class/concept"] == 1).all() and (values["pixel"] == 0).all()
+    prompt_values, _, _ = F.supervision_values(ctx, F.PROMPT, False)
+    assert "class/concept" not in prompt_values
