@@ -26,6 +26,7 @@ CLASSIFIER_STEPS = 600
 CLASSIFIER_ENSEMBLE = 3  # seeds averaged (in log-probability): one small CNN's draw moves a query or two
 CLASSIFIER_LR = 2e-3
 CROSSFIT_FOLDS = 4
+CLASSIFIER_BATCH = 128  # images per step; a run with at most this many trains on all of them at every step
 
 
 def _inputs(images: np.ndarray):
@@ -70,11 +71,14 @@ class ConceptClassifier:
                 net = _net(x.shape[1], len(self.labels))
                 opt = torch.optim.Adam(net.parameters(), CLASSIFIER_LR)
                 for _ in range(steps):
-                    xb = x * (1 + 0.2 * (torch.rand(len(x), x.shape[1], 1, 1, generator=g) - 0.5))
-                    xb = xb + 0.1 * torch.randn(x.shape, generator=g)
+                    rows = (slice(None) if len(x) <= CLASSIFIER_BATCH
+                            else torch.randperm(len(x), generator=g)[:CLASSIFIER_BATCH])
+                    xb, yb = x[rows], y[rows]
+                    xb = xb * (1 + 0.2 * (torch.rand(len(xb), x.shape[1], 1, 1, generator=g) - 0.5))
+                    xb = xb + 0.1 * torch.randn(xb.shape, generator=g)
                     shift = torch.randint(-max(1, side // 8), max(1, side // 8) + 1, (2,), generator=g)
                     xb = torch.roll(xb, (int(shift[0]), int(shift[1])), (2, 3))
-                    loss = torch.nn.functional.cross_entropy(net(xb), y)
+                    loss = torch.nn.functional.cross_entropy(net(xb), yb)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()

@@ -79,3 +79,12 @@ def test_bad_input_is_named():
 def test_large_images_are_downsampled_before_the_network():
     x = CC._inputs(np.zeros((2, 96, 96, 3), np.uint8))
     assert tuple(x.shape) == (2, 3, 32, 32) and float(x.min()) == -1.0
+
+
+def test_a_large_run_trains_on_minibatches_and_still_learns(monkeypatch):
+    """Above CLASSIFIER_BATCH images a step sees a random minibatch (the cost stays per step, not per image)."""
+    monkeypatch.setattr(CC, "CLASSIFIER_BATCH", 8)
+    train, concepts = _artist_images(OBJECTS[:4], 2, seed=0)
+    unseen, truth = _artist_images(OBJECTS[4:], 1, seed=1)
+    clf = CC.ConceptClassifier(train, concepts, **FAST)
+    assert np.mean(np.asarray(clf.labels)[clf.log_probs(unseen).argmax(1)] == np.asarray(truth)) >= 0.75
