@@ -85,7 +85,8 @@ WEIGHT_DECAY = 1e-3
 RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of the combined score
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
-MODEL_VERSION = 14  # 14: the concept classifier channel of image-only queries (class/concept)
+EXEMPLAR_OUT_FILL = -1e6  # a left-out image's raw score in the exemplar-out concept term: below every concept's top 3
+MODEL_VERSION = 15  # 14: the concept classifier channel of image-only queries; 15: the exemplar-out concept term
 EXACT_CAPTION_TOLERANCE = 1e-4  # of the text-encoder cosine: 1 - this counts as the same caption
 EXACT_CAPTION_MARGIN = 0.1  # in standard deviations of the query's raw scores: how far above the rest a lifted image goes
 # candidate shares of the influence left to the other images on an exact-caption query, chosen on the counterfactual
@@ -617,15 +618,22 @@ def concept_membership(concepts: Optional[Sequence[str]], target: np.ndarray):
     return members, own
 
 
-def objective(raw, cal, y, members, own):
+def objective(raw, cal, y, members, own, exemplar_out: bool = False):
     """The fit's objective without its regularisers: the attribution loss, plus the between-concept ranking term
     when there are concepts (on the raw combination: tried on the calibrated score (v7), it drove the sigmoid's scale
-    to 10-40, so top scores saturated at 1.0 in float32 and tied)."""
+    to 10-40, so top scores saturated at 1.0 in float32 and tied). With ``exemplar_out`` (image-only kind), the
+    concept term once more with each row's own image left out of the ranking: an image-only query may show a
+    concept on something no training image shows (an artist's new work), so its concept must come first from the
+    concept's other images too -- without it the fit weighs only what finds the exemplar (v15)."""
     from montrage.losses.attribution import attribution_loss, concept_ranking_loss
 
     loss = attribution_loss(raw, cal, y, temperature=RANK_TEMPERATURE)
     if members is not None:
         loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(raw, members, own, temperature=CONCEPT_TEMPERATURE)
+        if exemplar_out:
+            without = raw.masked_fill(y >= 1.0, float(EXEMPLAR_OUT_FILL))
+            loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(without, members, own,
+                                                                temperature=CONCEPT_TEMPERATURE)
     return loss
 
 
@@ -658,7 +666,7 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
         w = torch.nn.functional.softplus(theta)
         raw = torch.einsum("c,can->an", w, feats)
         cal = torch.sigmoid(log_scale.exp() * (raw - bias))
-        loss = objective(raw, cal, y, members, own) + WEIGHT_DECAY * (w ** 2).sum()
+        loss = objective(raw, cal, y, members, own, kind == IMAGE) + WEIGHT_DECAY * (w ** 2).sum()
         if use_cf:
             loss = loss + COUNTERFACTUAL_WEIGHT * counterfactual_loss(cal[cf_rows], cf_masks, cf_losses)
         opt.zero_grad()
@@ -703,7 +711,7 @@ def heldout_objective(values: Dict[str, np.ndarray], target: np.ndarray, kind: s
         members, own = concept_membership(concepts, y)
         with torch.no_grad():
             out[f] = float(objective(torch.from_numpy(raw).double(), torch.from_numpy(model.calibrate(raw)).double(),
-                                     torch.from_numpy(y).double(), members, own))
+                                     torch.from_numpy(y).double(), members, own, kind == IMAGE))
     return out
 
 
