@@ -15,11 +15,16 @@ by how it generalises, not by how well it remembers an image it was trained on.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from montrage.errors import ScorerError
+
+log = logging.getLogger(__name__)
 
 CLASSIFIER_SIDE = 32  # images are block-averaged down to at most this many pixels a side
 CLASSIFIER_STEPS = 600
@@ -85,6 +90,38 @@ class ConceptClassifier:
                 net.eval()
                 self.nets.append(net)
 
+    def save(self, path) -> None:
+        """The nets' weights and the labels, as one safetensors file (written whole, then moved into place)."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {f"{e}.{k}": v.contiguous() for e, net in enumerate(self.nets) for k, v in net.state_dict().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"labels": json.dumps(self.labels), "nets": str(len(self.nets)),
+                                               "in_channels": str(int(self.nets[0][0].in_channels))})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path) -> "ConceptClassifier":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        self = cls.__new__(cls)
+        self.labels = list(json.loads(meta["labels"]))
+        self.nets = []
+        for e in range(int(meta["nets"])):
+            net = _net(int(meta["in_channels"]), len(self.labels))
+            net.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(e)})
+            net.eval()
+            self.nets.append(net)
+        return self
+
     def log_probs(self, images: np.ndarray) -> np.ndarray:
         """(Q, len(labels)) mean over the ensemble of each net's log-probabilities."""
         import torch
@@ -132,6 +169,33 @@ def crossfitted_channel(train_images: np.ndarray, concepts: Sequence[str], ancho
     return out
 
 
-def classifier_for(ctx, images: np.ndarray, concepts: Sequence[str], seed: int = 0) -> Optional[ConceptClassifier]:
-    """The run's classifier on every training image, trained once per store object (kept in the run cache)."""
-    return ctx.run_cache_get("fused/classifier/all", lambda: ConceptClassifier(images, concepts, seed=seed))
+def classifier_key(images: np.ndarray, concepts: Sequence[str], seed: int = 0) -> str:
+    """What a trained classifier depends on: the images, their labels and the training settings."""
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(json.dumps([list(concepts), seed, CLASSIFIER_SIDE, CLASSIFIER_STEPS, CLASSIFIER_ENSEMBLE, CLASSIFIER_LR,
+                         CLASSIFIER_BATCH]).encode())
+    return h.hexdigest()[:12]
+
+
+def classifier_for(ctx, images: np.ndarray, concepts: Sequence[str], seed: int = 0) -> ConceptClassifier:
+    """The run's classifier on every training image: from the run cache, the run folder
+    (``montrage-models/classifier-<key>.safetensors``), or trained now (and saved, so that a later
+    ``montrage attribute`` call does not train it again)."""
+    def make() -> ConceptClassifier:
+        run_dir = getattr(ctx.store, "run_dir", None)
+        name = f"classifier-{classifier_key(images, concepts, seed)}.safetensors"
+        path = None if run_dir is None else run_dir / "montrage-models" / name
+        if path is not None and path.is_file():
+            try:
+                return ConceptClassifier.load(path)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                log.info("montrage: saved concept classifier %s unreadable (%s); training it again", path, exc)
+        clf = ConceptClassifier(images, concepts, seed=seed)
+        if path is not None:
+            try:
+                clf.save(path)
+            except OSError as exc:
+                log.info("montrage: concept classifier not saved (%s)", exc)
+        return clf
+
+    return ctx.run_cache_get("fused/classifier/all", make)

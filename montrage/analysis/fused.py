@@ -22,7 +22,10 @@ Channels of a (query j, training image i) pair, each standardised per query acro
   towards a concept as a whole, which is what a new composition's concept word carries). Word matching (TF-IDF)
   is never a channel: it is the ``text-only`` baseline that ``montrage`` is reported against;
 * ``steps/learned``: how much of each image the LoRA learned, from the per-step losses the loop recorded
-  (a per-image prior; only when the run recorded per-step signals).
+  (a per-image prior; only when the run recorded per-step signals);
+* ``class/concept`` (image only): the query's log-probability of each image's concept under a small CNN trained on
+  the run's own training images and concept labels (:mod:`montrage.analysis.concept_classifier`; cross-fitted on
+  the fit's supervision rows): a concept's style apart from any one image's object.
 
 score_raw(j, i) = sum_c w_c z_c(j, i) with w_c >= 0, score = sigmoid(a (score_raw - b)), fitted with the
 attribution loss (:mod:`montrage.losses.attribution`) SEPARATELY for the two query kinds: ``prompt``
@@ -31,7 +34,9 @@ training images, *perturbed* at two strengths (a shift of 1/32 of the side, colo
 kind; and near-copies: both kinds; exact copies would make pixels look perfect), plus the run's own generations of
 the anchors' captions at the attributed checkpoint (fresh seeds), scored as queries -- each kind is fitted on
 the queries of that kind users bring -- target 1 for the source image,
-0.5 for its concept's other images, 0 otherwise. When the run's model cannot be loaded (e.g. a synthetic store), the stored
+0.5 for its concept's other images, 0 otherwise; the image-only kind adds the concept term once more with each
+row's own image left out (an image-only query may show a concept on an object no training image shows). When the
+run's model cannot be loaded (e.g. a synthetic store), the stored
 anchor trajectories (a second noise draw, no perturbation) supervise the representation channels alone.
 Channels that cannot be computed for a run (no LoRA weights, no training images) are left out, and the
 JSON of ``montrage attribute`` lists per query the channels and weights used.
@@ -86,7 +91,7 @@ RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of 
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
 EXEMPLAR_OUT_FILL = -1e6  # a left-out image's raw score in the exemplar-out concept term: below every concept's top 3
-MODEL_VERSION = 15  # 14: the concept classifier channel of image-only queries; 15: the exemplar-out concept term
+MODEL_VERSION = 15  # 14: the concept classifier channel (image only); 15: the exemplar-out concept term
 EXACT_CAPTION_TOLERANCE = 1e-4  # of the text-encoder cosine: 1 - this counts as the same caption
 EXACT_CAPTION_MARGIN = 0.1  # in standard deviations of the query's raw scores: how far above the rest a lifted image goes
 # candidate shares of the influence left to the other images on an exact-caption query, chosen on the counterfactual

@@ -88,3 +88,20 @@ def test_a_large_run_trains_on_minibatches_and_still_learns(monkeypatch):
     unseen, truth = _artist_images(OBJECTS[4:], 1, seed=1)
     clf = CC.ConceptClassifier(train, concepts, **FAST)
     assert np.mean(np.asarray(clf.labels)[clf.log_probs(unseen).argmax(1)] == np.asarray(truth)) >= 0.75
+
+
+def test_a_saved_classifier_gives_the_same_channel_and_is_reused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    train, concepts = _artist_images(OBJECTS[:2], 2, seed=0)
+    monkeypatch.setattr(CC, "CLASSIFIER_STEPS", 30)
+    ctx = SimpleNamespace(store=SimpleNamespace(run_dir=tmp_path), run_cache_get=lambda key, make: make())
+    first = CC.classifier_for(ctx, train, concepts)
+    saved = list((tmp_path / "montrage-models").glob("classifier-*.safetensors"))
+    assert len(saved) == 1
+    monkeypatch.setattr(CC.ConceptClassifier, "__init__", lambda *a, **k: pytest.fail("trained again"))
+    again = CC.classifier_for(ctx, train, concepts)
+    np.testing.assert_allclose(again.channel(train, concepts), first.channel(train, concepts), rtol=1e-6)
+    assert again.labels == first.labels
+    # other labels are another classifier
+    assert CC.classifier_key(train, concepts) != CC.classifier_key(train, concepts[::-1])
