@@ -105,3 +105,11 @@ def test_a_saved_classifier_gives_the_same_channel_and_is_reused(tmp_path, monke
     assert again.labels == first.labels
     # other labels are another classifier
     assert CC.classifier_key(train, concepts) != CC.classifier_key(train, concepts[::-1])
+
+
+def test_a_fold_that_leaves_one_concept_gives_constant_rows_not_an_error():
+    """Tiny runs: holding out a fold of anchors can leave a single concept; those rows then carry nothing."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    concepts = ["a", "b", "a", "b"]
+    out = CC.crossfitted_channel(images, concepts, [1, 3], images[[1, 3]], [1, 3], folds=1, **FAST)
+    assert out.shape == (2, 4) and (out == 0).all()
