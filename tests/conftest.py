@@ -90,3 +90,15 @@ def _guard_tiny_run(request):
     pytest.fail(f"{request.node.nodeid} (or a session fixture it uses) wrote into the shared session run "
                 f"`tiny_run` ({len(changed)} paths changed, e.g. {changed[:5]}); a test that writes into its run "
                 "must use `tiny_run_copy`", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _light_concept_classifier(monkeypatch):
+    """The fused model's concept classifier with 60 steps and one net (the library's default: 600 steps, 3 nets):
+    tests of the pipeline do not judge the classifier, and every image-only fit trains 5 of them (about 2 minutes
+    of the suite on 2 cores at full size). Its own tests (tests/analysis/test_concept_classifier.py) pass their
+    settings explicitly and judge it against ground truth."""
+    from montrage.analysis import concept_classifier
+
+    monkeypatch.setattr(concept_classifier, "CLASSIFIER_STEPS", 60)
+    monkeypatch.setattr(concept_classifier, "CLASSIFIER_ENSEMBLE", 1)

@@ -59,8 +59,11 @@ class ConceptClassifier:
     """An ensemble of small CNNs over ``labels`` (sorted concept names), trained on (images, concepts)."""
 
     def __init__(self, images: np.ndarray, concepts: Sequence[str], seed: int = 0,
-                 steps: int = CLASSIFIER_STEPS, ensemble: int = CLASSIFIER_ENSEMBLE) -> None:
+                 steps: Optional[int] = None, ensemble: Optional[int] = None) -> None:
         import torch
+
+        steps = CLASSIFIER_STEPS if steps is None else int(steps)  # read at call time (the module's settings)
+        ensemble = CLASSIFIER_ENSEMBLE if ensemble is None else int(ensemble)
 
         keep = [i for i, c in enumerate(concepts) if c]
         self.labels: List[str] = sorted({concepts[i] for i in keep})
@@ -147,8 +150,8 @@ class ConceptClassifier:
 
 def crossfitted_channel(train_images: np.ndarray, concepts: Sequence[str], anchors: Sequence[int],
                         query_images: np.ndarray, row_anchor: Sequence[int], folds: int = CROSSFIT_FOLDS,
-                        seed: int = 0, steps: int = CLASSIFIER_STEPS,
-                        ensemble: int = CLASSIFIER_ENSEMBLE) -> np.ndarray:
+                        seed: int = 0, steps: Optional[int] = None,
+                        ensemble: Optional[int] = None) -> np.ndarray:
     """(R, N) the channel of supervision rows, each from a classifier trained without its anchor: the anchors
     split into ``folds`` (in order), one classifier per fold trained on every other training image."""
     anchors = list(anchors)
