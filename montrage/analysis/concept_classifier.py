@@ -151,9 +151,11 @@ class ConceptClassifier:
 def crossfitted_channel(train_images: np.ndarray, concepts: Sequence[str], anchors: Sequence[int],
                         query_images: np.ndarray, row_anchor: Sequence[int], folds: int = CROSSFIT_FOLDS,
                         seed: int = 0, steps: Optional[int] = None,
-                        ensemble: Optional[int] = None) -> np.ndarray:
+                        ensemble: Optional[int] = None, trained: Optional[dict] = None) -> np.ndarray:
     """(R, N) the channel of supervision rows, each from a classifier trained without its anchor: the anchors
-    split into ``folds`` (in order), one classifier per fold trained on every other training image."""
+    split into ``folds`` (in order), one classifier per fold trained on every other training image. ``trained``:
+    a dict that keeps the fold classifiers between calls (e.g. one fit per checkpoint of ``montrage compare``: the
+    classifiers depend on the training images, not on the checkpoint)."""
     anchors = list(anchors)
     row_anchor = np.asarray(row_anchor)
     if len(row_anchor) != len(query_images):
@@ -167,11 +169,17 @@ def crossfitted_channel(train_images: np.ndarray, concepts: Sequence[str], ancho
         if not len(rows):
             continue
         kept = np.setdiff1d(np.arange(len(concepts)), held)
-        try:
-            clf = ConceptClassifier(np.asarray(train_images)[kept], [concepts[i] for i in kept], seed=seed + 1 + f,
-                                    steps=steps, ensemble=ensemble)
-        except ScorerError:  # too few concepts left without this fold: its rows say nothing (constant rows)
-            continue
+        key = json.dumps([classifier_key(np.asarray(train_images)[kept], [concepts[i] for i in kept], seed + 1 + f),
+                          steps, ensemble, CLASSIFIER_STEPS, CLASSIFIER_ENSEMBLE])
+        clf = (trained or {}).get(key)
+        if clf is None:
+            try:
+                clf = ConceptClassifier(np.asarray(train_images)[kept], [concepts[i] for i in kept],
+                                        seed=seed + 1 + f, steps=steps, ensemble=ensemble)
+            except ScorerError:  # too few concepts left without this fold: its rows say nothing (constant rows)
+                continue
+            if trained is not None:
+                trained[key] = clf
         out[rows] = clf.channel(np.asarray(query_images)[rows], concepts)
     return out
 

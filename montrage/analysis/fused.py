@@ -906,7 +906,8 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tupl
 
         values["class/concept"] = crossfitted_channel(ts.images, list(store.concepts), anchors,
                                                       np.concatenate([q.images for q in sets]),
-                                                      np.concatenate([anchors] * len(sets)))
+                                                      np.concatenate([anchors] * len(sets)),
+                                                      trained=ctx.run_cache.setdefault("fused/classifier/folds", {}))
     how = (f"{len(anchors)} anchors x {len(sets)}: "
            + ("perturbed copies (full-strength shift, colour jitter, noise), " if kind == IMAGE else "")
            + "near-copies (strength 0.1-0.6)"

@@ -113,3 +113,16 @@ def test_a_fold_that_leaves_one_concept_gives_constant_rows_not_an_error():
     concepts = ["a", "b", "a", "b"]
     out = CC.crossfitted_channel(images, concepts, [1, 3], images[[1, 3]], [1, 3], folds=1, **FAST)
     assert out.shape == (2, 4) and (out == 0).all()
+
+
+def test_fold_classifiers_are_kept_between_fits(monkeypatch):
+    """One fit per checkpoint (``montrage compare``) trains the fold classifiers once: they depend on the training
+    images only. Same values the second time, no training."""
+    train, concepts = _artist_images(OBJECTS[:2], 2, seed=0)
+    anchors = [0, 3, 4, 7]
+    kept = {}
+    first = CC.crossfitted_channel(train, concepts, anchors, train[anchors], anchors, folds=2, trained=kept, **FAST)
+    assert len(kept) == 2
+    monkeypatch.setattr(CC.ConceptClassifier, "__init__", lambda *a, **k: pytest.fail("trained again"))
+    again = CC.crossfitted_channel(train, concepts, anchors, train[anchors], anchors, folds=2, trained=kept, **FAST)
+    np.testing.assert_array_equal(first, again)
