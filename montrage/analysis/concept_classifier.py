@@ -169,13 +169,12 @@ def crossfitted_channel(train_images: np.ndarray, concepts: Sequence[str], ancho
         if not len(rows):
             continue
         kept = np.setdiff1d(np.arange(len(concepts)), held)
-        key = json.dumps([classifier_key(np.asarray(train_images)[kept], [concepts[i] for i in kept], seed + 1 + f),
-                          steps, ensemble, CLASSIFIER_STEPS, CLASSIFIER_ENSEMBLE])
+        images, labels = np.asarray(train_images)[kept], [concepts[i] for i in kept]
+        key = classifier_key(images, labels, seed + 1 + f, steps, ensemble)
         clf = (trained or {}).get(key)
         if clf is None:
             try:
-                clf = ConceptClassifier(np.asarray(train_images)[kept], [concepts[i] for i in kept],
-                                        seed=seed + 1 + f, steps=steps, ensemble=ensemble)
+                clf = ConceptClassifier(images, labels, seed=seed + 1 + f, steps=steps, ensemble=ensemble)
             except ScorerError:  # too few concepts left without this fold: its rows say nothing (constant rows)
                 continue
             if trained is not None:
@@ -184,10 +183,14 @@ def crossfitted_channel(train_images: np.ndarray, concepts: Sequence[str], ancho
     return out
 
 
-def classifier_key(images: np.ndarray, concepts: Sequence[str], seed: int = 0) -> str:
-    """What a trained classifier depends on: the images, their labels and the training settings."""
+def classifier_key(images: np.ndarray, concepts: Sequence[str], seed: int = 0, steps: Optional[int] = None,
+                   ensemble: Optional[int] = None) -> str:
+    """What a trained classifier depends on: the images, their labels and the training settings (``steps`` and
+    ``ensemble`` as :class:`ConceptClassifier` resolves them)."""
+    steps = CLASSIFIER_STEPS if steps is None else int(steps)
+    ensemble = CLASSIFIER_ENSEMBLE if ensemble is None else int(ensemble)
     h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
-    h.update(json.dumps([list(concepts), seed, CLASSIFIER_SIDE, CLASSIFIER_STEPS, CLASSIFIER_ENSEMBLE, CLASSIFIER_LR,
+    h.update(json.dumps([list(concepts), seed, CLASSIFIER_SIDE, steps, ensemble, CLASSIFIER_LR,
                          CLASSIFIER_BATCH]).encode())
     return h.hexdigest()[:12]
 

@@ -481,11 +481,10 @@ def class_channel(ctx: ScoringContext) -> Dict[str, np.ndarray]:
     image's concept under a small CNN trained on the run's own training images and concept labels
     (:mod:`montrage.analysis.concept_classifier`): the style of a concept apart from any one image's object."""
     from montrage.analysis.concept_classifier import classifier_for
-    from montrage.analysis.gradients import training_images
+    from montrage.analysis.scorers import training_pixels
 
-    ts = ctx.cached("grad/training_images", lambda: training_images(ctx.store))
     concepts = list(ctx.store.concepts)
-    clf = classifier_for(ctx, ts.images, concepts)
+    clf = classifier_for(ctx, training_pixels(ctx), concepts)
     return {"class/concept": clf.channel(ctx.queries.images, concepts)}
 
 
