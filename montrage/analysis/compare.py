@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from montrage.analysis.attribute import attribute, concept_scores, proportions
+from montrage.analysis.fused import CHECKPOINT_ONLY_OPTION
 from montrage.analysis.queries import probe_queries
 from montrage.errors import ScorerError
 from montrage.storage import RunStore
@@ -30,7 +31,12 @@ def compare(run_dir: str | Path, method: str = "montrage", from_step: Optional[i
     ``image_only`` (default): each checkpoint's probe generations are attributed as images, their prompts
     withheld. "When was a concept learned" is a question about what the generations look like: with the
     prompt, text-path channels attribute even the base model's generations to the concept the prompt names
-    (the fused model did so at step 0 on the demo), which would date every concept to the first checkpoint."""
+    (the fused model did so at step 0 on the demo), which would date every concept to the first checkpoint.
+
+    For the same reason the fused model is fitted at each checkpoint on the channels that read that checkpoint's
+    model only (``checkpoint_channels_only``): pixel and concept-classifier channels are the same at every
+    checkpoint and judge how the base model's generations already look (they dated a demo artist to step 0)."""
+    options = {CHECKPOINT_ONLY_OPTION: True, **(options or {})}
     store = RunStore.open(run_dir)
     steps = store.steps
     k0 = store.checkpoint_index(from_step) if from_step is not None else 0

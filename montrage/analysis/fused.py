@@ -503,6 +503,18 @@ def _try(name: str, fn, ctx: ScoringContext) -> Dict[str, np.ndarray]:
 
 FAMILIES = ("rep", "grad", "pixel", "dyn", "text", "steps", "class")
 TRAJECTORY_FAMILIES = ("dyn", "steps")  # no final-checkpoint version: left out of montrage-final
+# channels whose value is the same at every checkpoint (the query's pixels or prompt against the training set's):
+# left out under the ``checkpoint_channels_only`` option, which `montrage compare` sets to ask what each checkpoint's
+# model learned rather than what its generations already look like
+CHECKPOINT_FREE_FAMILIES = ("pixel", "text", "class")
+CHECKPOINT_ONLY_OPTION = "checkpoint_channels_only"
+
+
+def scored_families(ctx: ScoringContext) -> Tuple[str, ...]:
+    """The families a fit may use under ``ctx.options``."""
+    if ctx.options.get(CHECKPOINT_ONLY_OPTION):
+        return tuple(f for f in FAMILIES if f not in CHECKPOINT_FREE_FAMILIES)
+    return FAMILIES
 
 
 def family(channel: str) -> str:
@@ -873,7 +885,8 @@ def supervision_anchors(store, seed: int = 0) -> List[int]:
     return idx
 
 
-def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tuple[Dict[str, np.ndarray], np.ndarray, str]:
+def supervision_values(ctx: ScoringContext, kind: str, final_only: bool, families: Sequence[str] = FAMILIES
+                       ) -> Tuple[Dict[str, np.ndarray], np.ndarray, str]:
     """Channel values of the supervision queries and their targets (A, N)."""
     from montrage.analysis.gradients import training_images
 
@@ -895,18 +908,15 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tupl
     parts = []
     for q in sets:
         sub = _sub(ctx, q, query_mode="B")
-        parts.append(channel_values(sub, kind, final_only))
+        # class/concept apart: the classifier of every image has seen the anchors, so the rows get the cross-fit
+        parts.append(channel_values(sub, kind, final_only, tuple(f for f in families if f != "class")))
         if ctx._model is None:
             ctx._model = sub._model
     names = sorted(set.intersection(*[set(p) for p in parts]))
     values = {c: np.concatenate([p[c] for p in parts]) for c in names}
-    if "class/concept" in values:  # each row scored by a classifier trained without its anchor
-        from montrage.analysis.concept_classifier import crossfitted_channel
-
-        values["class/concept"] = crossfitted_channel(ts.images, list(store.concepts), anchors,
-                                                      np.concatenate([q.images for q in sets]),
-                                                      np.concatenate([anchors] * len(sets)),
-                                                      trained=ctx.run_cache.setdefault("fused/classifier/folds", {}))
+    if "class" in families and kind == IMAGE:
+        values.update(_try("class/cross-fit", lambda: {
+            "class/concept": crossfitted_class_channel(ctx, ts.images, anchors, sets)}, ctx))
     how = (f"{len(anchors)} anchors x {len(sets)}: "
            + ("perturbed copies (full-strength shift, colour jitter, noise), " if kind == IMAGE else "")
            + "near-copies (strength 0.1-0.6)"
@@ -916,6 +926,20 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool) -> Tupl
               else "")
            + "; concept labels")
     return values, np.concatenate([target] * len(sets)), how
+
+
+def crossfitted_class_channel(ctx: ScoringContext, train_images: np.ndarray, anchors: Sequence[int],
+                              sets: Sequence[QuerySet]) -> np.ndarray:
+    """``class/concept`` of the supervision rows (sets stacked, each in anchor order), each row from a classifier
+    trained without its anchor; the fold classifiers are kept in the run cache (they depend on the images only)."""
+    from montrage.analysis.concept_classifier import crossfitted_channel
+
+    concepts = list(ctx.store.concepts)
+    if len(set(concepts) - {""}) < 2:  # as for the classifier of every image: no channel
+        raise ScorerError(f"a concept classifier needs 2+ labelled concepts, the run has {len(set(concepts) - {''})}")
+    return crossfitted_channel(train_images, concepts, anchors, np.concatenate([q.images for q in sets]),
+                               np.concatenate([list(anchors)] * len(sets)),
+                               trained=ctx.run_cache.setdefault("fused/classifier/folds", {}))
 
 
 def supervision_sets(ctx: ScoringContext, images: np.ndarray, anchors: Sequence[int], captions: Sequence[str],
@@ -1108,6 +1132,7 @@ def _model_path(ctx: ScoringContext, name: str, kind: str):
     ident = json.dumps([MODEL_VERSION, name, kind, int(store.steps[ctx.checkpoint]), store.n_checkpoints,
                         supervision_anchors(store), sorted((k, str(v)) for k, v in ctx.options.items()
                                                 if k in ("proj_dim", "proj_seed", "grad_timesteps", "dtrak_lambda"))]
+                       + ([CHECKPOINT_ONLY_OPTION] if ctx.options.get(CHECKPOINT_ONLY_OPTION) else [])
                        + ([COUNTERFACTUAL_RULE, targets] if kind == PROMPT and targets else []))
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     return store.run_dir / "montrage-models" / f"{name}-{kind}-{key}.json"
@@ -1123,7 +1148,7 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool, ch
                 return FusedModel.from_json(json.loads(path.read_text()))
             except (ValueError, KeyError):
                 pass
-        values, target, how = supervision_values(ctx, kind, final_only)
+        values, target, how = supervision_values(ctx, kind, final_only, scored_families(ctx))
         cf = (load_counterfactual(ctx, supervision_anchors(ctx.store), len(target))
               if kind == PROMPT and "generations" in how else None)
         concepts, n_anchors = ctx.store.concepts, len(supervision_anchors(ctx.store))

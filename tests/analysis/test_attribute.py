@@ -27,11 +27,12 @@ def test_compare_attributes_probe_generations_without_their_prompts(tiny_run, mo
     import montrage.analysis.compare as C
     from montrage.storage import RunStore
 
-    seen = []
+    seen, options = [], []
     real = C.attribute
 
     def spy(*args, **kwargs):
         seen.append(list(kwargs["queries"].prompts))
+        options.append(dict(kwargs["options"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(C, "attribute", spy)
@@ -39,6 +40,12 @@ def test_compare_attributes_probe_generations_without_their_prompts(tiny_run, mo
     assert any(p.strip() for p in prompts)
     C.compare(tiny_run, "final-sim", progress=False)
     assert seen and all(p == [""] * len(prompts) for p in seen)
+    # and the fused model reads each checkpoint's own model only, whatever else the caller asks
+    assert all(o == {"checkpoint_channels_only": True} for o in options)
+    seen.clear()
+    options.clear()
+    C.compare(tiny_run, "final-sim", progress=False, options={"dtrak_lambda": 0.5})
+    assert all(o == {"checkpoint_channels_only": True, "dtrak_lambda": 0.5} for o in options)
     seen.clear()
     C.compare(tiny_run, "final-sim", progress=False, image_only=False)
     assert seen and all(p == prompts for p in seen)

@@ -697,9 +697,15 @@ def test_the_fit_sees_the_concept_classifier_cross_fitted(tiny_run, monkeypatch)
     store = RunStore.open(tiny_run)
     ctx = ScoringContext(store=store, queries=probe_queries(store), checkpoint=store.n_checkpoints - 1)
     n = len(store.train_meta["file_names"])
-    monkeypatch.setattr(F, "channel_values", lambda sub, kind, final_only, families=F.FAMILIES: {
-        "pixel": np.zeros((len(sub.queries), n), np.float32),
-        **({"class/concept": np.zeros((len(sub.queries), n), np.float32)} if kind == F.IMAGE else {})})
+    asked = []
+
+    def channel_values(sub, kind, final_only, families=F.FAMILIES):
+        asked.append(tuple(families))
+        return {"pixel": np.zeros((len(sub.queries), n), np.float32),
+                **({"class/concept": np.zeros((len(sub.queries), n), np.float32)}
+                   if kind == F.IMAGE and "class" in families else {})}
+
+    monkeypatch.setattr(F, "channel_values", channel_values)
     seen = {}
 
     def crossfitted(train_images, concepts, anchors, query_images, row_anchor, **kw):
@@ -711,6 +717,7 @@ def test_the_fit_sees_the_concept_classifier_cross_fitted(tiny_run, monkeypatch)
     anchors = F.supervision_anchors(store)
     assert seen["anchors"] == anchors and seen["rows"] == anchors * 3 and seen["n_images"] == len(target)
     assert (values["class/concept"] == 1).all() and (values["pixel"] == 0).all()
+    assert asked and all("class" not in f for f in asked)  # the all-image classifier never scores these rows
     prompt_values, _, _ = F.supervision_values(ctx, F.PROMPT, False)
     assert "class/concept" not in prompt_values
 
@@ -752,3 +759,24 @@ def test_the_image_only_fit_names_a_concept_without_its_exemplar():
         top1[kind] = float(between_correct(model.raw(unseen), concepts, truth).mean())
     assert ratio[F.IMAGE] >= 4 * ratio[F.PROMPT], ratio  # measured .15 -> .99 (seeds 0-8: .13-.17 -> .72-1.19)
     assert top1[F.IMAGE] >= top1[F.PROMPT] + 0.15, top1  # 0 -> .29 (0 -> .21-.33)
+
+
+def test_checkpoint_channels_only_fits_on_what_the_checkpoints_model_gives(tiny_run_copy):
+    """``montrage compare`` asks what each checkpoint's model learned: under ``checkpoint_channels_only`` the fit
+    leaves out pixel, text and concept-classifier channels (the same at every checkpoint), and is saved apart from
+    the ordinary model, which does use them."""
+    from montrage.analysis.base import ScoringContext
+
+    store = RunStore.open(tiny_run_copy)
+    last = store.n_checkpoints - 1
+    models, paths = {}, {}
+    for only in (False, True):
+        ctx = ScoringContext(store=store, queries=probe_queries(store), checkpoint=last,
+                             options={"query_mode": "B", F.CHECKPOINT_ONLY_OPTION: only})
+        models[only] = F.fitted_model(ctx, "montrage-all", F.IMAGE, final_only=False)
+        paths[only] = F._model_path(ctx, "montrage-all", F.IMAGE)
+    ordinary = {F.family(c) for c in models[False].channels}
+    assert {"pixel", "class"} <= ordinary  # what the option must take away is there without it
+    only = {F.family(c) for c in models[True].channels}
+    assert only and not only & set(F.CHECKPOINT_FREE_FAMILIES) and only <= {"rep", "grad", "dyn", "steps"}
+    assert paths[True] != paths[False] and paths[True].is_file() and paths[False].is_file()
