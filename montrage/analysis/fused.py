@@ -39,7 +39,10 @@ row's own image left out (an image-only query may show a concept on an object no
 run's model cannot be loaded (e.g. a synthetic store), the stored
 anchor trajectories (a second noise draw, no perturbation) supervise the representation channels alone.
 Channels that cannot be computed for a run (no LoRA weights, no training images) are left out, and the
-JSON of ``montrage attribute`` lists per query the channels and weights used.
+JSON of ``montrage attribute`` lists per query the channels and weights used. Under the ``checkpoint_channels_only``
+option (set by ``montrage compare``) the fit leaves out the families whose values are the same at every checkpoint
+(pixel, text, class): "when did generations start to look like the concept" is asked of each checkpoint's model,
+and those channels would credit the base model's generations at step 0.
 
 Exact caption first (prompt known): training images whose caption IS the prompt (cosine 1 through the run's text
 encoder, fewer than all images) are ranked above every other image, each just above the best of the rest; the
