@@ -642,11 +642,11 @@ def concept_membership(concepts: Optional[Sequence[str]], target: np.ndarray):
 def objective(raw, cal, y, members, own, left_out=None):
     """The fit's objective without its regularisers: the attribution loss, plus the between-concept ranking term
     when there are concepts (on the raw combination: tried on the calibrated score (v7), it drove the sigmoid's scale
-    to 10-40, so top scores saturated at 1.0 in float32 and tied). With ``left_out`` ((R, N) bool, image-only kind:
-    :func:`left_out_images`), the concept term once more with those images left out of each row's ranking: an
-    image-only query may show a concept on something no training image shows (an artist's new work), so its concept
-    must come first from the concept's other images too -- without it the fit weighs only what finds the exemplar
-    (v15)."""
+    to 10-40, so top scores saturated at 1.0 in float32 and tied). With ``exemplar_out`` (image-only kind), the
+    concept term once more with each row's own image left out of the ranking: an image-only query may show a
+    concept on something no training image shows (an artist's new work), so its concept must come first from the
+    concept's other images too -- without it the fit weighs only what finds the exemplar (v15). ``left_out`` (R, N)
+    bool: the images each row's ranking leaves out (:func:`left_out_images`; None: no such term)."""
     from montrage.losses.attribution import attribution_loss, concept_ranking_loss
 
     loss = attribution_loss(raw, cal, y, temperature=RANK_TEMPERATURE)
@@ -966,8 +966,7 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool, familie
 def crossfitted_class_channel(ctx: ScoringContext, train_images: np.ndarray, anchors: Sequence[int],
                               sets: Sequence[QuerySet]) -> np.ndarray:
     """``class/concept`` of the supervision rows (sets stacked, each in anchor order), each row from a classifier
-    trained without its anchor (nor, when the metadata names objects, its object in its concept); the fold
-    classifiers are kept in the run cache (they depend on the images only)."""
+    trained without its anchor (nor, when the metadata names objects, its object in its concept); the fold classifiers are kept in the run cache (they depend on the images only)."""
     from montrage.analysis.concept_classifier import crossfitted_channel
 
     concepts = list(ctx.store.concepts)
