@@ -151,12 +151,9 @@ class ConceptClassifier:
 def crossfitted_channel(train_images: np.ndarray, concepts: Sequence[str], anchors: Sequence[int],
                         query_images: np.ndarray, row_anchor: Sequence[int], folds: int = CROSSFIT_FOLDS,
                         seed: int = 0, steps: Optional[int] = None,
-                        ensemble: Optional[int] = None, trained: Optional[dict] = None,
-                        groups: Optional[Sequence[str]] = None) -> np.ndarray:
+                        ensemble: Optional[int] = None, trained: Optional[dict] = None) -> np.ndarray:
     """(R, N) the channel of supervision rows, each from a classifier trained without its anchor: the anchors
-    split into ``folds`` (in order), one classifier per fold trained on every other training image. ``groups``: per
-    training image, a key held out together with an anchor (e.g. its concept and object: a classifier that never saw
-    the anchor's object in its concept; '' = the image alone). ``trained``:
+    split into ``folds`` (in order), one classifier per fold trained on every other training image. ``trained``:
     a dict that keeps the fold classifiers between calls (e.g. one fit per checkpoint of ``montrage compare``: the
     classifiers depend on the training images, not on the checkpoint)."""
     anchors = list(anchors)
@@ -164,18 +161,14 @@ def crossfitted_channel(train_images: np.ndarray, concepts: Sequence[str], ancho
     if len(row_anchor) != len(query_images):
         raise ScorerError(f"{len(query_images)} supervision images but {len(row_anchor)} anchors named for them")
     out = np.zeros((len(query_images), len(concepts)), np.float32)
-    fold_anchors = [anchors[f::max(1, folds)] for f in range(max(1, folds))]
-    for f, held in enumerate(fold_anchors):
+    groups = [anchors[f::max(1, folds)] for f in range(max(1, folds))]
+    for f, held in enumerate(groups):
         if not held:
             continue
         rows = np.flatnonzero(np.isin(row_anchor, held))
         if not len(rows):
             continue
-        out_of_fold = set(held)
-        if groups is not None:
-            held_groups = {groups[a] for a in held if groups[a]}
-            out_of_fold |= {i for i, g in enumerate(groups) if g and g in held_groups}
-        kept = np.setdiff1d(np.arange(len(concepts)), sorted(out_of_fold))
+        kept = np.setdiff1d(np.arange(len(concepts)), held)
         images, labels = np.asarray(train_images)[kept], [concepts[i] for i in kept]
         key = classifier_key(images, labels, seed + 1 + f, steps, ensemble)
         clf = (trained or {}).get(key)

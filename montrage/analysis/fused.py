@@ -35,8 +35,7 @@ kind; and near-copies: both kinds; exact copies would make pixels look perfect),
 the anchors' captions at the attributed checkpoint (fresh seeds), scored as queries -- each kind is fitted on
 the queries of that kind users bring -- target 1 for the source image,
 0.5 for its concept's other images, 0 otherwise; the image-only kind adds the concept term once more with each
-row's own image left out (an image-only query may show a concept on an object no training image shows) and, when the
-metadata names each image's ``object``, every image of the row's concept showing the row's object (v16). When the
+row's own image left out (an image-only query may show a concept on an object no training image shows). When the
 run's model cannot be loaded (e.g. a synthetic store), the stored
 anchor trajectories (a second noise draw, no perturbation) supervise the representation channels alone.
 Channels that cannot be computed for a run (no LoRA weights, no training images) are left out, and the
@@ -95,8 +94,7 @@ RANK_TEMPERATURE = 0.1  # of the image-level listwise term, in z-score units of 
 CONCEPT_TEMPERATURE = 0.2  # of the concept-level term
 CONCEPT_WEIGHT = 3.0
 EXEMPLAR_OUT_FILL = -1e6  # a left-out image's raw score in the exemplar-out concept term: below every concept's top 3
-MODEL_VERSION = 16  # 14: the concept classifier channel (image only); 15: the exemplar-out concept term; 16: object-out
-OBJECT_FIELD = "object"  # optional per-image metadata (imagefolder column, kept in the store's ``extra``): what it shows
+MODEL_VERSION = 15  # 14: the concept classifier channel (image only); 15: the exemplar-out concept term
 EXACT_CAPTION_TOLERANCE = 1e-4  # of the text-encoder cosine: 1 - this counts as the same caption
 EXACT_CAPTION_MARGIN = 0.1  # in standard deviations of the query's raw scores: how far above the rest a lifted image goes
 # candidate shares of the influence left to the other images on an exact-caption query, chosen on the counterfactual
@@ -639,58 +637,32 @@ def concept_membership(concepts: Optional[Sequence[str]], target: np.ndarray):
     return members, own
 
 
-def objective(raw, cal, y, members, own, left_out=None):
+def objective(raw, cal, y, members, own, exemplar_out: bool = False):
     """The fit's objective without its regularisers: the attribution loss, plus the between-concept ranking term
     when there are concepts (on the raw combination: tried on the calibrated score (v7), it drove the sigmoid's scale
     to 10-40, so top scores saturated at 1.0 in float32 and tied). With ``exemplar_out`` (image-only kind), the
     concept term once more with each row's own image left out of the ranking: an image-only query may show a
     concept on something no training image shows (an artist's new work), so its concept must come first from the
-    concept's other images too -- without it the fit weighs only what finds the exemplar (v15). ``left_out`` (R, N)
-    bool: the images each row's ranking leaves out (:func:`left_out_images`; None: no such term)."""
+    concept's other images too -- without it the fit weighs only what finds the exemplar (v15)."""
     from montrage.losses.attribution import attribution_loss, concept_ranking_loss
 
     loss = attribution_loss(raw, cal, y, temperature=RANK_TEMPERATURE)
     if members is not None:
         loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(raw, members, own, temperature=CONCEPT_TEMPERATURE)
-        if left_out is not None:
-            without = raw.masked_fill(left_out, float(EXEMPLAR_OUT_FILL))
+        if exemplar_out:
+            without = raw.masked_fill(y >= 1.0, float(EXEMPLAR_OUT_FILL))
             loss = loss + CONCEPT_WEIGHT * concept_ranking_loss(without, members, own,
                                                                 temperature=CONCEPT_TEMPERATURE)
     return loss
 
 
-def left_out_images(target: np.ndarray, concepts: Optional[Sequence[str]], objects: Optional[Sequence[str]] = None
-                    ) -> np.ndarray:
-    """(R, N) bool, what the exemplar-out term leaves out of each supervision row's ranking: the row's own image
-    (target 1) and, when the run's metadata names what each image shows (``objects``), every image of the same concept
-    showing the same object (v16). An artist's new work shares no object with the artist's training images; with two
-    images of one object in a concept, leaving out one alone lets the other find the concept like an exemplar."""
-    out = np.asarray(target) >= 1.0
-    if not concepts or not objects or not any(objects):
-        return out
-    con, obj = np.asarray(list(concepts), dtype=object), np.asarray(list(objects), dtype=object)
-    for r, row in enumerate(np.asarray(target)):
-        j = int(row.argmax())
-        if row[j] >= 1.0 and obj[j] and con[j]:
-            out[r] |= (con == con[j]) & (obj == obj[j])
-    return out
-
-
-def training_objects(store) -> Optional[List[str]]:
-    """Per training image, the object its metadata names (``OBJECT_FIELD``; '' where unnamed), or None."""
-    extra = store.train_meta.get("extra") or []
-    objects = [str((e or {}).get(OBJECT_FIELD) or "") if isinstance(e, dict) else "" for e in extra]
-    return objects if any(objects) and len(objects) == len(store.train_meta["file_names"]) else None
-
-
 def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervision: str,
         concepts: Optional[Sequence[str]] = None, steps: int = FIT_STEPS, lr: float = 0.05,
-        counterfactual: Optional[Counterfactual] = None, objects: Optional[Sequence[str]] = None) -> FusedModel:
+        counterfactual: Optional[Counterfactual] = None) -> FusedModel:
     """Non-negative channel weights + calibration minimising the attribution loss on (A, N) supervision, plus
     (with training-image ``concepts``) the between-concept ranking term: each supervision query's own concept
     (that of its target-1 image) should have the best concept score; plus (with ``counterfactual``, 2+ retrained
-    subsets) the LDS-style term on the calibrated scores of its rows. ``objects``: per training image, what it shows
-    (image-only kind: the exemplar-out term leaves out the row's object in its concept, :func:`left_out_images`)."""
+    subsets) the LDS-style term on the calibrated scores of its rows."""
     import torch
 
     from montrage.losses.attribution import counterfactual_loss
@@ -699,7 +671,6 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
     feats = torch.from_numpy(np.stack([feature(c, values[c]) for c in names])).double()  # (C, A, N)
     y = torch.from_numpy(target).double()
     members, own = concept_membership(concepts, target)
-    left_out = torch.from_numpy(left_out_images(target, concepts, objects)) if kind == IMAGE else None
     use_cf = counterfactual is not None and len(counterfactual.masks) >= 2
     if use_cf:
         cf_rows = torch.from_numpy(np.asarray(counterfactual.rows, np.int64))
@@ -714,7 +685,7 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
         w = torch.nn.functional.softplus(theta)
         raw = torch.einsum("c,can->an", w, feats)
         cal = torch.sigmoid(log_scale.exp() * (raw - bias))
-        loss = objective(raw, cal, y, members, own, left_out) + WEIGHT_DECAY * (w ** 2).sum()
+        loss = objective(raw, cal, y, members, own, kind == IMAGE) + WEIGHT_DECAY * (w ** 2).sum()
         if use_cf:
             loss = loss + COUNTERFACTUAL_WEIGHT * counterfactual_loss(cal[cf_rows], cf_masks, cf_losses)
         opt.zero_grad()
@@ -739,8 +710,7 @@ def final_channels(names: Sequence[str], k: int) -> List[str]:
 
 
 def heldout_objective(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, concepts: Sequence[str],
-                      n_anchors: int, seed: int, folds: int = CHANNEL_SET_FOLDS,
-                      objects: Optional[Sequence[str]] = None) -> np.ndarray:
+                      n_anchors: int, seed: int, folds: int = CHANNEL_SET_FOLDS) -> np.ndarray:
     """(folds,) the fit's objective on held-out anchors: the anchors split at random (``seed``) into ``folds``; fitted
     on every supervision row of the other anchors, scored on the held-out anchors' rows of the last supervision set.
     Rows are stacked per set, ``n_anchors`` per set."""
@@ -753,21 +723,19 @@ def heldout_objective(values: Dict[str, np.ndarray], target: np.ndarray, kind: s
         held = np.sort(perm[f::folds])
         kept = np.setdiff1d(np.arange(n_anchors), held)
         rows = np.concatenate([kept + s * n_anchors for s in range(n_sets)])
-        model = fit({c: v[rows] for c, v in values.items()}, target[rows], kind, "", concepts, objects=objects)
+        model = fit({c: v[rows] for c, v in values.items()}, target[rows], kind, "", concepts)
         test = held + (n_sets - 1) * n_anchors
         raw = model.raw({c: v[test] for c, v in values.items()})
         y = target[test]
         members, own = concept_membership(concepts, y)
         with torch.no_grad():
             out[f] = float(objective(torch.from_numpy(raw).double(), torch.from_numpy(model.calibrate(raw)).double(),
-                                     torch.from_numpy(y).double(), members, own,
-                                     torch.from_numpy(left_out_images(y, concepts, objects)) if kind == IMAGE
-                                     else None))
+                                     torch.from_numpy(y).double(), members, own, kind == IMAGE))
     return out
 
 
 def choose_channel_set(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, concepts: Sequence[str],
-                       n_anchors: int, k: int, objects: Optional[Sequence[str]] = None) -> Dict[str, object]:
+                       n_anchors: int, k: int) -> Dict[str, object]:
     """Every channel, or the attributed checkpoint's only: whichever fits held-out anchors better (the lower mean of
     the fit's objective over the same CHANNEL_SET_REPEATS x CHANNEL_SET_FOLDS splits), recorded with the figures. With
     too few anchors to hold any out, every channel is kept."""
@@ -780,7 +748,7 @@ def choose_channel_set(values: Dict[str, np.ndarray], target: np.ndarray, kind: 
     if len(target) % n_anchors:
         return {"chosen": "all", "why": f"not measured ({len(target)} supervision rows are not sets of {n_anchors})"}
     loss = {name: np.concatenate([heldout_objective({c: values[c] for c in chans}, target, kind, concepts, n_anchors,
-                                                    seed, objects=objects) for seed in range(CHANNEL_SET_REPEATS)])
+                                                    seed) for seed in range(CHANNEL_SET_REPEATS)])
             for name, chans in (("all", names), ("final", final))}
     diff = loss["final"] - loss["all"]
     se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
@@ -966,17 +934,15 @@ def supervision_values(ctx: ScoringContext, kind: str, final_only: bool, familie
 def crossfitted_class_channel(ctx: ScoringContext, train_images: np.ndarray, anchors: Sequence[int],
                               sets: Sequence[QuerySet]) -> np.ndarray:
     """``class/concept`` of the supervision rows (sets stacked, each in anchor order), each row from a classifier
-    trained without its anchor (nor, when the metadata names objects, its object in its concept); the fold classifiers are kept in the run cache (they depend on the images only)."""
+    trained without its anchor; the fold classifiers are kept in the run cache (they depend on the images only)."""
     from montrage.analysis.concept_classifier import crossfitted_channel
 
     concepts = list(ctx.store.concepts)
     if len(set(concepts) - {""}) < 2:  # as for the classifier of every image: no channel
         raise ScorerError(f"a concept classifier needs 2+ labelled concepts, the run has {len(set(concepts) - {''})}")
-    objects = training_objects(ctx.store)  # held out with an anchor: its object in its concept (v16)
-    groups = None if objects is None else [f"{c}\x00{o}" if c and o else "" for c, o in zip(concepts, objects)]
     return crossfitted_channel(train_images, concepts, anchors, np.concatenate([q.images for q in sets]),
                                np.concatenate([list(anchors)] * len(sets)),
-                               trained=ctx.run_cache.setdefault("fused/classifier/folds", {}), groups=groups)
+                               trained=ctx.run_cache.setdefault("fused/classifier/folds", {}))
 
 
 def supervision_sets(ctx: ScoringContext, images: np.ndarray, anchors: Sequence[int], captions: Sequence[str],
@@ -1189,13 +1155,11 @@ def fitted_model(ctx: ScoringContext, name: str, kind: str, final_only: bool, ch
         cf = (load_counterfactual(ctx, supervision_anchors(ctx.store), len(target))
               if kind == PROMPT and "generations" in how else None)
         concepts, n_anchors = ctx.store.concepts, len(supervision_anchors(ctx.store))
-        objects = training_objects(ctx.store) if kind == IMAGE else None
-        channel_set = (choose_channel_set(values, target, kind, concepts, n_anchors, ctx.checkpoint, objects)
+        channel_set = (choose_channel_set(values, target, kind, concepts, n_anchors, ctx.checkpoint)
                        if choose and not final_only else {})
         if channel_set.get("chosen") == "final":
             values = {c: values[c] for c in channel_set["channels_final"]}
-        model = fit(values, target, kind, how + ("; objects named: the exemplar-out term leaves out the row's object "
-                                                 "in its concept" if objects else ""), concepts, objects=objects)
+        model = fit(values, target, kind, how, concepts)
         if kind == PROMPT and "generations" in how:
             model.exact_caption = exact_caption_check(model, values, target, n_anchors)
             if model.exact_caption_first:  # what the run memorised; it sets the share unless retrains are there

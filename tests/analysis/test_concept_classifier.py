@@ -68,30 +68,6 @@ def test_supervision_rows_are_scored_by_classifiers_that_never_saw_their_anchor(
     assert accuracy(crossfit) <= 0.5
 
 
-def test_a_groups_images_are_held_out_with_its_anchor():
-    """Each noise image has a near-duplicate with the same random label (the same object drawn twice by one artist):
-    a fold classifier that keeps the anchor's duplicate names the anchor's label by remembering the duplicate;
-    holding the anchor's group out with it (``groups``) leaves nothing to remember, and the channel is near chance."""
-    rng = np.random.default_rng(1)
-    base = rng.integers(0, 256, (20, 16, 16, 3)).astype(np.int16)
-    twin = np.clip(base + rng.integers(-6, 7, base.shape), 0, 255)
-    images = np.concatenate([base, twin]).astype(np.uint8)  # image i and i + 20 are a pair
-    labels = [f"c{int(k)}" for k in rng.integers(0, 4, 20)]
-    concepts, groups = labels + labels, [f"pair{i}" for i in range(20)] * 2
-    anchors = list(range(20))
-
-    def accuracy(chan):
-        own = np.array([chan[r, concepts.index(concepts[a])] for r, a in enumerate(anchors)])
-        best = np.array([max(chan[r, concepts.index(lab)] for lab in set(concepts)) for r in range(len(anchors))])
-        return float(np.mean(own >= best))
-
-    settings = dict(steps=400, ensemble=1)
-    kept = CC.crossfitted_channel(images, concepts, anchors, images[anchors], anchors, **settings)
-    held = CC.crossfitted_channel(images, concepts, anchors, images[anchors], anchors, groups=groups, **settings)
-    assert accuracy(kept) >= 0.85
-    assert accuracy(held) <= 0.5
-
-
 def test_bad_input_is_named():
     images = np.zeros((4, 16, 16, 3), np.uint8)
     with pytest.raises(ScorerError, match="2\\+ labelled concepts"):
