@@ -1068,7 +1068,7 @@ def run_from_cli(args) -> int:
             "Every registered method on every query type (prompt = a training caption; a new composition; image "
             "only: the generation without its prompt, a perturbed copy of a training image, an unseen image in a "
             "concept's style; blended prompts) and LDS, on the synthetic artists and on real typefaces, at seeds "
-            "0 and 1 (`montrage bench attribution --dataset D --seed N --write-md`); the full tables per (dataset, "
+            "0, 1 and 2 (`montrage bench attribution --dataset D --seed N --write-md`); the full tables per (dataset, "
             "seed) follow this summary.", "", ""]
     print(f"wrote section 'attribution{suffix}' of {write_md_section('attribution' + suffix, chr(10).join(head) + summary, md_path)}")
     return 0
