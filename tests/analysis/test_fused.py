@@ -110,7 +110,7 @@ def test_scorer_routes_each_query_kind_to_its_model_and_reports_it(planted_run, 
         t = [int(i.split("-")[1]) for i in ctx.queries.ids]
         return planted_values(t, n, kind, seed=len(t) + (kind == F.PROMPT))
 
-    def fake_supervision(ctx, kind, final_only):
+    def fake_supervision(ctx, kind, final_only, families=F.FAMILIES):
         anchors = list(store.anchor_indices)
         from montrage.analysis.model import supervision_targets
 
