@@ -55,6 +55,20 @@ def _net(n_channels: int, n_classes: int):
                          nn.Linear(64, n_classes))
 
 
+def concept_labels(concepts: Sequence[str]) -> List[str]:
+    """The sorted labelled concepts ('' = unlabelled) a classifier can be trained on; 2+ or a ScorerError."""
+    labels = sorted(set(concepts) - {""})
+    if len(labels) < 2:
+        raise ScorerError(f"a concept classifier needs 2+ labelled concepts, the run has {len(labels)}")
+    return labels
+
+
+def _settings(steps: Optional[int], ensemble: Optional[int]) -> tuple:
+    """(steps, nets): the given ones, else the module's settings read at call time (tests lighten them)."""
+    return (CLASSIFIER_STEPS if steps is None else int(steps),
+            CLASSIFIER_ENSEMBLE if ensemble is None else int(ensemble))
+
+
 class ConceptClassifier:
     """An ensemble of small CNNs over ``labels`` (sorted concept names), trained on (images, concepts)."""
 
@@ -62,13 +76,9 @@ class ConceptClassifier:
                  steps: Optional[int] = None, ensemble: Optional[int] = None) -> None:
         import torch
 
-        steps = CLASSIFIER_STEPS if steps is None else int(steps)  # read at call time (the module's settings)
-        ensemble = CLASSIFIER_ENSEMBLE if ensemble is None else int(ensemble)
-
+        steps, ensemble = _settings(steps, ensemble)
+        self.labels: List[str] = concept_labels(concepts)
         keep = [i for i, c in enumerate(concepts) if c]
-        self.labels: List[str] = sorted({concepts[i] for i in keep})
-        if len(self.labels) < 2:
-            raise ScorerError(f"a concept classifier needs 2+ labelled concepts, the run has {len(self.labels)}")
         x = _inputs(np.asarray(images)[keep])
         y = torch.tensor([self.labels.index(concepts[i]) for i in keep])
         side = x.shape[-1]
@@ -187,8 +197,7 @@ def classifier_key(images: np.ndarray, concepts: Sequence[str], seed: int = 0, s
                    ensemble: Optional[int] = None) -> str:
     """What a trained classifier depends on: the images, their labels and the training settings (``steps`` and
     ``ensemble`` as :class:`ConceptClassifier` resolves them)."""
-    steps = CLASSIFIER_STEPS if steps is None else int(steps)
-    ensemble = CLASSIFIER_ENSEMBLE if ensemble is None else int(ensemble)
+    steps, ensemble = _settings(steps, ensemble)
     h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
     h.update(json.dumps([list(concepts), seed, CLASSIFIER_SIDE, steps, ensemble, CLASSIFIER_LR,
                          CLASSIFIER_BATCH]).encode())

@@ -935,11 +935,10 @@ def crossfitted_class_channel(ctx: ScoringContext, train_images: np.ndarray, anc
                               sets: Sequence[QuerySet]) -> np.ndarray:
     """``class/concept`` of the supervision rows (sets stacked, each in anchor order), each row from a classifier
     trained without its anchor; the fold classifiers are kept in the run cache (they depend on the images only)."""
-    from montrage.analysis.concept_classifier import crossfitted_channel
+    from montrage.analysis.concept_classifier import concept_labels, crossfitted_channel
 
     concepts = list(ctx.store.concepts)
-    if len(set(concepts) - {""}) < 2:  # as for the classifier of every image: no channel
-        raise ScorerError(f"a concept classifier needs 2+ labelled concepts, the run has {len(set(concepts) - {''})}")
+    concept_labels(concepts)  # as for the classifier of every image: no channel (a fold alone gives constant rows)
     return crossfitted_channel(train_images, concepts, anchors, np.concatenate([q.images for q in sets]),
                                np.concatenate([list(anchors)] * len(sets)),
                                trained=ctx.run_cache.setdefault("fused/classifier/folds", {}))
