@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from montrage.analysis import fused as F
+from montrage.analysis.fused import kinds as FK
+from montrage.analysis.fused import rules as FR
+from montrage.analysis.fused import supervision as FS
 from montrage.cli import main
 from montrage.errors import ConfigError, ScorerError
 from montrage.retrains import fit_run, retrain, subsets
@@ -25,7 +27,7 @@ def test_retrains_store_targets_and_the_prompt_model_is_fitted_to_them(tiny_run_
     run = tiny_run_copy
     res = retrain(run, 4, steps=2, progress=False)
     store = RunStore.open(run)
-    n, anchors = len(store.train_meta["file_names"]), F.supervision_anchors(store)
+    n, anchors = len(store.train_meta["file_names"]), FS.supervision_anchors(store)
     assert res.reused == 0 and len(res.loras) == 4 and all(p.is_file() for p in res.loras)
     with np.load(res.targets) as z:
         assert z["masks"].shape == (4, n) and z["losses"].shape == (4, len(anchors))
@@ -42,19 +44,19 @@ def test_retrains_store_targets_and_the_prompt_model_is_fitted_to_them(tiny_run_
     out = capsys.readouterr().out
     assert "held-out LDS" in out and "montrage [prompt]" in out
     models = json.loads((run / "fit.json").read_text())["montrage"]
-    prompt, image = models[F.PROMPT], models[F.IMAGE]
+    prompt, image = models[FK.PROMPT], models[FK.IMAGE]
     cf = prompt["counterfactual"]
     assert cf["retrains"] == 4 and -1.0 <= cf["heldout_lds_with"] <= 1.0 and -1.0 <= cf["heldout_lds_without"] <= 1.0
     # adopted only when the held-out LDS says so, and the supervision line says which
     gain = cf["heldout_lds_with"] - cf["heldout_lds_without"]
-    assert cf["adopted"] == (gain > max(F.COUNTERFACTUAL_ADOPT_MARGIN, 2 * cf["heldout_gain_se"]))
+    assert cf["adopted"] == (gain > max(FR.COUNTERFACTUAL_ADOPT_MARGIN, 2 * cf["heldout_gain_se"]))
     assert cf["adopted"] == ("counterfactual: losses of the generations" in prompt["supervision"])
     assert not image["counterfactual"]  # image-only queries are not fitted to the caption generations' losses
     ex = prompt["exact_caption"]  # the exact-caption rule's own check, printed with the fit
     assert len(ex["supervision_r1"]) == 2 and ex["adopted"] == (ex["supervision_r1"][1] >= ex["supervision_r1"][0])
     assert "exact caption first: R@1 on the generated supervision" in out and not image["exact_caption"]
     if ex["adopted"]:  # with targets, the other images' share on an exact-caption query is chosen on them too
-        assert ex["others_share"] in F.EXACT_CAPTION_SHARES and "share" in ex["share_why"]
+        assert ex["others_share"] in FR.EXACT_CAPTION_SHARES and "share" in ex["share_why"]
         assert "the other images' share" in out
     saved = list((run / "montrage-models").glob("montrage-prompt-*.json"))
     assert saved and any(json.loads(p.read_text())["counterfactual"] for p in saved)
@@ -86,17 +88,17 @@ def test_targets_of_another_checkpoint_are_not_used(tiny_run_copy):
     from montrage.analysis.queries import probe_queries
 
     store = RunStore.open(tiny_run_copy)
-    anchors = F.supervision_anchors(store)
+    anchors = FS.supervision_anchors(store)
     path = tiny_run_copy / S.RETRAINS_DIRNAME / S.RETRAIN_TARGETS_FILENAME
     path.parent.mkdir()
     np.savez(path, masks=np.ones((2, 8)), losses=np.ones((2, len(anchors))), anchors=np.asarray(anchors),
              step=int(store.steps[-1]), timesteps=np.asarray([100]))
     last = ScoringContext(store=store, queries=probe_queries(store), checkpoint=store.n_checkpoints - 1)
     first = ScoringContext(store=store, queries=probe_queries(store), checkpoint=0)
-    cf = F.load_counterfactual(last, anchors, 3 * len(anchors))
+    cf = FS.load_counterfactual(last, anchors, 3 * len(anchors))
     assert cf is not None and list(cf.rows) == list(range(2 * len(anchors), 3 * len(anchors)))
-    assert F.load_counterfactual(first, anchors, 3 * len(anchors)) is None
-    assert F.load_counterfactual(last, anchors[:-1], 3 * len(anchors)) is None
+    assert FS.load_counterfactual(first, anchors, 3 * len(anchors)) is None
+    assert FS.load_counterfactual(last, anchors[:-1], 3 * len(anchors)) is None
 
 
 def test_a_cached_retrain_is_reused_only_under_its_own_key_and_never_half_written(tmp_path, monkeypatch):
