@@ -19,37 +19,41 @@ def shifted_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch
 
 
 def listwise_ranking_loss(raw: torch.Tensor, target: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
-    """Mean over queries of CE(softmax(target / T), softmax(raw / T)); rows of ``target`` need not sum to 1."""
+    """Mean over queries of CE(softmax(target / T), softmax(raw / T)); rows of ``target`` need not sum to 1.
+    (..., Q, N) -> (...): leading dimensions are independent problems (fitted together, see ``fit_many``)."""
     p = torch.softmax(target / temperature, dim=-1)
     logq = torch.log_softmax(raw / temperature, dim=-1)
-    return -(p * logq).sum(-1).mean()
+    return -(p * logq).sum(-1).mean(-1)
 
 
 def attribution_loss(raw: torch.Tensor, calibrated: torch.Tensor, target: torch.Tensor,
                      rank_weight: float = 1.0, temperature: float = 0.05) -> torch.Tensor:
-    """MSE(calibrated, target) + rank_weight * listwise ranking loss on ``raw``; all (Q, N)."""
-    mse = (calibrated - target).pow(2).mean()
+    """MSE(calibrated, target) + rank_weight * listwise ranking loss on ``raw``; all (..., Q, N) -> (...)."""
+    mse = (calibrated - target).pow(2).mean((-2, -1))
     return mse + rank_weight * listwise_ranking_loss(raw, target, temperature)
 
 
 def concept_scores_soft(raw: torch.Tensor, members: torch.Tensor, top: int = 3) -> torch.Tensor:
-    """(Q, C) concept scores: the mean of each concept's ``top`` best raw scores (members: (C, N) bool)."""
+    """(..., Q, C) concept scores of (..., Q, N) raw scores: the mean of each concept's ``top`` best raw scores
+    (members: (C, N) bool)."""
     cols = []
     for c in range(members.shape[0]):
-        sub = raw[:, members[c]]
-        cols.append(sub.topk(min(top, sub.shape[1]), dim=1).values.mean(1))
-    return torch.stack(cols, 1)
+        sub = raw[..., members[c]]
+        cols.append(sub.topk(min(top, sub.shape[-1]), dim=-1).values.mean(-1))
+    return torch.stack(cols, -1)
 
 
 def concept_ranking_loss(raw: torch.Tensor, members: torch.Tensor, target: torch.Tensor, top: int = 3,
                          temperature: float = 1.0) -> torch.Tensor:
     """Mean over queries with a concept (``target`` >= 0, an index into members' rows) of the cross-entropy
-    of the softmax over concept scores (:func:`concept_scores_soft`) against the query's own concept."""
-    ok = target >= 0
-    if not bool(ok.any()) or members.shape[0] < 2:
-        return raw.sum() * 0.0
-    logp = torch.log_softmax(concept_scores_soft(raw[ok], members, top) / temperature, dim=-1)
-    return -logp.gather(1, target[ok].long()[:, None]).mean()
+    of the softmax over concept scores (:func:`concept_scores_soft`) against the query's own concept; 0 without
+    such a query. (..., Q, N) raw and (..., Q) target -> (...)."""
+    if members.shape[0] < 2:
+        return raw.sum((-2, -1)) * 0.0
+    ok = (target >= 0).to(raw.dtype)
+    logp = torch.log_softmax(concept_scores_soft(raw, members, top) / temperature, dim=-1)
+    own = logp.gather(-1, target.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
+    return -(own * ok).sum(-1) / ok.sum(-1).clamp(min=1.0)
 
 
 def counterfactual_loss(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:

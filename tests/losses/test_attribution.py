@@ -50,6 +50,26 @@ def test_concept_ranking_loss_prefers_the_own_concept_and_skips_unlabelled():
     assert raw.grad[0, :2].sum() < 0 < raw.grad[0, 2:].sum() and (raw.grad[1] == 0).all()
 
 
+def test_losses_of_stacked_problems_are_each_problems_own():
+    """(B, Q, N) inputs give the B losses of the (Q, N) problems, rows without a concept skipped per problem."""
+    from montrage.losses.attribution import concept_ranking_loss
+
+    g = torch.Generator().manual_seed(0)
+    raw, target = torch.randn(3, 5, 6, generator=g), torch.rand(3, 5, 6, generator=g)
+    cal = torch.sigmoid(raw)
+    members = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    own = torch.tensor([[0, 1, -1, 0, 1], [-1, -1, -1, -1, -1], [1, 1, 0, 0, 1]])
+    together = attribution_loss(raw, cal, target), concept_ranking_loss(raw, members, own)
+    assert together[0].shape == together[1].shape == (3,)
+    for b in range(3):
+        torch.testing.assert_close(together[0][b], attribution_loss(raw[b], cal[b], target[b]))
+        torch.testing.assert_close(together[1][b], concept_ranking_loss(raw[b], members, own[b]))
+    assert float(together[1][1]) == 0.0
+    ok = own[0] >= 0
+    alone = concept_ranking_loss(raw[0][ok], members, own[0][ok])  # the rows with a concept, alone
+    torch.testing.assert_close(together[1][0], alone)
+
+
 def test_counterfactual_loss_is_one_minus_the_correlation_of_predicted_effect_and_loss():
     masks = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     scores = torch.tensor([[0.9, 0.1, 0.5]])

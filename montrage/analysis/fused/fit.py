@@ -3,7 +3,7 @@ and the held-out choice of the channel set. Arrays in, a :class:`FusedModel` out
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -135,37 +135,58 @@ def fit(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, supervisio
     (with training-image ``concepts``) the between-concept ranking term: each supervision query's own concept
     (that of its target-1 image) should have the best concept score; plus (with ``counterfactual``, 2+ retrained
     subsets) the LDS-style term on the calibrated scores of its rows."""
+    return fit_many([(values, target)], kind, supervision, concepts, steps, lr, counterfactual)[0]
+
+
+def fit_many(problems: Sequence[Tuple[Dict[str, np.ndarray], np.ndarray]], kind: str, supervision: str,
+             concepts: Optional[Sequence[str]] = None, steps: int = FIT_STEPS, lr: float = 0.05,
+             counterfactual: Optional[Counterfactual] = None) -> List[FusedModel]:
+    """:func:`fit` of several (values, target) problems with the same channels and shapes, in one optimisation:
+    each problem has its own parameters, the objective is the sum of the problems' objectives and Adam's update is
+    per element, so every model is the one :func:`fit` gives alone; only each step's overhead is shared (the
+    held-out choice of the channel set fits 16 models on a few dozen anchors)."""
     import torch
 
     from montrage.losses.attribution import counterfactual_loss
 
-    names = sorted(values)
-    feats = torch.from_numpy(np.stack([feature(c, values[c]) for c in names])).double()  # (C, A, N)
-    y = torch.from_numpy(target).double()
-    members, own = concept_membership(concepts, target)
+    names = sorted(problems[0][0])
+    shape = problems[0][1].shape
+    if any(sorted(v) != names or t.shape != shape for v, t in problems):
+        raise ScorerError("fit_many: every problem must have the same channels and supervision shape")
+    feats = torch.from_numpy(np.stack([np.stack([feature(c, v[c]) for c in names]) for v, _ in problems])
+                             ).double()  # (B, C, A, N)
+    y = torch.from_numpy(np.stack([t for _, t in problems])).double()  # (B, A, N)
+    members, own = None, None
+    memberships = [concept_membership(concepts, t) for _, t in problems]
+    if memberships[0][0] is not None:
+        members, own = memberships[0][0], torch.stack([o for _, o in memberships])  # (L, N), (B, A)
     use_cf = counterfactual is not None and len(counterfactual.masks) >= 2
     if use_cf:
         cf_rows = torch.from_numpy(np.asarray(counterfactual.rows, np.int64))
         cf_masks = torch.from_numpy(np.asarray(counterfactual.masks, np.float64))
         cf_losses = torch.from_numpy(np.asarray(counterfactual.losses, np.float64))
-    theta = torch.zeros(len(names), dtype=torch.float64, requires_grad=True)
-    log_scale = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    n = len(problems)
+    theta = torch.zeros(n, len(names), dtype=torch.float64, requires_grad=True)
+    log_scale = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    bias = torch.full((n,), 2.0, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([theta, log_scale, bias], lr=lr)
-    history = []
+    history: List[List[float]] = [[] for _ in problems]
     for _ in range(steps):
         w = torch.nn.functional.softplus(theta)
-        raw = torch.einsum("c,can->an", w, feats)
-        cal = torch.sigmoid(log_scale.exp() * (raw - bias))
-        loss = objective(raw, cal, y, members, own, kind == IMAGE) + WEIGHT_DECAY * (w ** 2).sum()
+        raw = torch.einsum("bc,bcan->ban", w, feats)
+        cal = torch.sigmoid(log_scale.exp()[:, None, None] * (raw - bias[:, None, None]))
+        loss = objective(raw, cal, y, members, own, kind == IMAGE) + WEIGHT_DECAY * (w ** 2).sum(-1)  # (B,)
         if use_cf:
-            loss = loss + COUNTERFACTUAL_WEIGHT * counterfactual_loss(cal[cf_rows], cf_masks, cf_losses)
+            loss = loss + COUNTERFACTUAL_WEIGHT * torch.stack([counterfactual_loss(c[cf_rows], cf_masks, cf_losses)
+                                                               for c in cal])
         opt.zero_grad()
-        loss.backward()
+        loss.sum().backward()
         opt.step()
-        history.append(float(loss.detach()))
+        for h, value in zip(history, loss.detach().tolist()):
+            h.append(value)
     w = torch.nn.functional.softplus(theta).detach().numpy()
-    return FusedModel(kind, names, w, float(log_scale.detach().exp()), float(bias.detach()), supervision, history)
+    scale, b0 = log_scale.detach().exp().numpy(), bias.detach().numpy()
+    return [FusedModel(kind, names, w[i], float(scale[i]), float(b0[i]), supervision, history[i]) for i in range(n)]
 
 
 def final_channels(names: Sequence[str], k: int) -> List[str]:
@@ -182,27 +203,37 @@ def final_channels(names: Sequence[str], k: int) -> List[str]:
 
 
 def heldout_objective(values: Dict[str, np.ndarray], target: np.ndarray, kind: str, concepts: Sequence[str],
-                      n_anchors: int, seed: int, folds: int = CHANNEL_SET_FOLDS) -> np.ndarray:
-    """(folds,) the fit's objective on held-out anchors: the anchors split at random (``seed``) into ``folds``; fitted
-    on every supervision row of the other anchors, scored on the held-out anchors' rows of the last supervision set.
-    Rows are stacked per set, ``n_anchors`` per set."""
+                      n_anchors: int, seeds: Sequence[int], folds: int = CHANNEL_SET_FOLDS) -> np.ndarray:
+    """(len(seeds) x folds,) the fit's objective on held-out anchors, per seed in order: the anchors split at random
+    (``seed``) into ``folds``; fitted on every supervision row of the other anchors, scored on the held-out anchors'
+    rows of the last supervision set. Rows are stacked per set, ``n_anchors`` per set. Folds of the same size are
+    fitted together (:func:`fit_many`)."""
     import torch
 
     n_sets = len(target) // n_anchors
-    perm = np.random.default_rng(seed).permutation(n_anchors)
-    out = np.empty(folds)
-    for f in range(folds):
-        held = np.sort(perm[f::folds])
-        kept = np.setdiff1d(np.arange(n_anchors), held)
-        rows = np.concatenate([kept + s * n_anchors for s in range(n_sets)])
-        model = fit({c: v[rows] for c, v in values.items()}, target[rows], kind, "", concepts)
-        test = held + (n_sets - 1) * n_anchors
-        raw = model.raw({c: v[test] for c, v in values.items()})
-        y = target[test]
-        members, own = concept_membership(concepts, y)
-        with torch.no_grad():
-            out[f] = float(objective(torch.from_numpy(raw).double(), torch.from_numpy(model.calibrate(raw)).double(),
-                                     torch.from_numpy(y).double(), members, own, kind == IMAGE))
+    splits = []  # (held-out anchors, training rows)
+    for seed in seeds:
+        perm = np.random.default_rng(seed).permutation(n_anchors)
+        for f in range(folds):
+            held = np.sort(perm[f::folds])
+            kept = np.setdiff1d(np.arange(n_anchors), held)
+            splits.append((held, np.concatenate([kept + s * n_anchors for s in range(n_sets)])))
+    by_size: Dict[int, List[int]] = {}
+    for i, (_, rows) in enumerate(splits):
+        by_size.setdefault(len(rows), []).append(i)
+    out = np.empty(len(splits))
+    for same in by_size.values():
+        models = fit_many([({c: v[splits[i][1]] for c, v in values.items()}, target[splits[i][1]]) for i in same],
+                          kind, "", concepts)
+        for i, model in zip(same, models):
+            test = splits[i][0] + (n_sets - 1) * n_anchors
+            raw = model.raw({c: v[test] for c, v in values.items()})
+            y = target[test]
+            members, own = concept_membership(concepts, y)
+            with torch.no_grad():
+                out[i] = float(objective(torch.from_numpy(raw).double(),
+                                         torch.from_numpy(model.calibrate(raw)).double(),
+                                         torch.from_numpy(y).double(), members, own, kind == IMAGE))
     return out
 
 
@@ -219,8 +250,8 @@ def choose_channel_set(values: Dict[str, np.ndarray], target: np.ndarray, kind: 
         return {"chosen": "all", "why": f"not measured ({n_anchors} anchors; needs {2 * CHANNEL_SET_FOLDS}+)"}
     if len(target) % n_anchors:
         return {"chosen": "all", "why": f"not measured ({len(target)} supervision rows are not sets of {n_anchors})"}
-    loss = {name: np.concatenate([heldout_objective({c: values[c] for c in chans}, target, kind, concepts, n_anchors,
-                                                    seed) for seed in range(CHANNEL_SET_REPEATS)])
+    loss = {name: heldout_objective({c: values[c] for c in chans}, target, kind, concepts, n_anchors,
+                                    range(CHANNEL_SET_REPEATS))
             for name, chans in (("all", names), ("final", final))}
     diff = loss["final"] - loss["all"]
     se = float(diff.std(ddof=1) / np.sqrt(len(diff)))

@@ -44,6 +44,29 @@ def _supervision_with_signal_in(signal: set, copies_only: set = frozenset(), n_a
     return values, target.astype(np.float32), concepts, n_anchors
 
 
+def test_fitting_problems_together_gives_each_the_model_it_gets_alone():
+    """The held-out folds are fitted in one optimisation: each problem's weights, calibration and loss history must
+    be those of fitting it alone (no parameter shared, the losses summed, Adam per element), with concepts, for
+    both kinds; problems that differ in channels are refused."""
+    import pytest
+
+    from montrage.errors import ScorerError
+
+    values, target, concepts, a = _supervision_with_signal_in({"rep/null/sim-final"}, copies_only={"dyn/learned"})
+    problems = [({c: v[rows] for c, v in values.items()}, target[rows])
+                for rows in (np.arange(0, 24), np.arange(8, 32), np.r_[0:8, 16:32])]
+    for kind in (FK.IMAGE, FK.PROMPT):
+        together = FF.fit_many(problems, kind, "", concepts, steps=60)
+        for (v, t), model in zip(problems, together):
+            alone = FF.fit(v, t, kind, "", concepts, steps=60)
+            np.testing.assert_allclose(model.weights, alone.weights, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose([model.scale, model.bias], [alone.scale, alone.bias], rtol=1e-9)
+            np.testing.assert_allclose(model.history, alone.history, rtol=1e-9)
+        assert not np.allclose(together[0].weights, together[1].weights)  # three different problems
+    with pytest.raises(ScorerError, match="same channels"):
+        FF.fit_many([problems[0], ({"pixel": problems[1][0]["pixel"]}, problems[1][1])], FK.IMAGE, "", concepts)
+
+
 def test_final_channels_are_what_montrage_final_computes():
     names = ["dup/pixel", "dyn/learned", "grad/dtrak", "grad/tracin/k1", "grad/tracin/k2", "pixel", "rep/caption/move",
              "rep/caption/sim-final", "rep/null/loss", "rep/null/sim-path", "rep/null/sim-final", "steps/learned",
