@@ -68,6 +68,11 @@ query 0.76 -> 0.57 s on the 56-image typeface run, same scores). Concept
 queries
 (``--concept PHRASE``): score(prompt with the phrase) - score(prompt without it), Concept-TRAK's utility
 direction, answered by the same fitted model.
+
+Modules, each importing only those before it: :mod:`.kinds` (query kinds, channel names) <- :mod:`.fit` (the model,
+its fit and the channel-set choice: arrays in, a model out) <- :mod:`.rules` (what the fit adopts only on its own
+evidence); :mod:`.kinds` <- :mod:`.channels` (channel values computed from the run) <- :mod:`.supervision` (the fit's
+rows, made from the run itself); :mod:`.scorer` on top (a model per query kind: loaded, or fitted and saved).
 """
 from montrage.analysis.fused.fit import CHANNEL_SET_LABELS, FusedModel
 from montrage.analysis.fused.kinds import CHECKPOINT_ONLY_OPTION, IMAGE, PROMPT

@@ -26,7 +26,7 @@ MODEL_VERSION = 15  # 14: the concept classifier channel (image only); 15: the e
 COUNTERFACTUAL_RULE = 4  # part of a saved model's key when the run has targets: a model fitted under another rule is refit
 
 
-def counterfactual_fingerprint(ctx: ScoringContext) -> str:
+def _counterfactual_fingerprint(ctx: ScoringContext) -> str:
     from montrage.storage import schema as S
 
     path = S.retrain_targets_path(ctx.store.run_dir)
@@ -35,7 +35,7 @@ def counterfactual_fingerprint(ctx: ScoringContext) -> str:
 
 def _model_path(ctx: ScoringContext, name: str, kind: str):
     store = ctx.store
-    targets = counterfactual_fingerprint(ctx) if kind == PROMPT else ""
+    targets = _counterfactual_fingerprint(ctx) if kind == PROMPT else ""
     ident = json.dumps([MODEL_VERSION, name, kind, int(store.steps[ctx.checkpoint]), store.n_checkpoints,
                         supervision_anchors(store), sorted((k, str(v)) for k, v in ctx.options.items()
                                                 if k in ("proj_dim", "proj_seed", "grad_timesteps", "dtrak_lambda"))]
