@@ -126,3 +126,24 @@ def test_compare_writes_json_and_plot(tiny_run_copy, tmp_path, capsys):
     for c in data["curves"].values():
         assert len(c["accuracy"]) == 3 and all(0 <= a <= 1 for a in c["accuracy"])
     assert plot.stat().st_size > 1000 and Image.open(plot).format == "PNG"
+
+
+def test_fit_says_when_more_retrains_can_resolve_the_counterfactual_gain():
+    """A positive held-out gain under the adoption bar is reported as unresolved, with the retrains that can resolve
+    it; an adopted term, a loss, or an unmeasured one gets no such advice."""
+    from montrage.cli import counterfactual_line
+
+    base = {"retrains": 8, "heldout": "2-fold over the retrained subsets"}
+    unresolved = counterfactual_line({**base, "heldout_lds_with": 0.61, "heldout_lds_without": 0.563,
+                                      "heldout_gain_se": 0.047, "adopted": False})
+    assert "not adopted" in unresolved and "+0.047 is under the bar" in unresolved
+    assert "--retrains 16" in unresolved
+    adopted = counterfactual_line({**base, "heldout_lds_with": 0.7, "heldout_lds_without": 0.6,
+                                   "heldout_gain_se": 0.02, "adopted": True})
+    lost = counterfactual_line({**base, "heldout_lds_with": 0.5, "heldout_lds_without": 0.6,
+                                "heldout_gain_se": 0.02, "adopted": False})
+    unmeasured = counterfactual_line({"retrains": 2, "heldout": "needs 4+ retrained subsets (2 to fit, 2 to score)"})
+    assert adopted.endswith("adopted") and "--retrains" not in adopted
+    assert lost.endswith("not adopted") and "--retrains" not in lost
+    assert unmeasured == ("counterfactual term (2 retrains): not adopted, held-out LDS not measured: needs 4+ "
+                          "retrained subsets (2 to fit, 2 to score)")
