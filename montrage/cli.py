@@ -396,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("--retrains", type=int, default=0, metavar="N",
                    help="retrain the LoRA on N random subsets (cached in RUN/retrains/) and fit the prompt model "
-                   "to their losses too; the fit reports a held-out LDS (4+ subsets; 8+ to resolve a gain, 16 where LDS matters) and adopts "
-                   "the term only if it helps there; it also chooses, held out the same way, how much of a generation of a "
+                   "to their losses too; the fit reports a held-out LDS (4+ subsets; 8+ to resolve a gain, 16 where "
+                   "LDS matters) and adopts the term only if it helps there; it also chooses, held out the same way, how much of a generation of a "
                    "training caption goes to images other than that caption's (0 when, as in a memorising run, the "
                    "loss follows that image alone). Costs N half-trainings, with montrage's loop and the run's "
                    "recorded training settings (your own loop: TrainingMonitor(..., training=TrainConfig(...)))")

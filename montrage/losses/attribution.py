@@ -20,7 +20,7 @@ def shifted_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch
 
 def listwise_ranking_loss(raw: torch.Tensor, target: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
     """Mean over queries of CE(softmax(target / T), softmax(raw / T)); rows of ``target`` need not sum to 1.
-    (..., Q, N) -> (...): leading dimensions are independent problems (fitted together, see ``fit_many``)."""
+    (..., Q, N) -> (...): leading dimensions are independent problems (e.g. held-out folds fitted together)."""
     p = torch.softmax(target / temperature, dim=-1)
     logq = torch.log_softmax(raw / temperature, dim=-1)
     return -(p * logq).sum(-1).mean(-1)

@@ -1,10 +1,12 @@
 """The fused model's fit: weights go to the channel that carries the ground truth, and the channel set that
 generalises to held-out anchors is chosen."""
 import numpy as np
+import pytest
 
 from montrage.analysis.fused import channels as FC
 from montrage.analysis.fused import fit as FF
 from montrage.analysis.fused import kinds as FK
+from montrage.errors import ScorerError
 from tests.analysis.fused.helpers import planted_values
 
 
@@ -48,10 +50,6 @@ def test_fitting_problems_together_gives_each_the_model_it_gets_alone():
     """The held-out folds are fitted in one optimisation: each problem's weights, calibration and loss history must
     be those of fitting it alone (no parameter shared, the losses summed, Adam per element), with concepts, for
     both kinds; problems that differ in channels are refused."""
-    import pytest
-
-    from montrage.errors import ScorerError
-
     values, target, concepts, a = _supervision_with_signal_in({"rep/null/sim-final"}, copies_only={"dyn/learned"})
     problems = [({c: v[rows] for c, v in values.items()}, target[rows])
                 for rows in (np.arange(0, 24), np.arange(8, 32), np.r_[0:8, 16:32])]
